@@ -1,0 +1,57 @@
+"""The mLiT encoder: 3×3 patches, a dummy patch, learnable positions, MoE transformer layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import ImageConfig, TransformerConfig
+from .transformer import MoETransformer
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, H·W/p², p·p·C); patches row by row, values ordered (p, p, C) as in MAE."""
+    B, C, H, W = images.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"images of {H}×{W} do not split into {patch_size}×{patch_size} patches")
+    h, w = H // patch_size, W // patch_size
+    x = images.reshape(B, C, h, patch_size, w, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, patch_size * patch_size * C)
+
+
+class MLiTEncoder(nn.Module):
+    """Patch embedding (no bias) + positional embedding of 145 tokens + layers + final LayerNorm.
+
+    The 145th token is the embedding of an all-zero dummy patch; a classifier reads it.
+    embed(images (B, 3, 36, 36)) → tokens (B, 145, m) with positions added;
+    forward(images) → (features (B, 145, m), auxiliary loss ()).
+    """
+
+    def __init__(self, cfg: TransformerConfig, image: ImageConfig = ImageConfig(), backend: str = "reference"):
+        super().__init__()
+        self.cfg, self.image = cfg, image
+        self.patch_embed = nn.Linear(image.patch_dim, cfg.embed_dim, bias=False)
+        self.pos_embed = nn.Parameter(torch.empty(1, image.num_patches + 1, cfg.embed_dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = MoETransformer(cfg, backend)
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.image.num_patches + 1
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        expected = (self.image.in_chans, self.image.image_size, self.image.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        patches = patchify(images, self.image.patch_size)
+        dummy = patches.new_zeros(patches.shape[0], 1, patches.shape[2])
+        return self.patch_embed(torch.cat([patches, dummy], dim=1)) + self.pos_embed
+
+    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers + final norm over already embedded tokens (B, n, m)."""
+        x, aux_loss = self.blocks(tokens)
+        return self.norm(x), aux_loss
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(self.embed(images))

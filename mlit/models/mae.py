@@ -1,0 +1,113 @@
+"""mmLiT: the mLiT encoder pre-trained as a masked auto-encoder (SPEC §6, Eq. 16)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import DECODER, ImageConfig, TransformerConfig
+from .encoder import MLiTEncoder, patchify
+from .transformer import MoETransformer
+
+
+@dataclass
+class MAEOutput:
+    """loss (): Eq. 16; pred (B, 144, 27) predicted patches; mask (B, 144) 1 where hidden;
+    masked_mse, unmasked_mse, moe_loss (): its three parts before weighting."""
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    mask: torch.Tensor
+    masked_mse: torch.Tensor
+    unmasked_mse: torch.Tensor
+    moe_loss: torch.Tensor
+
+
+def random_masking(num_images: int, num_patches: int, num_keep: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random subset of num_keep patches per image, drawn from torch's RNG.
+
+    Returns keep (B, num_keep) patch indices in drawn order, and mask (B, num_patches): 0 kept, 1 hidden.
+    """
+    order = torch.rand(num_images, num_patches, device=device).argsort(dim=1)
+    keep = order[:, :num_keep]
+    mask = torch.ones(num_images, num_patches, device=device)
+    mask.scatter_(1, keep, 0.0)
+    return keep, mask
+
+
+class MMLiT(nn.Module):
+    """Masked auto-encoder: mLiT encoder on the visible patches (+ the dummy), MoE decoder.
+
+    Args:
+        encoder_cfg, decoder_cfg: the encoder (S, XS, XXS) and decoder (Table 2) configurations.
+        mask_ratio: share of the 144 image patches hidden per image (0.75); the dummy stays visible.
+        decoder_pos_embed: a learnable (145, decoder width) position table added at the decoder
+            input (default; the paper's count of 0.34M includes it). Without it the decoder sees
+            positions only through the encoder's tokens.
+        alpha, beta: weights of the unmasked-patch loss and of the MoE loss in Eq. 16.
+
+    forward(images (B, 3, 36, 36), normalised) → MAEOutput. Targets are the normalised pixels.
+    """
+
+    def __init__(
+        self,
+        encoder_cfg: TransformerConfig,
+        decoder_cfg: TransformerConfig = DECODER,
+        image: ImageConfig = ImageConfig(),
+        mask_ratio: float = 0.75,
+        decoder_pos_embed: bool = True,
+        alpha: float = 0.1,
+        beta: float = 0.5,
+        backend: str = "reference",
+    ):
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.image = image
+        self.mask_ratio, self.alpha, self.beta = mask_ratio, alpha, beta
+        self.encoder = MLiTEncoder(encoder_cfg, image, backend)
+        self.decoder_embed = nn.Linear(encoder_cfg.embed_dim, decoder_cfg.embed_dim, bias=False)
+        self.mask_token = nn.Parameter(torch.empty(1, 1, decoder_cfg.embed_dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        if decoder_pos_embed:
+            self.decoder_pos_embed = nn.Parameter(torch.empty(1, image.num_patches + 1, decoder_cfg.embed_dim))
+            nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        else:
+            self.decoder_pos_embed = None
+        self.decoder = MoETransformer(decoder_cfg, backend)
+        self.decoder_norm = nn.LayerNorm(decoder_cfg.embed_dim)
+        self.decoder_pred = nn.Linear(decoder_cfg.embed_dim, image.patch_dim, bias=False)
+
+    @property
+    def num_keep(self) -> int:
+        return int(self.image.num_patches * (1 - self.mask_ratio))
+
+    def forward(self, images: torch.Tensor) -> MAEOutput:
+        tokens = self.encoder.embed(images)  # (B, 145, m): 144 patches, then the dummy
+        B, n, m = tokens.shape
+        patches, dummy = tokens[:, :-1], tokens[:, -1:]
+        keep, mask = random_masking(B, n - 1, self.num_keep, images.device)
+        visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, m))
+        latent, encoder_loss = self.encoder.encode(torch.cat([visible, dummy], dim=1))
+
+        latent = self.decoder_embed(latent)
+        d = latent.shape[-1]
+        full = self.mask_token.to(latent.dtype).expand(B, n - 1, d).clone()
+        full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, d), latent[:, :-1])
+        x = torch.cat([full, latent[:, -1:]], dim=1)
+        if self.decoder_pos_embed is not None:
+            x = x + self.decoder_pos_embed
+        x, decoder_loss = self.decoder(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, :-1]
+        return self.loss(images, pred, mask, encoder_loss + decoder_loss)
+
+    def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, moe_loss: torch.Tensor) -> MAEOutput:
+        """Eq. 16: MSE on hidden patches + α · MSE on visible patches + β · Σ MoE losses."""
+        target = patchify(images, self.image.patch_size)
+        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        masked_mse = (per_patch * mask).sum() / mask.sum()
+        unmasked_mse = (per_patch * (1 - mask)).sum() / (1 - mask).sum()
+        loss = masked_mse + self.alpha * unmasked_mse + self.beta * moe_loss
+        return MAEOutput(loss, pred, mask, masked_mse, unmasked_mse, moe_loss)

@@ -1,0 +1,69 @@
+"""The MoE transformer layer and a stack of them built from a TransformerConfig."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mlit_kernels import SharedSwiGLUMoE
+
+from ..config import TransformerConfig
+from .attention import GroupedQueryAttention
+
+
+class MoETransformerLayer(nn.Module):
+    """Pre-norm layer: x = x + GQA(LN(x)); x = x + MoE(LN(x)).
+
+    forward(x (B, n, dim)) → (x (B, n, dim), the MoE auxiliary loss ()).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_groups: int, moe: SharedSwiGLUMoE):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = GroupedQueryAttention(dim, num_heads, num_groups)
+        self.norm2 = nn.LayerNorm(dim)
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.norm1(x))
+        y, aux_loss = self.moe(self.norm2(x))
+        return x + y, aux_loss
+
+
+class MoETransformer(nn.Module):
+    """cfg.depth MoE transformer layers with depth-wise hidden sizes and staged expert counts.
+
+    forward(x (B, n, dim)) → (x (B, n, dim), the auxiliary losses summed over layers ()).
+    """
+
+    def __init__(self, cfg: TransformerConfig, backend: str = "reference"):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            MoETransformerLayer(
+                cfg.embed_dim,
+                cfg.num_heads,
+                cfg.num_groups,
+                SharedSwiGLUMoE(
+                    cfg.embed_dim,
+                    cfg.hidden_dim(i),
+                    cfg.num_experts(i),
+                    k=cfg.top_k,
+                    dropout=cfg.dropout,
+                    shared=cfg.shared,
+                    backend=backend,
+                ),
+            )
+            for i in range(cfg.depth)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total_aux = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, aux_loss = layer(x)
+            total_aux = total_aux + aux_loss
+        return x, total_aux
+
+    def set_backend(self, backend: str) -> None:
+        """Switch every MoE layer to another backend (same parameters)."""
+        for layer in self.layers:
+            layer.moe.backend = backend

@@ -14,7 +14,6 @@ setup(
         "numpy",
         "scipy",          # .mat readers for SVHN and Flowers102
         "pillow",         # Flowers102 JPEG decoding
-        "kornia>=0.7",    # batched, per-sample GPU augmentation (AutoAugment policies)
         "tqdm",           # progress bars
         "safetensors",    # final weights
         "matplotlib",     # `mlit plot`

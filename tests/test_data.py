@@ -4,7 +4,6 @@ import dataclasses
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import shutil
 import tarfile
@@ -18,11 +17,8 @@ from mlit.data import DATASETS, DataError, load_split
 from mlit.data import datasets as D
 from mlit.data.archives import read_idx_gz
 
-SHARED = [Path(os.environ.get("MLIT_TEST_DATA", "/nonexistent")), Path(__file__).parents[1] / "shared" / "data", Path(__file__).parents[2] / "shared" / "data",
-          Path("/work/shared/data")]
-MINI = next((d / "cifar10-mini" / "cifar-10-python-mini.tar.gz" for d in SHARED
-             if (d / "cifar10-mini" / "cifar-10-python-mini.tar.gz").is_file()), None)
-needs_mini = pytest.mark.skipif(MINI is None, reason="cifar10-mini not found (set MLIT_TEST_DATA to shared/data)")
+from shared_data import CIFAR10_MINI as MINI
+from shared_data import needs_cifar10_mini as needs_mini
 FASHION = D.DEBIAN_FASHION_MNIST
 needs_fashion = pytest.mark.skipif(
     not (FASHION / "train-images-idx3-ubyte.gz").is_file(),

@@ -1,0 +1,80 @@
+"""DistributedDataParallel on CPU (gloo): 2 processes started by torchrun give the weights of one
+process with the same global batch, once randomness is off (no augmentation, dropout 0, noise-free
+gating, auxiliary-loss weight 0 — the per-rank balancing loss legitimately differs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from shared_data import CIFAR10_MINI
+import torch
+
+from mlit.cli import main
+
+
+
+def _args(out, cache):
+    return ["train", "--recipe", "table8-mlit-xxs-cifar10", "--data-dir", str(cifar10_mini_archive()), "--no-verify",
+            "--cache-dir", str(cache), "--epochs", "2", "--batch-size", "16", "--limit-train", "48",
+            "--limit-test", "32", "--lr", "1e-3", "--warmup-epochs", "0.5", "--no-augment", "--set", "dropout=0",
+            "--set", "gate_noise=false", "--set", "aux_weight=0", "--no-progress", "--device", "cpu", "--out", str(out)]
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    cache = tmp_path / "cache"
+    assert main(_args(tmp_path / "one", cache)) == 0
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mlit", *_args(tmp_path / "two", cache)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    from safetensors.torch import load_file
+
+    from mlit.train.checkpoint import load_checkpoint
+    from mlit.train.metrics import read_metrics
+
+    one, two = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    # The key bias of attention has an exactly zero gradient (softmax ignores a shift shared by all
+    # keys); its float-noise gradient differs with the summation order and Adam scales that noise up
+    # to ±lr, so it is left out. Everything else must agree closely (Adam still amplifies rounding).
+    def comparable(name, t):
+        if name.endswith("attn.qkv.bias"):
+            dim = one["head.weight"].shape[1]
+            kv = (t.numel() - dim) // 2
+            return torch.cat([t[:dim], t[dim + kv:]])
+        return t
+
+    worst = max((comparable(k, one[k]) - comparable(k, two[k])).abs().max().item() for k in one)
+    assert worst < 1e-4, worst
+    # ... while training moved the weights far more than that from the (shared, seeded) start
+    from mlit.train.loop import build_model, model_config, seed_everything
+    from mlit.train.recipes import Recipe
+
+    recipe = Recipe.from_dict(load_checkpoint(tmp_path / "one")["recipe"])
+    seed_everything(recipe.seed)
+    init = build_model("train", model_config(recipe), 10, recipe).state_dict()
+    moved = max((one[k] - init[k]).abs().max().item() for k in one)
+    assert moved > 20 * max(worst, 1e-7), (moved, worst)
+    st = load_checkpoint(tmp_path / "two")
+    assert st["world_size"] == 2 and len(st["rng"]) == 2 and st["global_step"] == 6
+    r1, r2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["epoch"] for r in r2] == [1, 2]  # only rank 0 wrote
+    assert r1[-1]["train_loss"] == pytest.approx(r2[-1]["train_loss"], rel=1e-4)
+    assert r1[-1]["test_top1"] == pytest.approx(r2[-1]["test_top1"])
+    assert r1[-1]["test_loss"] == pytest.approx(r2[-1]["test_loss"], rel=1e-4)
+
+
+def cifar10_mini_archive() -> Path:
+    """The shared CIFAR-10 subset (read with --no-verify), or skip."""
+    if CIFAR10_MINI is None:
+        pytest.skip("shared/data/cifar10-mini not found beside the checkout (set MLIT_TEST_DATA)")
+    return CIFAR10_MINI

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # noqa: BLE001 - a missing backend should not stop the others
                     ips, msg = float("nan"), f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
                 print(f"{task:<9} {backend:<10} {size:<4} {msg}", flush=True)
-                rows.append({"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                rows.append({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                              "device": name, "task": task, "backend": backend, "model": size, "batch": batch,
                              "images_per_s": round(ips, 2)})
     if args.csv:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -11,7 +12,12 @@ import torch.nn as nn
 from . import reference
 
 PROJECTIONS = ("w1", "v", "w2")
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "triton", "auto")
+TRITON_VARIANTS = ("auto", "dispatch", "dense")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DEFAULT_SHARED = ("v", "w2")
+
+log = logging.getLogger(__name__)
 
 
 class SharedSwiGLUMoE(nn.Module):
@@ -30,7 +36,14 @@ class SharedSwiGLUMoE(nn.Module):
         squared_cv: use the squared coefficient of variation (default, as the cited
             implementation) or the plain CV (the paper's wording).
         unbiased_cv: variance divided by t − 1 (default, torch's ``var``) or by t.
-        backend: "reference" (plain PyTorch).
+        backend: "reference" (plain PyTorch), "triton" (the fused kernels of
+            :mod:`mlit_kernels.functions`; default sharing ("v", "w2") only; CUDA tensors, or any
+            device under TRITON_INTERPRET=1) or "auto" (Triton for CUDA tensors of a supported
+            dtype with the default sharing, the reference otherwise).
+        triton_variant: "auto" (measured once per shape on CUDA; see
+            :func:`mlit_kernels.functions.choose_variant`), "dispatch" (tokens grouped by expert)
+            or "dense" (every expert's x W_i per token tile, masked by the gates). The variant
+            used last is :attr:`resolved_variant`.
 
     Parameters (the state_dict every backend shares): w_gate, w_noise (m, t); w1 (t, m, d_h) and
     b1 (t, d_h); v (m, d_h) and b_v (d_h,); w2 (d_h, m) and b2 (m,). A projection that is not
@@ -53,6 +66,7 @@ class SharedSwiGLUMoE(nn.Module):
         squared_cv: bool = True,
         unbiased_cv: bool = True,
         backend: str = "reference",
+        triton_variant: str = "auto",
     ):
         super().__init__()
         for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
@@ -72,6 +86,8 @@ class SharedSwiGLUMoE(nn.Module):
         self.squared_cv, self.unbiased_cv = squared_cv, unbiased_cv
         self.dropout = nn.Dropout(dropout)
         self.backend = backend
+        self.triton_variant = triton_variant
+        self._resolved_variant: str | None = None
 
         t = num_experts
         self.w_gate = nn.Parameter(torch.zeros(dim, t))
@@ -103,7 +119,33 @@ class SharedSwiGLUMoE(nn.Module):
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        if value == "triton" and self.shared != DEFAULT_SHARED:
+            raise ValueError(
+                f"backend='triton' supports only shared={DEFAULT_SHARED} (shared V and W2, one W_i per expert), "
+                f"got shared={self.shared}; use backend='reference'")
         self._backend = value
+
+    @property
+    def triton_variant(self) -> str:
+        return self._triton_variant
+
+    @triton_variant.setter
+    def triton_variant(self, value: str) -> None:
+        if value not in TRITON_VARIANTS:
+            raise ValueError(f"triton_variant must be one of {TRITON_VARIANTS}, got {value!r}")
+        self._triton_variant = value
+
+    @property
+    def resolved_variant(self) -> str | None:
+        """The Triton expert variant ("dispatch" or "dense") the last Triton forward used, else None."""
+        return self._resolved_variant
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        if self.backend == "triton":
+            return True
+        if self.backend == "auto":
+            return x.is_cuda and self.shared == DEFAULT_SHARED and x.dtype in TRITON_DTYPES
+        return False
 
     def extra_repr(self) -> str:
         return (
@@ -126,7 +168,10 @@ class SharedSwiGLUMoE(nn.Module):
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x, noise)
         tokens = x.reshape(-1, self.dim)
-        y, aux_loss = self._forward_reference(tokens, noise)
+        if self._use_triton(tokens):
+            y, aux_loss = self._forward_triton(tokens, noise)
+        else:
+            y, aux_loss = self._forward_reference(tokens, noise)
         return self.dropout(y).reshape(x.shape), aux_loss
 
     def _forward_reference(self, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,3 +192,48 @@ class SharedSwiGLUMoE(nn.Module):
             )
         y = reference.shared_swiglu_experts(x, gates, self.w1, self.b1, self.v, self.b_v, self.w2, self.b2)
         return y, aux_loss
+
+    def _forward_triton(self, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, m) → (y (N, m) before dropout, aux_loss) with the fused Triton kernels.
+
+        Under autocast the expert weights and x are cast to the autocast dtype (differentiably, so
+        the fp32 parameters get their gradients); the gate always works in fp32."""
+        from .functions import choose_variant, moe_triton  # imported lazily: triton kernels are built on import
+
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = x.dtype
+        if dtype not in TRITON_DTYPES:
+            raise TypeError(f"x has dtype {dtype}; backend='triton' supports {TRITON_DTYPES}")
+        variant = self.triton_variant
+        n = x.shape[0]
+        if variant == "auto":
+            variant = choose_variant(n, self.dim, self.hidden_dim, self.num_experts, self.k, x.device, dtype)
+        if variant != self._resolved_variant:
+            log.debug("SharedSwiGLUMoE: triton variant %r (m=%d, d_h=%d, t=%d, k=%d, N=%d)", variant, self.dim,
+                      self.hidden_dim, self.num_experts, self.k, n)
+        self._resolved_variant = variant
+        with torch.autocast(device_type, enabled=False):
+            cast = lambda p: p if p.dtype == dtype else p.to(dtype)  # noqa: E731
+            return moe_triton(
+                cast(x).contiguous(),
+                self.w_gate.float(),
+                self.w_noise.float(),
+                cast(self.w1),
+                cast(self.b1),
+                cast(self.v),
+                cast(self.b_v),
+                cast(self.w2),
+                cast(self.b2),
+                self.k,
+                self.training,
+                noise=None if noise is None else noise.float().contiguous(),
+                noise_eps=self.noise_eps,
+                w_importance=self.w_importance,
+                w_load=self.w_load,
+                squared_cv=self.squared_cv,
+                unbiased_cv=self.unbiased_cv,
+                variant=variant,
+            )

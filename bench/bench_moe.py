@@ -1,0 +1,76 @@
+"""Benchmarks of the MoE layer (SharedSwiGLUMoE) at the paper's shapes, every backend.
+
+    pytest bench/ --benchmark-only
+
+Shapes: mLiT-S layer 0 (m = 144, d_h = 144, t = 3) and mLiT-XXS last layer (m = 108, d_h = 27,
+t = 5), k = 2, for N = 256 × 145 tokens (a classifier batch) and 1280 × 37 (the MAE encoder's
+visible tokens). Backends: reference eager, torch.compile(reference), Triton dispatch and
+Triton dense; forward, and forward + backward, in training mode under fp16 autocast.
+
+On CUDA the timings synchronise the device. Without CUDA the Triton cases skip (they need a GPU;
+the interpreter is for correctness, not speed) and the reference cases run in fp32 on a reduced
+N so that the whole file takes under a minute; torch.compile on CPU is skipped unless
+MLIT_BENCH_COMPILE_CPU=1 (its compile time alone is tens of seconds).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mlit_kernels import SharedSwiGLUMoE
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+SHAPES = {"S-layer0": (144, 144, 3), "XXS-last": (108, 27, 5)}
+TOKENS = {"cls-256x145": 256 * 145, "mae-1280x37": 1280 * 37}
+CPU_TOKENS = 512
+BACKENDS = ("reference", "compile", "triton-dispatch", "triton-dense")
+
+
+def _layer(shape, backend):
+    m, d_h, t = SHAPES[shape]
+    torch.manual_seed(0)
+    layer = SharedSwiGLUMoE(m, d_h, t, k=2).to(DEVICE)
+    with torch.no_grad():  # W_g, W_noise start at zero: give the router something to do
+        layer.w_gate.normal_(0, m**-0.5)
+        layer.w_noise.normal_(0, m**-0.5)
+    if backend.startswith("triton"):
+        layer.backend = "triton"
+        layer.triton_variant = backend.split("-")[1]
+    layer.train()
+    return layer, (torch.compile(layer) if backend == "compile" else layer)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tokens", list(TOKENS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_moe_layer(benchmark, mode, shape, tokens, backend):
+    if backend.startswith("triton") and not CUDA:
+        pytest.skip("Triton backend timings need a CUDA GPU (the CPU interpreter is for correctness only)")
+    if backend == "compile" and not CUDA and os.environ.get("MLIT_BENCH_COMPILE_CPU") != "1":
+        pytest.skip("torch.compile on CPU skipped (compile time dominates); set MLIT_BENCH_COMPILE_CPU=1")
+    if not CUDA and tokens != list(TOKENS)[0]:
+        pytest.skip(f"without CUDA only one reduced N ({CPU_TOKENS}) runs")
+    layer, fn = _layer(shape, backend)
+    n = TOKENS[tokens] if CUDA else CPU_TOKENS
+    x = torch.randn(n, layer.dim, device=DEVICE, requires_grad=(mode == "fwd+bwd"))
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else "cpu", n_tokens=n)
+
+    def step():
+        with torch.autocast(DEVICE, dtype=torch.float16, enabled=CUDA):
+            y, aux = fn(x)
+        if mode == "fwd+bwd":
+            (y.float().square().mean() + aux).backward()
+        if CUDA:
+            torch.cuda.synchronize()
+
+    rounds = {"rounds": 20, "warmup_rounds": 3} if CUDA else {"rounds": 3, "warmup_rounds": 1}
+    if mode == "fwd":
+        with torch.no_grad():
+            benchmark.pedantic(step, **rounds)
+    else:
+        benchmark.pedantic(step, **rounds)

@@ -1,0 +1,327 @@
+"""GPU report for the Triton MoE backend: correctness on the device, timings, roofline.
+
+    python bench/gpu_report.py report.md            # on a CUDA machine
+    python bench/gpu_report.py --smoke smoke.md     # anywhere: tiny shapes, Triton interpreter on CPU
+    python bench/gpu_report.py --compile-check 90 cc.md   # anywhere: compile every kernel for sm_90
+
+1. Checks every kernel path (gate, dispatch and dense experts, all backward kernels, through
+   ``moe_triton``) against the float64 reference on the device: relative errors
+   ‖out − ref‖/‖ref‖ of y, the auxiliary loss and every gradient, fp32 and fp16.
+2. Times (triton.testing.do_bench: CUDA events, median, after warm-up; fresh random non-zero
+   inputs) the layer in training mode under fp16 autocast — reference eager,
+   torch.compile(reference), Triton dispatch, Triton dense — forward and forward + backward, at
+   the paper's shapes (mLiT-S layer 0: m = d_h = 144, t = 3; mLiT-XXS last layer: m = 108,
+   d_h = 27, t = 5; k = 2; N = 256 × 145 and 1280 × 37).
+3. Measures the device's fp16 matmul rate and copy bandwidth, computes the roofline floor
+   max(FLOPs / matmul rate, minimal bytes / bandwidth) per case and the fraction reached.
+4. Prints a markdown table (device, date, versions) and writes it to the path given.
+
+FLOPs counted: gate 2 GEMMs (2·2·N·m·t), experts 2·N·m·d_h·(k + 2); forward + backward = 3 ×
+forward. Minimal bytes (fp16 activations, weights read once): forward reads x and writes y
+(2·N·m·2 B); forward + backward also reads dy and x again and writes dx (5·N·m·2 B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from mlit_kernels import SharedSwiGLUMoE, reference  # noqa: E402
+from mlit_kernels.functions import moe_triton  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+NAMES = ("w_gate", "w_noise", "w1", "b1", "v", "b_v", "w2", "b2")
+
+
+def shapes(smoke):
+    if smoke:
+        return [("tiny-a", 16, 27, 5, 2, [37]), ("tiny-b", 16, 32, 3, 2, [45])]
+    return [("S-layer0", 144, 144, 3, 2, [256 * 145, 1280 * 37]), ("XXS-last", 108, 27, 5, 2, [256 * 145, 1280 * 37])]
+
+
+def bench(fn, smoke):
+    """Median milliseconds: CUDA events via do_bench on a GPU, perf_counter otherwise."""
+    if CUDA:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(2 if smoke else 5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def check(m, d_h, t, k, n, variant, dtype, train):
+    """Max relative error over y, aux and every gradient, Triton vs float64 reference."""
+    g = torch.Generator().manual_seed(n + m)
+    p64 = {
+        "w_gate": torch.randn(m, t, generator=g) * 0.5, "w_noise": torch.randn(m, t, generator=g) * 0.5,
+        "w1": torch.randn(t, m, d_h, generator=g) / m**0.5, "b1": torch.randn(t, d_h, generator=g) * 0.1,
+        "v": torch.randn(m, d_h, generator=g) / m**0.5, "b_v": torch.randn(d_h, generator=g) * 0.1,
+        "w2": torch.randn(d_h, m, generator=g) / d_h**0.5, "b2": torch.randn(m, generator=g) * 0.1,
+    }
+    p64 = {name: v.to(torch.float32 if name in ("w_gate", "w_noise") else dtype).to(DEVICE, torch.float64)
+           for name, v in p64.items()}
+    x64 = torch.randn(n, m, generator=g).to(dtype).to(DEVICE, torch.float64)
+    noise = torch.randn(n, t, generator=g).to(DEVICE)
+    dy = torch.randn(n, m, generator=g).to(DEVICE, torch.float64)
+    xt = x64.to(dtype).requires_grad_()
+    pt = {name: v.to(torch.float32 if name in ("w_gate", "w_noise") else dtype).requires_grad_()
+          for name, v in p64.items()}
+    y, aux = moe_triton(xt, **pt, k=k, training=train, noise=noise if train else None, variant=variant)
+    ((y.double() * dy).sum() + 10 * aux).backward()
+    xr = x64.clone().requires_grad_()
+    pr = {name: v.clone().requires_grad_() for name, v in p64.items()}
+    gates, _, load = reference.noisy_top_k_gating(xr, pr["w_gate"], pr["w_noise"], k, train,
+                                                  noise.double() if train else None)
+    auxr = reference.auxiliary_loss(gates, load)
+    yr = reference.shared_swiglu_experts(xr, gates, pr["w1"], pr["b1"], pr["v"], pr["b_v"], pr["w2"], pr["b2"])
+    ((yr * dy).sum() + 10 * auxr).backward()
+
+    def rel(a, b):
+        b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
+        return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    errors = {"y": rel(y, yr), "aux": rel(aux, auxr), "x": rel(xt.grad, xr.grad)}
+    errors.update({name: rel(pt[name].grad, pr[name].grad) for name in NAMES if pr[name].grad is not None})
+    worst = max(errors, key=errors.get)
+    return errors[worst], worst
+
+
+def device_rates(smoke):
+    """(fp16 matmul FLOP/s, copy bytes/s) of this device."""
+    size = 256 if smoke else 8192
+    a = torch.randn(size, size, device=DEVICE, dtype=torch.float16 if CUDA else torch.float32)
+    b = torch.randn_like(a)
+    ms = bench(lambda: a @ b, smoke)
+    flops = 2 * size**3 / (ms * 1e-3)
+    numel = (1 << 20) if smoke else (1 << 29)  # 1 GiB of fp16
+    src = torch.empty(numel, device=DEVICE, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), smoke)
+    bandwidth = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    return flops, bandwidth
+
+
+def make_layer(m, d_h, t, k, backend):
+    torch.manual_seed(0)
+    layer = SharedSwiGLUMoE(m, d_h, t, k=k).to(DEVICE)
+    with torch.no_grad():
+        layer.w_gate.normal_(0, m**-0.5)
+        layer.w_noise.normal_(0, m**-0.5)
+    if backend.startswith("triton"):
+        layer.backend = "triton"
+        layer.triton_variant = backend.split("-")[1]
+    layer.train()
+    return torch.compile(layer) if backend == "compile" else layer
+
+
+def time_layer(layer, m, n, mode, smoke):
+    xs = [torch.randn(n, m, device=DEVICE, requires_grad=(mode == "fwd+bwd")) for _ in range(4)]
+    state = {"i": 0}
+
+    def step():
+        x = xs[state["i"] % len(xs)]  # fresh inputs, rotated
+        state["i"] += 1
+        with torch.autocast(DEVICE, dtype=torch.float16, enabled=CUDA):
+            y, aux = layer(x)
+        if mode == "fwd+bwd":
+            (y.float().square().mean() + aux).backward()
+
+    if mode == "fwd":
+        with torch.no_grad():
+            return bench(step, smoke)
+    return bench(step, smoke)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile check: every kernel × autotune config compiled to a cubin for a CUDA architecture with
+# the ptxas bundled in the triton wheel — no GPU needed (catches what the interpreter does not
+# enforce: tl.dot shapes, types, shared memory; reports registers and spills).
+
+_FP32_PTRS = {"wg_ptr", "wn_ptr", "noise_ptr", "gate_ptr", "imp_part_ptr", "load_part_ptr", "dgate_ptr", "dimp_ptr",
+              "dload_ptr", "dx_ptr", "dwg_part_ptr", "dwn_part_ptr", "dxp_ptr", "dw_part_ptr", "db_part_ptr"}
+_I32_PTRS = {"idx_ptr", "sorted_ptr", "off_ptr", "expert_ptr", "hist_ptr", "base_ptr", "pos_ptr"}
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch):
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # the JITFunction
+    signature = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + ("fp32" if name in _FP32_PTRS else "i32" if name in _I32_PTRS
+                                     else _TRITON_TYPES[dtype])
+        else:
+            signature[name] = "fp32" if name == "noise_eps" else "i32"
+    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    usage = {"shared": compiled.metadata.shared}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                 check=False).stdout
+        for key in ("REG", "STACK", "LOCAL"):
+            match = re.search(key + r":(\d+)", out)
+            if match:
+                usage[key.lower()] = int(match.group(1))
+    return usage
+
+
+def compile_check(arch=90, quick=False):
+    """Compile every kernel for sm_<arch> at the paper's shapes; returns markdown rows and failures."""
+    from mlit_kernels import dispatch, gate, swiglu
+
+    shapes_ = [(144, 144, 3, 2), (108, 27, 5, 2)] if not quick else [(108, 27, 5, 2)]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32] if not quick else [torch.float16]
+    rows, failures = [], 0
+    for m, d_h, t, k in shapes_:
+        block_d = max(16, 1 << (d_h - 1).bit_length())
+        block_t = max(16, 1 << (t - 1).bit_length())
+        for dtype in dtypes:
+            prec = "ieee" if dtype == torch.float32 else "tf32"
+            jobs = []
+            for train, load_p in ((True, True), (False, False)):
+                common = dict(K=k, TRAIN=train, NOISE_MODE=2 if train else 0, LOAD_P=load_p, BLOCK_N=gate.GATE_BLOCK_N,
+                              BLOCK_M=min(32, max(16, 1 << (m - 1).bit_length())), BLOCK_T=block_t)
+                jobs += [(gate._gate_fwd_kernel, common, 4, 3), (gate._gate_bwd_kernel, common, 4, 3)]
+            route_c = dict(BLOCK_P=dispatch.ROUTE_BLOCK_P, BLOCK_T=block_t)
+            jobs += [(dispatch._histogram_kernel, route_c, 4, 3), (dispatch._scatter_kernel, route_c, 4, 3)]
+            chunk = {"BLOCK_DC": swiglu._chunk(d_h)}
+            row = {**chunk, "BLOCK_MO": max(16, 1 << (m - 1).bit_length())}
+            kernels = [(swiglu._grouped_preact_kernel, chunk),
+                       (swiglu._combine_fwd_kernel, {"K": k, "SAVE": True, **row}),
+                       (swiglu._dense_fwd_kernel, {"K": k, "SAVE": True, **row}),
+                       (swiglu._combine_bwd_kernel, {"K": k, "BLOCK_K": max(2, 1 << (k - 1).bit_length()), **chunk}),
+                       (swiglu._grouped_dx_kernel, {"BLOCK_D": block_d}),
+                       (swiglu._dx_kernel, {"K": k, **chunk}),
+                       (swiglu._grouped_dw_kernel, {"SPLIT": swiglu._DW_SPLIT, "BLOCK_D": block_d})]
+            for kernel, extra in kernels:
+                for config in (kernel.configs[:1] if quick else kernel.configs):
+                    jobs.append((kernel, {**extra, "PREC": prec, **config.kwargs}, config.num_warps,
+                                 config.num_stages))
+            for kernel, constexprs, warps, stages in jobs:
+                name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
+                label = ", ".join(f"{key}={val}" for key, val in constexprs.items() if key.startswith("BLOCK_R")
+                                  or key in ("TRAIN",))
+                try:
+                    usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch)
+                    ok = usage["shared"] <= 227 * 1024
+                    status = "ok" if ok else "shared memory too large"
+                except Exception as exc:  # noqa: BLE001 - report every failure
+                    usage, ok, status = {}, False, f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                failures += not ok
+                row = (f"| {m}/{d_h}/{t}/{k} | {str(dtype)[6:]} | {name} | {label} w{warps}s{stages} | "
+                       f"{usage.get('shared', '-')} | {usage.get('reg', '-')} | {usage.get('stack', '-')} | "
+                       f"{usage.get('local', '-')} | {status} |")
+                rows.append(row)
+                print(row, flush=True)
+    return rows, failures
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", nargs="?", default="gpu_report.md", help="markdown file to write")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU through the interpreter")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    parser.add_argument("--compile-check", type=int, metavar="ARCH", default=None,
+                        help="only compile every kernel for sm_ARCH (e.g. 90) with the bundled ptxas; no GPU needed")
+    parser.add_argument("--quick", action="store_true", help="with --compile-check: one shape, fp16, one config")
+    args = parser.parse_args()
+    if args.compile_check is not None:
+        header = ["# mlit_kernels compile check", "", f"- target: sm_{args.compile_check}, triton {triton.__version__}",
+                  "", "| m/d_h/t/k | dtype | kernel | config | shared B | regs | stack B | local B | status |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        print("\n".join(header), flush=True)
+        rows, failures = compile_check(args.compile_check, args.quick)
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write("\n".join(header + rows) + "\n")
+        print(f"\nwritten to {args.output}; {failures} failure(s)")
+        return 1 if failures else 0
+    if not CUDA and not args.smoke:
+        parser.error("no CUDA device: run with --smoke (tiny shapes through the Triton interpreter)")
+    smoke = args.smoke
+    lines = [
+        "# mlit_kernels GPU report",
+        "",
+        f"- device: {torch.cuda.get_device_name() if CUDA else 'cpu (Triton interpreter, smoke run)'}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- torch {torch.__version__}, triton {triton.__version__}",
+        "",
+        "## Correctness (max relative error over y, aux and all gradients vs float64)",
+        "",
+        "| shape | N | variant | dtype | mode | max rel. error | worst |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    print("\n".join(lines), flush=True)
+    failures = 0
+    for name, m, d_h, t, k, token_counts in shapes(smoke):
+        check_n = token_counts[0] if smoke else 4096 + 37
+        for variant in ("dispatch", "dense"):
+            for dtype in (torch.float32, torch.float16):
+                for train in (True, False):
+                    err, worst = check(m, d_h, t, k, check_n, variant, dtype, train)
+                    tol = 1e-4 if dtype == torch.float32 else 2e-2
+                    failures += err > tol
+                    row = (f"| {name} | {check_n} | {variant} | {str(dtype)[6:]} | {'train' if train else 'eval'} | "
+                           f"{err:.2e}{'' if err <= tol else ' FAIL'} | {worst} |")
+                    lines.append(row)
+                    print(row, flush=True)
+    flops_rate, bandwidth = device_rates(smoke)
+    lines += ["", f"Device rates: {'fp16' if CUDA else 'fp32'} matmul {flops_rate / 1e12:.3f} TFLOP/s, "
+              f"copy {bandwidth / 1e9:.1f} GB/s.", "",
+              "## Timings (training mode, fp16 autocast; median ms)", "",
+              "| shape | N | pass | backend | ms | floor ms | fraction of floor |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(lines[-6:]), flush=True)
+    backends = ["reference"] + ([] if args.no_compile or smoke else ["compile"]) + ["triton-dispatch", "triton-dense"]
+    for name, m, d_h, t, k, token_counts in shapes(smoke):
+        for n in token_counts:
+            fwd_flops = 2 * 2 * n * m * t + 2 * n * m * d_h * (k + 2)
+            for mode in ("fwd", "fwd+bwd"):
+                flops = fwd_flops * (1 if mode == "fwd" else 3)
+                nbytes = (2 if mode == "fwd" else 5) * n * m * 2
+                floor_ms = max(flops / flops_rate, nbytes / bandwidth) * 1e3
+                for backend in backends:
+                    layer = make_layer(m, d_h, t, k, backend)
+                    ms = time_layer(layer, m, n, mode, smoke)
+                    row = f"| {name} | {n} | {mode} | {backend} | {ms:.3f} | {floor_ms:.4f} | {floor_ms / ms:.1%} |"
+                    lines.append(row)
+                    print(row, flush=True)
+    text = "\n".join(lines) + "\n"
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"\nwritten to {args.output}; {failures} correctness failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

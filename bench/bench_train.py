@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,30 +29,66 @@ from mlit.train.loop import Trainer
 from mlit.train.recipes import get_recipe
 
 
-def bench_one(size: str, task: str, backend: str, device: torch.device, batch: int, steps: int, warmup: int,
-              augment: bool = True) -> float:
+def make_step(size: str, task: str, backend: str, device: torch.device, batch: int, augment: bool = True):
+    """A closure running one Trainer.train_step on random (non-zero) uint8 images on the device."""
     recipe = get_recipe("table3-cifar100" if task == "pretrain" else "table6-cifar10", size)
     recipe = recipe.replace(batch_size=batch, augment=augment)
     trainer = Trainer(recipe, None if task == "pretrain" else 10, steps_per_epoch=1000, device=device, backend=backend)
     g = torch.Generator().manual_seed(0)
-    pool = torch.randint(0, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+    pool = torch.randint(1, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, 10, (4 * batch,), generator=g).to(device)
+    counter = iter(range(1 << 62))
 
-    def step(i):
-        idx = torch.arange(i % 4 * batch, (i % 4 + 1) * batch, device=device)
-        return trainer.train_step(pool[idx], None if task == "pretrain" else labels[idx])
+    def step():
+        i = next(counter) % 4
+        images = pool[i * batch : (i + 1) * batch]
+        return trainer.train_step(images, None if task == "pretrain" else labels[i * batch : (i + 1) * batch])
 
-    for i in range(warmup):
-        step(i)
+    return step
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bench_one(size: str, task: str, backend: str, device: torch.device, batch: int, steps: int, warmup: int,
+              augment: bool = True) -> float:
+    """Images/s of `steps` training steps after `warmup` untimed ones."""
+    step = make_step(size, task, backend, device, batch, augment)
+    for _ in range(warmup):
+        step()
+    _sync(device)
     t0 = time.perf_counter()
-    for i in range(steps):
-        out = step(i)
+    for _ in range(steps):
+        out = step()
     out["loss"].item()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     return steps * batch / (time.perf_counter() - t0)
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("size", ["XXS", "XS", "S"])
+@pytest.mark.parametrize("task", ["train", "pretrain"])
+def test_train_step(benchmark, task, size, backend):
+    """pytest-benchmark of one full training step (batch 256 on CUDA; XXS, batch 8 on CPU)."""
+    if backend == "triton" and not CUDA:
+        pytest.skip("the Triton backend's timings need a CUDA GPU")
+    if not CUDA and size != "XXS":
+        pytest.skip("without CUDA only XXS runs, small")
+    device = torch.device("cuda" if CUDA else "cpu")
+    batch = 256 if CUDA else 8
+    step = make_step(size, task, backend, device, batch)
+
+    def timed():
+        step()
+        _sync(device)
+
+    benchmark.pedantic(timed, warmup_rounds=3 if CUDA else 1, rounds=20 if CUDA else 2)
+    benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.median
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-DEFAULT_RECIPE = {"pretrain": "table3-cifar100", "finetune": "table4-cifar100", "train": "table6-cifar10"}
+DEFAULT_RECIPE = {"pretrain": "table3-cifar100", "finetune": "table4-cifar100", "train": "table6-fashion_mnist"}
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -83,7 +83,7 @@ def _add_training_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--out", default=None, help="run directory (default runs/<recipe>-<model>)")
     p.add_argument("--resume", default=None, help="checkpoint or run directory to continue exactly")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default cuda if available)")
-    p.add_argument("--backend", default="reference", help="MoE backend passed to the models (reference|triton|auto)")
+    p.add_argument("--backend", default="auto", help="MoE backend: auto (Triton on CUDA, else reference), triton, reference")
     p.add_argument("--stop-after-epochs", type=int, default=None,
                    help="stop (with a checkpoint) after N epochs in this invocation; continue with --resume")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N images only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None)
-    p.add_argument("--backend", default="reference")
+    p.add_argument("--backend", default="auto")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("profile", help="time the components of a training step (torch.profiler)")
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default=None)
-    p.add_argument("--backend", default="reference")
+    p.add_argument("--backend", default="auto")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("plot", help="draw a run's loss / accuracy curves to PNG")

@@ -31,6 +31,8 @@ class SharedSwiGLUMoE(nn.Module):
         dropout: dropout probability on the layer output (one mask per token, applied after the
             combine; equal in expectation to one mask per expert).
         shared: which of "w1", "v", "w2" all experts share (Table 9 ablation); default ("v", "w2").
+        noisy_gating: add the gate noise in training (default, Eq. 3); False gates without noise
+            (as the cited implementation's switch of the same name; for deterministic runs).
         noise_eps: added to softplus(x W_noise), the noise scale (1e-2, as the cited implementation).
         w_importance, w_load: weights of the two balancing losses (1e-2 each).
         squared_cv: use the squared coefficient of variation (default, as the cited
@@ -60,6 +62,7 @@ class SharedSwiGLUMoE(nn.Module):
         k: int = 2,
         dropout: float = 0.1,
         shared: Sequence[str] = ("v", "w2"),
+        noisy_gating: bool = True,
         noise_eps: float = reference.NOISE_EPS,
         w_importance: float = 1e-2,
         w_load: float = 1e-2,
@@ -81,7 +84,7 @@ class SharedSwiGLUMoE(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.dim, self.hidden_dim, self.num_experts, self.k = dim, hidden_dim, num_experts, k
         self.shared = tuple(p for p in PROJECTIONS if p in shared)
-        self.noise_eps = noise_eps
+        self.noisy_gating, self.noise_eps = noisy_gating, noise_eps
         self.w_importance, self.w_load = w_importance, w_load
         self.squared_cv, self.unbiased_cv = squared_cv, unbiased_cv
         self.dropout = nn.Dropout(dropout)
@@ -168,6 +171,8 @@ class SharedSwiGLUMoE(nn.Module):
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x, noise)
         tokens = x.reshape(-1, self.dim)
+        if self.training and not self.noisy_gating and noise is None:
+            noise = tokens.new_zeros(tokens.shape[0], self.num_experts, dtype=torch.float32)
         if self._use_triton(tokens):
             y, aux_loss = self._forward_triton(tokens, noise)
         else:

@@ -211,3 +211,12 @@ def test_bad_input_names_the_argument():
         layer(torch.ones(2, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="noise must have shape"):
         layer.train()(torch.randn(2, 8), noise=torch.randn(3, 3))
+
+
+def test_noise_free_gating_in_training_equals_zero_noise():
+    layer = make_layer(t=4, k=2).train()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    expected = layer(x, noise=torch.zeros(6, 4, dtype=torch.float64))
+    layer.noisy_gating = False
+    y, aux = layer(x)
+    assert torch.equal(y, expected[0]) and torch.equal(aux, expected[1])

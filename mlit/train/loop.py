@@ -81,25 +81,16 @@ def _build_model(task: str, cfg, num_classes: int | None, recipe: Recipe, backen
 
 
 def disable_gate_noise(model: nn.Module) -> int:
-    """Make every MoE layer gate without noise in training (zero noise draws); returns the count.
+    """Make every MoE layer gate without noise in training; returns the count of layers.
 
-    For deterministic comparisons (DDP test); the load term then still has its P(x) form.
+    For deterministic comparisons (DDP test); the load term keeps its P(x) form.
     """
     from mlit_kernels import SharedSwiGLUMoE
 
-    count = 0
-    for m in model.modules():
-        if isinstance(m, SharedSwiGLUMoE):
-            original = m.forward
-
-            def forward(x, noise=None, _orig=original, _m=m):
-                if noise is None and _m.training:
-                    noise = torch.zeros(x.numel() // _m.dim, _m.num_experts, device=x.device, dtype=torch.float32)
-                return _orig(x, noise)
-
-            m.forward = forward
-            count += 1
-    return count
+    layers = [m for m in model.modules() if isinstance(m, SharedSwiGLUMoE)]
+    for layer in layers:
+        layer.noisy_gating = False
+    return len(layers)
 
 
 # ----------------------------------------------------------------------------------------------

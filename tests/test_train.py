@@ -149,7 +149,7 @@ def test_bad_input_gives_clear_errors(tmp_path, cifar_run, pretrain_run, cache_d
         main(["eval", str(tmp_path / "missing.pt")])
     # a backend the models reject
     with pytest.raises(SystemExit, match="backend 'bogus'"):
-        main(["train", "--backend", "bogus", *cifar_args(cache_dir), "--limit-train", "32", "--batch-size", "32",
+        main(["train", "--recipe", "table6-cifar10", "--backend", "bogus", *cifar_args(cache_dir), "--limit-train", "32", "--batch-size", "32",
               "--device", "cpu", "--out", str(tmp_path / "v")])
     # a run dir that already holds a checkpoint is not overwritten
     with pytest.raises(SystemExit, match="already holds a checkpoint"):

@@ -4,7 +4,7 @@
 swap :class:`SharedSwiGLUMoE` into a model of their own.
 
 The Triton modules (``gate``, ``dispatch``, ``swiglu``, ``functions``) are imported lazily, on
-first use of ``moe_triton``/``gate_noise``/``choose_variant`` or of ``backend="triton"``: Triton
+first use of ``moe_triton``/``gate_noise``/``choose_variant``/``ops`` or of ``backend="triton"``: Triton
 decides at kernel-definition time whether to compile or interpret, so ``TRITON_INTERPRET=1`` (for
 CPU runs) only has to be set before that first use, not before ``import mlit_kernels``.
 """
@@ -12,20 +12,23 @@ CPU runs) only has to be set before that first use, not before ``import mlit_ker
 from . import reference
 from .layer import SharedSwiGLUMoE
 
-_LAZY = {"moe_triton", "gate_noise", "choose_variant", "NoisyTopKGate", "SharedSwiGLUExperts"}
+_LAZY = {"moe_triton", "gate_noise", "choose_variant"}
 
 __all__ = [
-    "NoisyTopKGate",
-    "SharedSwiGLUExperts",
     "SharedSwiGLUMoE",
     "choose_variant",
     "gate_noise",
     "moe_triton",
+    "ops",
     "reference",
 ]
 
 
 def __getattr__(name):
+    if name == "ops":  # the torch.library custom ops mlit::gate_fwd/gate_bwd/experts_fwd/experts_bwd
+        import importlib
+
+        return importlib.import_module(".ops", __name__)
     if name in _LAZY:
         from . import functions
 

@@ -1,14 +1,15 @@
-"""Autograd Functions tying the Triton kernels together, and the functional entry point.
+"""The functional entry point of the Triton MoE, and the choice between its two expert variants.
 
 Layers (ScatterMoE / Liger style):
 
 * kernels: :mod:`mlit_kernels.gate`, :mod:`mlit_kernels.dispatch`, :mod:`mlit_kernels.swiglu`;
-* autograd: :class:`NoisyTopKGate` (x, W_g, W_noise → topk_idx, topk_gate, importance, load) and
-  :class:`SharedSwiGLUExperts` (x, topk_idx, topk_gate, W_1, b_1, V, b_V, W_2, b_2 → y); autograd
-  chains them, so d topk_gate from the experts and d importance / d load from the auxiliary loss
-  meet in the gate's backward;
-* :func:`moe_triton`: checks the arguments, runs both, and computes the auxiliary loss from the
-  two (t,) vectors in plain torch (the reference's CV formula);
+* autograd: the ``torch.library`` custom ops of :mod:`mlit_kernels.ops` — ``mlit::gate_fwd``
+  (x, W_g, W_noise → topk_gate, importance, load, topk_idx) and ``mlit::experts_fwd`` (x, topk_idx,
+  topk_gate, W_1, b_1, V, b_V, W_2, b_2 → y), each with its backward op; autograd chains them, so
+  d topk_gate from the experts and d importance / d load from the auxiliary loss meet in the
+  gate's backward, and ``torch.compile`` traces them without a graph break;
+* :func:`moe_triton` (here): checks the arguments, runs both ops, and computes the auxiliary loss
+  from the two (t,) vectors in plain torch (the reference's CV formula);
 * :class:`mlit_kernels.layer.SharedSwiGLUMoE` with ``backend="triton"``.
 """
 
@@ -19,9 +20,9 @@ import math
 
 import torch
 
-from . import reference
+from . import ops, reference
 from .dispatch import interpreting
-from .gate import gate_backward, gate_forward, gate_noise
+from .gate import gate_noise
 from .swiglu import experts_backward, experts_forward
 
 log = logging.getLogger(__name__)
@@ -30,53 +31,8 @@ VARIANTS = ("auto", "dispatch", "dense")
 # Without CUDA timings "auto" uses this rule: dense (no routing, every expert's x W_e for a token
 # tile, k/t of it used) when at least half of the expert products are used, else dispatch.
 _variant_cache: dict[tuple, str] = {}
-
-
-class NoisyTopKGate(torch.autograd.Function):
-    """Fused noisy top-k gate; see :func:`mlit_kernels.gate.gate_forward`."""
-
-    @staticmethod
-    def forward(ctx, x, w_gate, w_noise, k, training, noise, seed, noise_eps):
-        idx, gate, importance, load = gate_forward(x, w_gate, w_noise, k, training, noise, seed, noise_eps)
-        ctx.save_for_backward(x, w_gate, w_noise, noise)
-        ctx.k, ctx.training, ctx.seed, ctx.noise_eps = k, training, seed, noise_eps
-        ctx.load_has_grad = bool(training and k < w_gate.shape[1])
-        ctx.mark_non_differentiable(idx)
-        if not ctx.load_has_grad:
-            ctx.mark_non_differentiable(load)
-        return idx, gate, importance, load
-
-    @staticmethod
-    def backward(ctx, _d_idx, d_gate, d_importance, d_load):
-        x, w_gate, w_noise, noise = ctx.saved_tensors
-        t = w_gate.shape[1]
-        d_gate = torch.zeros(x.shape[0], ctx.k, device=x.device) if d_gate is None else d_gate
-        d_importance = torch.zeros(t, device=x.device) if d_importance is None else d_importance
-        d_load = torch.zeros(t, device=x.device) if d_load is None or not ctx.load_has_grad else d_load
-        dx, dwg, dwn = gate_backward(x, w_gate, w_noise, ctx.k, ctx.training, noise, ctx.seed, ctx.noise_eps,
-                                     d_gate, d_importance, d_load)
-        return dx.to(x.dtype), dwg.to(w_gate.dtype), dwn.to(w_noise.dtype), None, None, None, None, None
-
-
-class SharedSwiGLUExperts(torch.autograd.Function):
-    """y = ((x V + b_V) ⊙ Σ_j g_j silu(x W_{e_j} + b_{e_j})) W_2 + b_2; see :mod:`mlit_kernels.swiglu`."""
-
-    @staticmethod
-    def forward(ctx, x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, variant, save=True):
-        save = bool(save) and any(ctx.needs_input_grad)  # inference (no_grad) writes neither a nor u
-        y, (a, u, routing) = experts_forward(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, variant, save)
-        if save:
-            ctx.save_for_backward(x, topk_idx, topk_gate, w1, v, w2, a, u)
-            ctx.routing = routing
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, topk_idx, topk_gate, w1, v, w2, a, u = ctx.saved_tensors
-        dx, dgate, dw1, db1, dv, db_v, dw2, db2 = experts_backward(dy, x, topk_idx, topk_gate, w1, v, w2, a, u,
-                                                                   ctx.routing)
-        ctx.routing = None
-        return dx, None, dgate, dw1, db1, dv, db_v, dw2, db2, None, None
+# Triton fixes interpret-or-compile when the kernel modules (imported above) are defined.
+_INTERPRETED = interpreting()
 
 
 def _check(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise):
@@ -172,7 +128,6 @@ def _measure_variants(n, m, d_h, t, k, device, dtype) -> str:
     return min(times, key=times.get)
 
 
-@torch.compiler.disable  # host logic, autotuned kernels and a CPU seed draw: run eagerly inside compiled models
 def moe_triton(
     x: torch.Tensor,
     w_gate: torch.Tensor,
@@ -186,7 +141,7 @@ def moe_triton(
     k: int,
     training: bool,
     noise: torch.Tensor | None = None,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     noise_eps: float = reference.NOISE_EPS,
     w_importance: float = 1e-2,
     w_load: float = 1e-2,
@@ -199,31 +154,41 @@ def moe_triton(
     x (N, m) contiguous, float16/bfloat16/float32, on CUDA (or anywhere under TRITON_INTERPRET=1);
     w1, b1, v, b_v, w2, b2 in x's dtype; w_gate, w_noise float32 (the gate works in fp32 whatever
     x's dtype). In training the gate noise is ``noise`` (N, t) if given, else drawn in-kernel from
-    ``seed`` (a fresh one from torch's CPU generator when None); :func:`gate_noise` gives the
-    exact draws. ``variant``: "dispatch", "dense" or "auto" (see :func:`choose_variant`).
+    ``seed`` (an int or an int64 tensor of one element; a fresh one from torch's CPU generator
+    when None); :func:`gate_noise` gives the exact draws. ``variant``: "dispatch", "dense" or
+    "auto" (see :func:`choose_variant`).
+
+    The kernels run as the ``torch.library`` custom ops of :mod:`mlit_kernels.ops`, so the function
+    is traceable by ``torch.compile`` (``fullgraph=True``): under tracing, ``variant="auto"`` is
+    passed to the op and resolved in its first real call.
     """
-    _check(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # the argument checks read os.environ (interpreter mode): eager only
+        _check(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     n, m = x.shape
     t, _, d_h = w1.shape
-    if variant == "auto":
+    if variant == "auto" and not compiling:
         variant = choose_variant(n, m, d_h, t, k, x.device, x.dtype)
     if training and noise is None and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    seed = 0 if seed is None else int(seed)
-    idx, gate, importance, load = NoisyTopKGate.apply(x, w_gate, w_noise, k, bool(training), noise, seed, noise_eps)
+        seed = torch.randint(0, 2**31 - 1, ())  # torch's CPU generator, drawn outside the op
+    if seed is None:
+        seed = torch.zeros((), dtype=torch.int64)
+    elif not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(int(seed), dtype=torch.int64)
+    gate, importance, load, idx = ops.gate_fwd(x, w_gate, w_noise, noise, seed, k, bool(training), float(noise_eps))
     aux_loss = w_importance * reference.coefficient_of_variation(importance, squared_cv, unbiased_cv) + (
         w_load * reference.coefficient_of_variation(load, squared_cv, unbiased_cv))
     save = torch.is_grad_enabled() and any(p.requires_grad for p in (x, gate, w1, b1, v, b_v, w2, b2))
-    if x.dtype == torch.bfloat16 and interpreting():
+    if x.dtype == torch.bfloat16 and _INTERPRETED:
         # Triton 3.9's interpreter computes tl.dot on bfloat16 operands wrongly (numpy has no
         # bfloat16); under the interpreter only, run the experts on fp32 copies.
         f32 = [p.float() for p in (x, w1, b1, v, b_v, w2, b2)]
-        y = SharedSwiGLUExperts.apply(f32[0], idx, gate, *f32[1:], variant, save)
+        y = ops.experts_fwd(f32[0], idx, gate, *f32[1:], variant, save)[0]
         return y.to(torch.bfloat16), aux_loss
-    y = SharedSwiGLUExperts.apply(x, idx, gate, w1, b1, v, b_v, w2, b2, variant, save)
+    y = ops.experts_fwd(x, idx, gate, w1, b1, v, b_v, w2, b2, variant, save)[0]
     return y, aux_loss
 
 
-__all__ = ["moe_triton", "choose_variant", "gate_noise", "NoisyTopKGate", "SharedSwiGLUExperts", "VARIANTS"]
+__all__ = ["moe_triton", "choose_variant", "gate_noise", "VARIANTS"]

@@ -213,13 +213,17 @@ class SharedSwiGLUMoE(nn.Module):
         if dtype not in TRITON_DTYPES:
             raise TypeError(f"x has dtype {dtype}; backend='triton' supports {TRITON_DTYPES}")
         variant = self.triton_variant
-        n = x.shape[0]
-        if variant == "auto":
-            variant = choose_variant(n, self.dim, self.hidden_dim, self.num_experts, self.k, x.device, dtype)
-        if variant != self._resolved_variant:
-            log.debug("SharedSwiGLUMoE: triton variant %r (m=%d, d_h=%d, t=%d, k=%d, N=%d)", variant, self.dim,
-                      self.hidden_dim, self.num_experts, self.k, n)
-        self._resolved_variant = variant
+        if not torch.compiler.is_compiling():
+            # Eager: resolve "auto" here (timed once per shape on CUDA) so that resolved_variant
+            # shows it. Under torch.compile "auto" goes to the custom op, which resolves it in its
+            # first real call (no timing while tracing); resolved_variant is then not updated.
+            n = x.shape[0]
+            if variant == "auto":
+                variant = choose_variant(n, self.dim, self.hidden_dim, self.num_experts, self.k, x.device, dtype)
+            if variant != self._resolved_variant:
+                log.debug("SharedSwiGLUMoE: triton variant %r (m=%d, d_h=%d, t=%d, k=%d, N=%d)", variant, self.dim,
+                          self.hidden_dim, self.num_experts, self.k, n)
+            self._resolved_variant = variant
         with torch.autocast(device_type, enabled=False):
             cast = lambda p: p if p.dtype == dtype else p.to(dtype)  # noqa: E731
             return moe_triton(

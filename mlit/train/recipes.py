@@ -74,6 +74,10 @@ class Recipe:
     # run
     seed: int = 0
     amp: bool = True  # fp16 autocast + GradScaler on CUDA (always fp32 on CPU)
+    # torch.compile the training model (inductor, default mode) on CUDA; ignored on CPU. The
+    # Triton MoE is traced as custom ops (no graph break); evaluation and checkpoints use the
+    # uncompiled module (Trainer.raw_model).
+    compile: bool = False
     eval_every: int = 1  # evaluate every N epochs (and after the last)
     pretrained: str | None = None  # finetune: checkpoint / safetensors / run dir of a pre-training
     notes: str = ""

@@ -190,3 +190,11 @@ def test_gqa_padding_option_gives_the_same_output():
     plain = attn(x)
     attn.pad_head_dim = True
     torch.testing.assert_close(attn(x), plain, atol=1e-12, rtol=1e-12)
+
+
+def test_set_backend_switches_every_moe_layer():
+    model = MLiTClassifier(TINY, num_classes=3)
+    model.encoder.blocks.set_backend("auto")
+    assert {layer.moe.backend for layer in model.encoder.blocks.layers} == {"auto"}
+    with pytest.raises(ValueError, match="backend"):
+        model.encoder.blocks.set_backend("fast")

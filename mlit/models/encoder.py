@@ -36,10 +36,6 @@ class MLiTEncoder(nn.Module):
         self.blocks = MoETransformer(cfg, backend)
         self.norm = nn.LayerNorm(cfg.embed_dim)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.image.num_patches + 1
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         expected = (self.image.in_chans, self.image.image_size, self.image.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:

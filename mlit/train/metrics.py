@@ -59,12 +59,14 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     if not records:
         raise ValueError(f"{run_dir / METRICS_NAME} is empty")
     task = records[-1].get("task")
-    epochs = [r["epoch"] for r in records]
     written = []
 
     def series(key):
         pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
+
+    def marker(xs):  # points stay visible on short runs (a single epoch draws no line)
+        return "." if len(xs) < 30 else None
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if task == "pretrain":
@@ -72,7 +74,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
                            ("train_unmasked_mse", "unmasked MSE"), ("test_masked_mse", "test masked MSE")):
             x, y = series(key)
             if x:
-                ax.plot(x, y, label=label)
+                ax.plot(x, y, label=label, marker=marker(x))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"MAE pre-training ({run_dir.name})")
@@ -80,7 +82,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
         for key, label in (("train_loss", "train loss"), ("test_loss", "test loss")):
             x, y = series(key)
             if x:
-                ax.plot(x, y, label=label, marker="." if len(epochs) < 30 else None)
+                ax.plot(x, y, label=label, marker=marker(x))
         ax.set_title(f"loss ({run_dir.name})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
@@ -95,10 +97,10 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     x, y = series("test_top1")
     if x:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(x, y, label="test top-1", marker="." if len(x) < 30 else None)
+        ax.plot(x, y, label="test top-1", marker=marker(x))
         xt, yt = series("train_top1")
         if xt:
-            ax.plot(xt, yt, label="train top-1 (augmented)")
+            ax.plot(xt, yt, label="train top-1 (augmented)", marker=marker(xt))
         ax.set_xlabel("epoch")
         ax.set_ylabel("top-1 (%)")
         ax.grid(True, alpha=0.3)

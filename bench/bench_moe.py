@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from mlit_kernels import SharedSwiGLUMoE
+from gpu_report import make_layer  # the layer under test, built as the GPU report builds it
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -28,20 +28,6 @@ SHAPES = {"S-layer0": (144, 144, 3), "XXS-last": (108, 27, 5)}
 TOKENS = {"cls-256x145": 256 * 145, "mae-1280x37": 1280 * 37}
 CPU_TOKENS = 512
 BACKENDS = ("reference", "compile", "triton-dispatch", "triton-dense")
-
-
-def _layer(shape, backend):
-    m, d_h, t = SHAPES[shape]
-    torch.manual_seed(0)
-    layer = SharedSwiGLUMoE(m, d_h, t, k=2).to(DEVICE)
-    with torch.no_grad():  # W_g, W_noise start at zero: give the router something to do
-        layer.w_gate.normal_(0, m**-0.5)
-        layer.w_noise.normal_(0, m**-0.5)
-    if backend.startswith("triton"):
-        layer.backend = "triton"
-        layer.triton_variant = backend.split("-")[1]
-    layer.train()
-    return layer, (torch.compile(layer) if backend == "compile" else layer)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,9 +41,10 @@ def test_moe_layer(benchmark, mode, shape, tokens, backend):
         pytest.skip("torch.compile on CPU skipped (compile time dominates); set MLIT_BENCH_COMPILE_CPU=1")
     if not CUDA and tokens != list(TOKENS)[0]:
         pytest.skip(f"without CUDA only one reduced N ({CPU_TOKENS}) runs")
-    layer, fn = _layer(shape, backend)
+    m, d_h, t = SHAPES[shape]
+    fn = make_layer(m, d_h, t, 2, backend)
     n = TOKENS[tokens] if CUDA else CPU_TOKENS
-    x = torch.randn(n, layer.dim, device=DEVICE, requires_grad=(mode == "fwd+bwd"))
+    x = torch.randn(n, m, device=DEVICE, requires_grad=(mode == "fwd+bwd"))
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else "cpu", n_tokens=n)
 
     def step():

@@ -144,6 +144,21 @@ def _project_chunk(x_ptr, w_ptr, b_ptr, rows, row_ok, ds, d_ok, M, D, PREC: tl.c
 
 
 @triton.jit
+def _shared_down_chunk(c, x_ptr, v_ptr, bv_ptr, w2_ptr, u_ptr, rows, row_ok, ds, d_ok, mo, M, D,
+                       SAVE: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_DC: tl.constexpr):
+    """The once-per-token part of a d_h chunk: u = x V + b_V (stored when SAVE), h = c ⊙ u, and
+    h W_2[chunk], returned as this chunk's fp32 contribution to y (BLOCK_R, BLOCK_MO)."""
+    u = _project_chunk(x_ptr, v_ptr, bv_ptr, rows, row_ok, ds, d_ok, M, D, PREC, BLOCK_R, BLOCK_M, BLOCK_DC)
+    if SAVE:
+        mask = row_ok[:, None] & d_ok[None, :]
+        tl.store(u_ptr + rows[:, None].to(tl.int64) * D + ds[None, :], u.to(u_ptr.dtype.element_ty), mask=mask)
+    h = (c * u).to(x_ptr.dtype.element_ty)
+    w2 = tl.load(w2_ptr + ds[:, None] * M + mo[None, :], mask=d_ok[:, None] & (mo < M)[None, :], other=0.0)
+    return tl.dot(h, w2, input_precision=PREC)
+
+
+@triton.jit
 def _store_output(y, b2_ptr, y_ptr, rows, row_ok, mo, M):
     mo_ok = mo < M
     y += tl.load(b2_ptr + mo, mask=mo_ok, other=0.0).to(tl.float32)[None, :]
@@ -159,7 +174,7 @@ def _combine_fwd_kernel(
     K: tl.constexpr, SAVE: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_MO: tl.constexpr, PREC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Kernel B, per token tile and per d_h chunk: u = x V + b_V; prologue c = Σ_j g_j silu(a_j);
+    """Kernel B, per token tile and per d_h chunk: prologue c = Σ_j g_j silu(a_j); u = x V + b_V;
     h = c ⊙ u; y += h W_2[chunk] (the whole output row block accumulates in registers); + b_2."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -170,18 +185,14 @@ def _combine_fwd_kernel(
         ds = d0 + tl.arange(0, BLOCK_DC)
         d_ok = ds < D
         mask = row_ok[:, None] & d_ok[None, :]
-        u = _project_chunk(x_ptr, v_ptr, bv_ptr, rows, row_ok, ds, d_ok, M, D, PREC, BLOCK_R, BLOCK_M, BLOCK_DC)
         c = tl.zeros((BLOCK_R, BLOCK_DC), dtype=tl.float32)
         for j in tl.static_range(K):
             pair = rows.to(tl.int64) * K + j
             g = tl.load(gate_ptr + pair, mask=row_ok, other=0.0)
             a = tl.load(a_ptr + pair[:, None] * D + ds[None, :], mask=mask, other=0.0).to(tl.float32)
             c += g[:, None] * (a * tl.sigmoid(a))
-        if SAVE:
-            tl.store(u_ptr + rows[:, None].to(tl.int64) * D + ds[None, :], u.to(u_ptr.dtype.element_ty), mask=mask)
-        h = (c * u).to(x_ptr.dtype.element_ty)
-        w2 = tl.load(w2_ptr + ds[:, None] * M + mo[None, :], mask=d_ok[:, None] & (mo < M)[None, :], other=0.0)
-        y += tl.dot(h, w2, input_precision=PREC)
+        y += _shared_down_chunk(c, x_ptr, v_ptr, bv_ptr, w2_ptr, u_ptr, rows, row_ok, ds, d_ok, mo, M, D, SAVE, PREC,
+                                BLOCK_R, BLOCK_M, BLOCK_DC)
     _store_output(y, b2_ptr, y_ptr, rows, row_ok, mo, M)
 
 
@@ -224,12 +235,8 @@ def _dense_fwd_kernel(
                         ij = tl.load(idx_ptr + rows * K + j, mask=row_ok, other=-1)
                         pair = rows.to(tl.int64) * K + j
                         tl.store(a_ptr + pair[:, None] * D + ds[None, :], a, mask=mask & (ij == e)[:, None])
-        u = _project_chunk(x_ptr, v_ptr, bv_ptr, rows, row_ok, ds, d_ok, M, D, PREC, BLOCK_R, BLOCK_M, BLOCK_DC)
-        if SAVE:
-            tl.store(u_ptr + rows[:, None].to(tl.int64) * D + ds[None, :], u.to(u_ptr.dtype.element_ty), mask=mask)
-        h = (c * u).to(x_ptr.dtype.element_ty)
-        w2 = tl.load(w2_ptr + ds[:, None] * M + mo[None, :], mask=d_ok[:, None] & (mo < M)[None, :], other=0.0)
-        y += tl.dot(h, w2, input_precision=PREC)
+        y += _shared_down_chunk(c, x_ptr, v_ptr, bv_ptr, w2_ptr, u_ptr, rows, row_ok, ds, d_ok, mo, M, D, SAVE, PREC,
+                                BLOCK_R, BLOCK_M, BLOCK_DC)
     _store_output(y, b2_ptr, y_ptr, rows, row_ok, mo, M)
 
 

@@ -37,12 +37,11 @@ class MetricsLog:
                 not any(r.get("epoch") == epoch for r in keep):
             keep.append(record)
             log(f"{self.path}: epoch {epoch}'s record was missing; restored it from the checkpoint")
-        if keep != records or not self.path.exists():
-            tmp = self.path.with_suffix(".tmp")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r, default=float) + "\n" for r in keep)
-            os.replace(tmp, self.path)
+        tmp = self.path.with_suffix(".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, default=float) + "\n" for r in keep)
+        os.replace(tmp, self.path)
         return keep
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -81,6 +82,28 @@ def augment_backend(backend: str) -> str:
     return backend if backend in ("reference", "triton") else "auto"
 
 
+def _device(device: str | torch.device) -> torch.device:
+    """The device with its index (tensors report cuda:0, never plain cuda)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def persist_autotuning() -> None:
+    """Keep Triton's autotuning results on disk beside its compiled kernels (~/.triton/cache), so
+    a later run on the same shapes skips the benchmarks. Affects kernels defined after the call
+    (mlit_kernels defines its Triton kernels at their first use); TRITON_CACHE_AUTOTUNING=0 opts out."""
+    if os.environ.get("TRITON_CACHE_AUTOTUNING") is not None:
+        return
+    try:
+        from triton import knobs
+
+        knobs.autotuning.cache = True
+    except (ImportError, AttributeError):  # an older Triton: its own default
+        pass
+
+
 def _autocast(device: torch.device, enabled: bool, cache: bool = True):
     if enabled:
         return torch.autocast(device.type, dtype=torch.float16, cache_enabled=cache)
@@ -101,7 +124,7 @@ class Evaluator:
                  info: D.DistInfo | None = None, cuda_graphs: bool = False):
         from ..data import GPUAugment
 
-        self.model, self.task, self.device = model, task, torch.device(device)
+        self.model, self.task, self.device = model, task, _device(device)
         self.use_amp, self.seed = amp, seed
         self.info = info or D.DistInfo(device=self.device)
         self.transform = GPUAugment(train=False)
@@ -193,8 +216,10 @@ class Trainer:
 
         self.recipe = recipe
         self.task = recipe.task
-        self.device = torch.device(device)
+        self.device = _device(device)
         self.info = info or D.DistInfo(device=self.device)
+        if self.device.type == "cuda":
+            persist_autotuning()
         self.num_classes = num_classes
         self.cfg = model_config(recipe)
         self.raw_model = (model or build_model(self.task, self.cfg, num_classes, recipe, backend)).to(self.device)

@@ -176,19 +176,21 @@ def step_rows() -> list[StepRow]:
         torch.set_num_threads(threads)
 
 
-def step_table(rows: list[StepRow] | None = None) -> str:
-    """The printable table of :func:`step_rows`."""
+def step_table(rows: list[StepRow] | None = None, markdown: bool = False) -> str:
+    """The printable (or markdown) table of :func:`step_rows`."""
     rows = rows if rows is not None else step_rows()
-    head = (f"{'training step (CPU-counted CUDA config)':<24} {'syncs 1st/later':>15} {'launches':>8} "
-            + " ".join(f"{p[:9]:>9}" for p in PARTS) + f" {'captured':>8}")
-    lines = ["Training step meters: fp16 autocast, GradScaler, fused AdamW, Triton MoE + augmentation "
-             "(counted, dry run)", head]
-    for r in rows:
-        lines.append(f"{r.case:<24} {f'{r.first_step_syncs}/{r.step_syncs}':>15} {r.launches:>8} "
-                     + " ".join(f"{r.by_part[p]:>9}" for p in PARTS) + f" {r.captured_launches:>8}")
-    lines.append("captured: launches per step with cuda_graphs (the batch gathered into the graph's inputs + "
-                 "1 replay)")
-    return "\n".join(lines)
+    head = ["training step", "syncs 1st/later", "launches", *PARTS, "captured"]
+    lines = [[r.case, f"{r.first_step_syncs}/{r.step_syncs}", str(r.launches), *(str(r.by_part[p]) for p in PARTS),
+              str(r.captured_launches)] for r in rows]
+    note = ("CPU-counted CUDA configuration: fp16 autocast, GradScaler, fused AdamW, Triton MoE + augmentation "
+            "(dry run); captured = launches per step with cuda_graphs (the batch gathered into the graph's inputs "
+            "+ 1 replay)")
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+                         + ["| " + " | ".join(line) + " |" for line in lines] + ["", note])
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    return "\n".join(["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths)))
+                      for line in [head] + lines] + [note])
 
 
 if __name__ == "__main__":

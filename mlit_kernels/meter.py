@@ -189,10 +189,11 @@ class Meter(TorchDispatchMode):
                 with self:
                     return opdef._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
+        outputs = _tensors(out)
         if _is_sync(func, args, out):
             self.sync_ops.append((self._sections[-1], str(func.overloadpacket.__name__)))
-        if func.is_view or func in _FREE or func in _SYNC and func is not aten.index.Tensor:
-            return out
+        if not outputs or func.is_view or func in _FREE or func in _SYNC and func is not aten.index.Tensor:
+            return out  # no tensor made (metadata), a view, an allocation, or a sync counted above
         if func in (aten._to_copy.default, aten.copy_.default) and _is_sync(func, args, out):
             return out  # counted as a sync; the copy itself is part of it
         name = f"aten.{func.overloadpacket.__name__}"
@@ -244,3 +245,84 @@ class Meter(TorchDispatchMode):
 
 
 __all__ = ["Meter", "Launch"]
+
+
+# ------------------------------------------------------------------------------------------------
+# one MoE layer's costs at a shape
+
+
+@dataclass
+class LayerCosts:
+    """What one call of an MoE layer costs: ``launches`` / ``syncs`` / ``bytes`` of a training
+    forward + backward and ``*_eval`` of an evaluation forward; ``min_bytes*`` the traffic no
+    implementation can avoid (inputs read once, outputs written once, in their dtypes);
+    ``padding_m`` / ``padding_d_h`` the largest fraction of padded columns any Triton launch
+    computed (0 when none ran); ``kernels`` the training launches by name."""
+
+    launches: int
+    syncs: int
+    bytes: int
+    min_bytes: int
+    launches_eval: int
+    syncs_eval: int
+    bytes_eval: int
+    min_bytes_eval: int
+    padding_m: float
+    padding_d_h: float
+    kernels: dict
+
+
+def _padding(records: list[Launch], m: int, d_h: int) -> tuple[float, float]:
+    pad_m = pad_d = 0.0
+    for r in records:
+        if r.kind != "triton":
+            continue
+        chunks = [r.meta.get(f"M{i}", 0) for i in range(4)]
+        if chunks[0]:
+            covered = sum(chunks)
+            pad_m = max(pad_m, (covered - m) / covered)
+        dc = r.meta.get("DC") or r.meta.get("BLOCK_DC")
+        if dc:
+            covered = -(-d_h // dc) * dc
+            pad_d = max(pad_d, (covered - d_h) / covered)
+        block_mo = r.meta.get("BLOCK_MO")
+        if block_mo:
+            pad_m = max(pad_m, (block_mo - m) / block_mo)
+    return pad_m, pad_d
+
+
+def measure_layer(layer, n_tokens: int, *, autocast_dtype: torch.dtype | None = torch.float16,
+                  dry_run: bool = True) -> LayerCosts:
+    """Count one training forward + backward and one evaluation forward of ``layer`` (an
+    :class:`mlit_kernels.SharedSwiGLUMoE`) on ``n_tokens`` fp32 tokens under autocast, as a
+    mixed-precision training loop runs it (x fp32 from a LayerNorm, fp32 master weights,
+    gradients set to None before). ``dry_run`` records the Triton launches without running them."""
+    device = layer.w_gate.device
+    x = torch.randn(n_tokens, layer.dim, device=device, requires_grad=True)
+    out_dtype = autocast_dtype or x.dtype
+    dy = torch.randn(n_tokens, layer.dim, device=device, dtype=out_dtype)
+    d_aux = torch.ones((), device=device)
+    param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    x_bytes = x.numel() * x.element_size()
+    y_bytes = dy.numel() * dy.element_size()
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    was_training = layer.training
+    layer.eval()
+    with torch.no_grad(), Meter(dry_run=dry_run) as evaluation, autocast:
+        layer(x)
+    layer.train().zero_grad(set_to_none=True)
+    with Meter(dry_run=dry_run) as training:
+        with autocast:
+            y, aux = layer(x)
+        torch.autograd.backward((y, aux), (dy, d_aux))
+    layer.train(was_training).zero_grad(set_to_none=True)
+    pad_m, pad_d = _padding(evaluation.records + training.records, layer.dim, layer.hidden_dim)
+    forward_min = x_bytes + param_bytes + y_bytes  # read x and the weights, write y
+    backward_min = y_bytes + x_bytes + param_bytes + x_bytes + param_bytes  # read dy, x, weights; write dx, grads
+    return LayerCosts(
+        launches=training.launches, syncs=training.syncs, bytes=training.bytes, min_bytes=forward_min + backward_min,
+        launches_eval=evaluation.launches, syncs_eval=evaluation.syncs, bytes_eval=evaluation.bytes,
+        min_bytes_eval=forward_min, padding_m=pad_m, padding_d_h=pad_d, kernels=dict(training.by_name()))
+
+
+__all__ += ["LayerCosts", "measure_layer"]

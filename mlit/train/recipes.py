@@ -78,6 +78,11 @@ class Recipe:
     # Triton MoE is traced as custom ops (no graph break); evaluation and checkpoints use the
     # uncompiled module (Trainer.raw_model).
     compile: bool = False
+    # Capture the whole training step (augmentation, forward, loss, backward, optimizer) and the
+    # evaluation step as CUDA graphs after a warm-up; CUDA, one process. Elsewhere: uncaptured, with
+    # a warning naming why.
+    cuda_graphs: bool = False
+    log_every: int | None = None  # progress (loss, img/s) read from the device every N steps; none: 4 per epoch
     eval_every: int = 1  # evaluate every N epochs (and after the last)
     pretrained: str | None = None  # finetune: checkpoint / safetensors / run dir of a pre-training
     notes: str = ""
@@ -102,7 +107,7 @@ class Recipe:
             raise RecipeError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.autoaugment not in (None, "cifar10", "svhn"):
             raise RecipeError(f"autoaugment must be 'cifar10', 'svhn' or none, got {self.autoaugment!r}")
-        for name in ("limit_train", "limit_test"):
+        for name in ("limit_train", "limit_test", "log_every"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise RecipeError(f"{name} must be >= 1, got {v}")

@@ -52,25 +52,47 @@ def create_model(name: str, num_classes: int | None = None, backend: str = "auto
     the encoder of an ``mlit_*`` one (fresh head). dropout: the MoE output dropout (default the
     checkpoint's, else 0.1). The model is returned in training mode, on the CPU.
     """
+    state = None
+    if checkpoint is not None:
+        from .train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(checkpoint, map_location="cpu")
+    return _create(name, num_classes, backend, state, str(checkpoint), dropout)
+
+
+def load_model(checkpoint: str | os.PathLike, backend: str = "auto") -> tuple[nn.Module, dict]:
+    """The model a run trained, named by its checkpoint (``mmlit_*`` for pre-training, else
+    ``mlit_*``), in eval mode; and the checkpoint's metadata (task, model_config, num_classes,
+    recipe; no weights)."""
+    from .train.checkpoint import CheckpointError, load_checkpoint
+
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    if not state.get("model_config") or not state.get("task"):
+        raise CheckpointError(f"{checkpoint} carries no model configuration / task; was it written by mlit?")
+    model = _create(model_name(state["model_config"], state["task"]), None, backend, state, str(checkpoint), None)
+    meta = {k: v for k, v in state.items() if k in ("task", "model_config", "num_classes", "recipe")}
+    return model.eval(), meta
+
+
+def _create(name: str, num_classes: int | None, backend: str, state: dict | None, source: str,
+            dropout: float | None) -> nn.Module:
     from .models import MLiTClassifier, MMLiT
 
     kind, size = _lookup(name)
     cfg = ENCODERS[size]
-    state = None
-    if checkpoint is not None:
-        from .train.checkpoint import CheckpointError, describe, load_checkpoint, same_config
+    if state is not None:
+        from .train.checkpoint import CheckpointError, describe, same_config
 
-        state = load_checkpoint(checkpoint, map_location="cpu")
         ck_cfg = state.get("model_config") or {}
         if not same_config(ck_cfg, dataclasses.asdict(cfg)):
             raise CheckpointError(
-                f"checkpoint {checkpoint} does not hold a {name} model:\n"
+                f"checkpoint {source} does not hold a {name} model:\n"
                 f"  checkpoint: {describe(state.get('task'), ck_cfg, state.get('num_classes'))}\n"
                 f"  {name}: {describe('pretrain' if kind == 'mae' else 'train', dataclasses.asdict(cfg), num_classes)}")
         if dropout is None and "dropout" in ck_cfg:
             dropout = ck_cfg["dropout"]
         if kind == "mae" and state.get("task") != "pretrain":
-            raise CheckpointError(f"checkpoint {checkpoint} holds a {state.get('task')} classifier, not a masked "
+            raise CheckpointError(f"checkpoint {source} holds a {state.get('task')} classifier, not a masked "
                                   f"auto-encoder; build it with create_model('mlit_{size.lower()}', checkpoint=...)")
     if dropout is not None:
         cfg = cfg.replace(dropout=dropout)
@@ -85,7 +107,7 @@ def create_model(name: str, num_classes: int | None = None, backend: str = "auto
             num_classes = ck_classes or DEFAULT_NUM_CLASSES
         model = MLiTClassifier(cfg, num_classes, backend=backend)
     if state is not None:
-        _load(model, state, str(checkpoint), kind, num_classes)
+        _load(model, state, source, kind, num_classes)
     return model
 
 

@@ -76,7 +76,7 @@ def decay_factor(v) -> str | None:
 
 def scale_range(v) -> str | None:
     ok = len(v) == 2 and all(_finite(x) for x in v) and 0 < v[0] <= v[1] <= 1
-    return None if ok else "two numbers LOW HIGH with 0 < LOW <= HIGH <= 1"
+    return None if ok else "two numbers LOW,HIGH with 0 < LOW <= HIGH <= 1"
 
 
 def adam_betas(v) -> str | None:
@@ -110,7 +110,7 @@ class Recipe:
     warmup_epochs: float = setting(5, "linear warm-up, in epochs (fractions allowed)", check=non_negative)
     batch_size: int = setting(256, "global batch (all processes together)", check=at_least_one)
     base_lr: float = setting(1e-3, "base lr; the peak lr is base_lr x batch / 256 (Eq. 17)", check=positive)
-    lr: float | None = setting(None, "absolute peak lr (overrides Eq. 17)", check=positive)
+    lr: float | None = setting(None, "absolute peak lr (overrides Eq. 17; none: use Eq. 17)", check=positive)
     min_lr: float = setting(0.0, "lr at the end of the cosine", check=non_negative)
     weight_decay: float = setting(0.05, "AdamW weight decay", check=non_negative)
     layer_decay: float = setting(1.0, "layer-wise lr decay (1 = none)", check=decay_factor)
@@ -123,7 +123,7 @@ class Recipe:
                                 check=non_negative, tasks=("finetune", "train"))
     # augmentation
     augment: bool = setting(True, "augment training images (--no-augment: resize + normalise only, as at evaluation)")
-    crop_scale: tuple[float, float] = setting((0.8, 1.0), "random resized crop: area share range", check=scale_range)
+    crop_scale: tuple[float, float] = setting((0.8, 1.0), "random resized crop: range of the area kept, LOW,HIGH", check=scale_range)
     hflip: float = setting(0.5, "horizontal flip probability", check=probability)
     autoaugment: str | None = setting("cifar10", "AutoAugment policy", choices=AUTOAUGMENT_POLICIES + ("none",))
     # model

@@ -325,11 +325,9 @@ def build_recipe(args: argparse.Namespace, task: str):
     return recipe, base, out
 
 
-def _recipe_error(command: str, e) -> SystemExit:
-    """A RecipeError as one line, naming the flag of the field at fault."""
-    if e.field is not None:
-        return _fail(command, f"argument {flag_of(e.field)}: {e.detail}")
-    return _fail(command, e)
+def _recipe_error(parser: argparse.ArgumentParser, e) -> None:
+    """Report a RecipeError as a usage error, naming the flag of the field at fault."""
+    parser.error(f"argument {flag_of(e.field)}: {e.detail}" if e.field is not None else str(e))
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict:
@@ -351,7 +349,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         recipe, base, out = build_recipe(args, task)
     except RecipeError as e:
-        raise _recipe_error(task, e) from None
+        _recipe_error(args.parser, e)
     except _user_errors() as e:
         raise _fail(task, e) from None
     check_backend(args.parser, args.backend, args.device)
@@ -413,7 +411,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         recipe = get_recipe(args.recipe, args.model)
         recipe = apply_overrides(recipe, {"batch_size": args.batch_size}, args.settings)
     except RecipeError as e:
-        raise _recipe_error("profile", e) from None
+        _recipe_error(args.parser, e)
     report = profile_training(recipe, args.device or default_device(), args.backend, steps=args.steps,
                               warmup=args.warmup)
     print(report.table())

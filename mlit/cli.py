@@ -135,7 +135,7 @@ def check_backend(parser: argparse.ArgumentParser, backend: str, device: str | N
 
     target = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401 - only whether it is installed
     except ImportError:
         parser.error("argument --backend: triton is not installed here (pip install triton, Linux); "
                      "use --backend reference")
@@ -182,7 +182,7 @@ def _metavar(name: str) -> str | None:
 
     choices = FIELDS[name].metadata["choices"]
     if choices is not None:
-        return "{" + ",".join(choices) + "}"
+        return "{" + ",".join(choices + (("none",) if "None" in str(FIELDS[name].type) else ())) + "}"
     return {"pair": "A,B", "int": "N", "float": "X"}.get(field_kind(name), "VALUE" if "dir" not in name else "DIR")
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import mlit
-from mlit import cli
 from mlit.cli import build_parser, build_recipe, main
 from mlit.train.recipes import FIELDS, get_recipe
 

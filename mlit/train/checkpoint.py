@@ -117,8 +117,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         with torch.serialization.safe_globals(_VERSION1_NUMPY_GLOBALS):
             state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {p} (it must hold tensors and plain Python values only; "
-                              f"safe loading refuses anything else): {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {p}: {e} (checkpoints are read with torch.load("
+                              f"weights_only=True): tensors and plain Python values only)") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{p} is not an mlit checkpoint (no 'model' entry)")
     return state

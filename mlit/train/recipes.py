@@ -125,7 +125,7 @@ class Recipe:
     augment: bool = setting(True, "augment training images (--no-augment: resize + normalise only, as at evaluation)")
     crop_scale: tuple[float, float] = setting((0.8, 1.0), "random resized crop: range of the area kept, LOW,HIGH", check=scale_range)
     hflip: float = setting(0.5, "horizontal flip probability", check=probability)
-    autoaugment: str | None = setting("cifar10", "AutoAugment policy", choices=AUTOAUGMENT_POLICIES + ("none",))
+    autoaugment: str | None = setting("cifar10", "AutoAugment policy", choices=AUTOAUGMENT_POLICIES)
     # model
     dropout: float | None = setting(None, "MoE output dropout (none: the model's 0.1)", check=below_one)
     gate_noise: bool = setting(True, "noisy gating in training (--no-gate-noise: deterministic routing, for tests)")
@@ -161,6 +161,8 @@ class Recipe:
             raise RecipeError("a recipe needs a name, a task and a data set")
         if isinstance(self.model, str):
             self.model = self.model.upper()
+        if isinstance(self.autoaugment, str) and self.autoaugment.lower() == "none":
+            self.autoaugment = None
         for f in fields(self):
             problem = field_problem(f.name, getattr(self, f.name))
             if problem is not None:
@@ -336,8 +338,7 @@ def field_problem(name: str, value: Any) -> str | None:
         return None if "None" in str(f.type) else "set (it cannot be none)"
     allowed = f.metadata["choices"]
     if allowed is not None and value not in allowed:
-        if not (name == "autoaugment" and value is None):
-            return f"one of {', '.join(map(str, allowed))}"
+        return f"one of {', '.join(map(str, allowed + (('none',) if 'None' in str(f.type) else ())))}"
     check = f.metadata["check"]
     return check(value) if check is not None else None
 

@@ -251,7 +251,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         try:
             recipe = get_recipe(args.show, args.model)
         except RecipeError as e:
-            raise _fail("recipes", e) from None
+            _recipe_error(args.parser, e)
         print(json.dumps(recipe.to_dict(), indent=2))
     else:
         print(describe_recipes())

@@ -331,11 +331,22 @@ def field_kind(name: str) -> str:
     return "str"
 
 
+_KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "pair": "two numbers a,b",
+               "str": "a string"}
+
+
 def field_problem(name: str, value: Any) -> str | None:
     """None if ``value`` is allowed for the field ``name``, else what is allowed."""
     f = FIELDS[name]
     if value is None:
         return None if "None" in str(f.type) else "set (it cannot be none)"
+    kind = field_kind(name)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    well_typed = {"bool": isinstance(value, bool), "int": number(value) and isinstance(value, int),
+                  "float": number(value), "str": isinstance(value, str),
+                  "pair": isinstance(value, tuple) and all(number(v) for v in value)}[kind]
+    if not well_typed:
+        return _KIND_WORDS[kind]
     allowed = f.metadata["choices"]
     if allowed is not None and value not in allowed:
         return f"one of {', '.join(map(str, allowed + (('none',) if 'None' in str(f.type) else ())))}"
@@ -370,8 +381,7 @@ def parse_field(name: str, text: str) -> Any:
             value = text.upper() if name == "model" else text
     except ValueError:
         value = text
-        problem = {"bool": "true or false", "int": "an integer", "float": "a number",
-                   "pair": "two numbers a,b"}[kind]
+        problem = _KIND_WORDS[kind]
     else:
         problem = field_problem(name, value)
     if problem is not None:

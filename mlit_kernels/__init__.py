@@ -3,34 +3,25 @@
 ``mlit_kernels`` depends on torch and triton only (it never imports ``mlit``), so a user can
 swap :class:`SharedSwiGLUMoE` into a model of their own.
 
-The Triton modules (``gate``, ``dispatch``, ``swiglu``, ``functions``) are imported lazily, on
-first use of ``moe_triton``/``gate_noise``/``choose_variant``/``ops`` or of ``backend="triton"``: Triton
-decides at kernel-definition time whether to compile or interpret, so ``TRITON_INTERPRET=1`` (for
-CPU runs) only has to be set before that first use, not before ``import mlit_kernels``.
+The Triton modules are imported lazily, on first use of ``moe_triton`` / ``gate_noise`` / ``ops``
+or of ``backend="triton"``: Triton decides at kernel-definition time whether to compile or
+interpret, so ``TRITON_INTERPRET=1`` (for CPU runs) only has to be set before that first use, not
+before ``import mlit_kernels``.
 """
 
+import importlib
+
 from . import reference
-from .layer import SharedSwiGLUMoE
+from .layer import SharedSwiGLUMoE, collect_aux_loss
 
-_LAZY = {"moe_triton", "gate_noise", "choose_variant"}
+_LAZY = {"moe_triton": ".functional", "gate_noise": ".gate"}
 
-__all__ = [
-    "SharedSwiGLUMoE",
-    "choose_variant",
-    "gate_noise",
-    "moe_triton",
-    "ops",
-    "reference",
-]
+__all__ = ["SharedSwiGLUMoE", "collect_aux_loss", "gate_noise", "moe_triton", "ops", "reference"]
 
 
 def __getattr__(name):
-    if name == "ops":  # the torch.library custom ops mlit::gate_fwd/gate_bwd/experts_fwd/experts_bwd
-        import importlib
-
+    if name == "ops":  # the torch.library custom ops mlit::fused_moe, gate_fwd, experts_fwd, ...
         return importlib.import_module(".ops", __name__)
     if name in _LAZY:
-        from . import functions
-
-        return getattr(functions, name)
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

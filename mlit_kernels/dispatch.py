@@ -13,27 +13,17 @@ order):
    each sorted position) and its inverse ``pair_pos`` (the sorted position of each pair).
 
 The result equals ``torch.argsort(expert_of_pair, stable=True)``.
-
-Also holds the small launch helpers shared by the kernel modules.
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+from .tiling import interpreting, next_pow2
 
 
 ROUTE_BLOCK_P = 64 if interpreting() else 256
@@ -101,4 +91,4 @@ def route(topk_idx: torch.Tensor, num_experts: int) -> Routing:
     return Routing(sorted_pairs, pair_pos, expert_offsets, counts)
 
 
-__all__ = ["Routing", "route", "interpreting", "next_pow2"]
+__all__ = ["Routing", "route"]

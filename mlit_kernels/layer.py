@@ -2,65 +2,71 @@
 
 from __future__ import annotations
 
-import logging
 import math
+import warnings
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from . import reference
+from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
 
 PROJECTIONS = ("w1", "v", "w2")
 BACKENDS = ("reference", "triton", "auto")
-TRITON_VARIANTS = ("auto", "dispatch", "dense")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_SHARED = ("v", "w2")
-
-log = logging.getLogger(__name__)
 
 
 class SharedSwiGLUMoE(nn.Module):
     """Noisy top-k gated Mixture of SwiGLU experts whose V and W_2 (and biases) are shared.
 
     Args:
-        dim: token width m.
-        hidden_dim: expert hidden width d_h.
+        dim: token width m (timm: ``in_features``).
+        hidden_dim: expert hidden width d_h (timm: ``hidden_features``).
         num_experts: t.
         k: experts per token, 1 ≤ k ≤ t.
-        dropout: dropout probability on the layer output (one mask per token, applied after the
-            combine; equal in expectation to one mask per expert).
+        dropout: dropout probability on the layer output (timm: ``drop``; default 0.1; one mask
+            per token, applied after the combine: equal in expectation to one mask per expert).
         shared: which of "w1", "v", "w2" all experts share (Table 9 ablation); default ("v", "w2").
         noisy_gating: add the gate noise in training (default, Eq. 3); False gates without noise
-            (as the cited implementation's switch of the same name; for deterministic runs).
+            and counts tokens per expert for the load (no gradient), as the cited implementation's
+            switch of the same name.
         noise_eps: added to softplus(x W_noise), the noise scale (1e-2, as the cited implementation).
         w_importance, w_load: weights of the two balancing losses (1e-2 each).
         squared_cv: use the squared coefficient of variation (default, as the cited
             implementation) or the plain CV (the paper's wording).
         unbiased_cv: variance divided by t − 1 (default, torch's ``var``) or by t.
-        backend: "reference" (plain PyTorch), "triton" (the fused kernels of
-            :mod:`mlit_kernels.functions`; default sharing ("v", "w2") only; CUDA tensors, or any
-            device under TRITON_INTERPRET=1) or "auto" (Triton for CUDA tensors of a supported
-            dtype with the default sharing, the reference otherwise).
-        triton_variant: "auto" (measured once per shape on CUDA; see
-            :func:`mlit_kernels.functions.choose_variant`), "dispatch" (tokens grouped by expert)
-            or "dense" (every expert's x W_i per token tile, masked by the gates). The variant
-            used last is :attr:`resolved_variant`.
+        backend: "reference" (plain PyTorch, :func:`mlit_kernels.reference.moe_reference`),
+            "triton" (:func:`mlit_kernels.moe_triton`; default sharing ("v", "w2") only; CUDA
+            tensors, or any device under TRITON_INTERPRET=1) or "auto" (Triton for CUDA tensors
+            of a supported dtype with the default sharing, the reference otherwise).
+        triton_variant: "auto" (dense up to 8 experts, dispatch above), "dense" (the fused
+            kernels: every expert a token tile routes to, masked by the gates) or "dispatch"
+            (tokens grouped by expert); :attr:`resolved_variant` tells which runs.
+        return_aux: True (default): ``forward`` returns ``(y, aux_loss)``. False: it returns ``y``
+            and adds the auxiliary loss to :attr:`aux_loss`, which
+            :func:`mlit_kernels.collect_aux_loss` sums over a model and resets — so the layer can
+            stand where timm-style code expects an MLP returning a tensor.
+        in_features, hidden_features, out_features, act_layer, norm_layer, bias, drop: timm's
+            ``mlp_layer`` keywords. ``out_features`` must be None or ``in_features``;
+            ``norm_layer`` None; ``bias`` True (the experts have biases); ``act_layer`` is
+            accepted and not used — the experts are SwiGLU (silu), so another activation warns.
 
     Parameters (the state_dict every backend shares): w_gate, w_noise (m, t); w1 (t, m, d_h) and
     b1 (t, d_h); v (m, d_h) and b_v (d_h,); w2 (d_h, m) and b2 (m,). A projection that is not
     shared gets a leading expert dimension t.
 
-    forward(x (..., m), noise=None (N, t) with N = x.numel() // m) → (y (..., m), aux_loss ()).
+    forward(x (..., m), noise=None (N, t) with N = x.numel() // m) → (y (..., m), aux_loss ()),
+    or y alone with ``return_aux=False``.
     """
 
     def __init__(
         self,
-        dim: int,
-        hidden_dim: int,
-        num_experts: int,
+        dim: int | None = None,
+        hidden_dim: int | None = None,
+        num_experts: int | None = None,
         k: int = 2,
-        dropout: float = 0.1,
+        dropout: float | None = None,
         shared: Sequence[str] = ("v", "w2"),
         noisy_gating: bool = True,
         noise_eps: float = reference.NOISE_EPS,
@@ -70,11 +76,32 @@ class SharedSwiGLUMoE(nn.Module):
         unbiased_cv: bool = True,
         backend: str = "reference",
         triton_variant: str = "auto",
+        *,
+        return_aux: bool = True,
+        in_features: int | None = None,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer=None,
+        norm_layer=None,
+        bias: bool = True,
+        drop: float | None = None,
     ):
         super().__init__()
+        dim = _one_of("dim", dim, "in_features", in_features)
+        hidden_dim = _one_of("hidden_dim", hidden_dim, "hidden_features", hidden_features)
+        dropout = _one_of("dropout", dropout, "drop", drop, default=0.1)
         for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if out_features is not None and out_features != dim:
+            raise ValueError(f"out_features must be None or equal to in_features={dim}, got {out_features!r}")
+        if norm_layer is not None:
+            raise ValueError(f"norm_layer must be None (the MoE layer has no inner norm), got {norm_layer!r}")
+        if bias is not True:
+            raise ValueError(f"bias must be True (the SwiGLU experts have biases), got {bias!r}")
+        if act_layer is not None and not _is_silu(act_layer):
+            warnings.warn(f"SharedSwiGLUMoE: act_layer={getattr(act_layer, '__name__', act_layer)!r} is not used: the "
+                          "experts are SwiGLU (silu gates)", stacklevel=2)
         if not isinstance(k, int) or not 1 <= k <= num_experts:
             raise ValueError(f"k must be an int with 1 <= k <= num_experts={num_experts}, got k={k!r}")
         unknown = set(shared) - set(PROJECTIONS)
@@ -90,7 +117,8 @@ class SharedSwiGLUMoE(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.backend = backend
         self.triton_variant = triton_variant
-        self._resolved_variant: str | None = None
+        self.return_aux = return_aux
+        self.aux_loss: torch.Tensor | None = None
 
         t = num_experts
         self.w_gate = nn.Parameter(torch.zeros(dim, t))
@@ -134,20 +162,22 @@ class SharedSwiGLUMoE(nn.Module):
 
     @triton_variant.setter
     def triton_variant(self, value: str) -> None:
-        if value not in TRITON_VARIANTS:
-            raise ValueError(f"triton_variant must be one of {TRITON_VARIANTS}, got {value!r}")
+        try:
+            resolve_variant(value, self.num_experts)
+        except ValueError as err:
+            raise ValueError(f"triton_variant: {err}") from None
         self._triton_variant = value
 
     @property
-    def resolved_variant(self) -> str | None:
-        """The Triton expert variant ("dispatch" or "dense") the last Triton forward used, else None."""
-        return self._resolved_variant
+    def resolved_variant(self) -> str:
+        """The Triton variant ("dense" or "dispatch") this layer runs with backend="triton"."""
+        return resolve_variant(self.triton_variant, self.num_experts)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.backend == "triton":
             return True
         if self.backend == "auto":
-            return x.is_cuda and self.shared == DEFAULT_SHARED and x.dtype in TRITON_DTYPES
+            return x.is_cuda and self.shared == DEFAULT_SHARED and compute_dtype(x) in COMPUTE_DTYPES
         return False
 
     def extra_repr(self) -> str:
@@ -168,81 +198,47 @@ class SharedSwiGLUMoE(nn.Module):
             if not noise.is_floating_point():
                 raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):
         self._check_input(x, noise)
         tokens = x.reshape(-1, self.dim)
-        if self.training and not self.noisy_gating and noise is None:
-            noise = tokens.new_zeros(tokens.shape[0], self.num_experts, dtype=torch.float32)
+        options = dict(noise=noise, noisy_gating=self.noisy_gating, noise_eps=self.noise_eps, dropout=self.dropout.p,
+                       w_importance=self.w_importance, w_load=self.w_load, squared_cv=self.squared_cv,
+                       unbiased_cv=self.unbiased_cv)
+        params = (self.w_gate, self.w_noise, self.w1, self.b1, self.v, self.b_v, self.w2, self.b2)
         if self._use_triton(tokens):
-            y, aux_loss = self._forward_triton(tokens, noise)
+            from .functional import moe_triton  # lazily: Triton fixes interpret-or-compile when kernels are defined
+
+            y, aux_loss = moe_triton(tokens, *params, self.k, self.training, variant=self.triton_variant, **options)
         else:
-            y, aux_loss = self._forward_reference(tokens, noise)
-        return self.dropout(y).reshape(x.shape), aux_loss
+            y, aux_loss = reference.moe_reference(tokens, *params, self.k, self.training, **options)
+        y = y.reshape(x.shape)
+        if self.return_aux:
+            return y, aux_loss
+        self.aux_loss = aux_loss if self.aux_loss is None else self.aux_loss + aux_loss
+        return y
 
-    def _forward_reference(self, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, m) → (y (N, m) before dropout, aux_loss); gate arithmetic in at least float32."""
-        gate_dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            gates, _, load = reference.noisy_top_k_gating(
-                x.to(gate_dtype),
-                self.w_gate.to(gate_dtype),
-                self.w_noise.to(gate_dtype),
-                self.k,
-                self.training,
-                noise,
-                self.noise_eps,
-            )
-            aux_loss = reference.auxiliary_loss(
-                gates, load, self.w_importance, self.w_load, self.squared_cv, self.unbiased_cv
-            )
-        y = reference.shared_swiglu_experts(x, gates, self.w1, self.b1, self.v, self.b_v, self.w2, self.b2)
-        return y, aux_loss
 
-    def _forward_triton(self, x: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, m) → (y (N, m) before dropout, aux_loss) with the fused Triton kernels.
+def collect_aux_loss(model: nn.Module) -> torch.Tensor:
+    """The sum of the auxiliary losses the ``return_aux=False`` MoE layers of ``model`` kept since
+    the last call (a 0-d tensor; zero when none ran), and reset them."""
+    total = None
+    for module in model.modules():
+        if isinstance(module, SharedSwiGLUMoE) and module.aux_loss is not None:
+            total = module.aux_loss if total is None else total + module.aux_loss
+            module.aux_loss = None
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return total
 
-        Under autocast the expert weights and x are cast to the autocast dtype (differentiably, so
-        the fp32 parameters get their gradients); the gate always works in fp32."""
-        from .functions import choose_variant, moe_triton  # imported lazily: triton kernels are built on import
 
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = x.dtype
-        if dtype not in TRITON_DTYPES:
-            raise TypeError(f"x has dtype {dtype}; backend='triton' supports {TRITON_DTYPES}")
-        variant = self.triton_variant
-        if not torch.compiler.is_compiling():
-            # Eager: resolve "auto" here (timed once per shape on CUDA) so that resolved_variant
-            # shows it. Under torch.compile "auto" goes to the custom op, which resolves it in its
-            # first real call (no timing while tracing); resolved_variant is then not updated.
-            n = x.shape[0]
-            if variant == "auto":
-                variant = choose_variant(n, self.dim, self.hidden_dim, self.num_experts, self.k, x.device, dtype)
-            if variant != self._resolved_variant:
-                log.debug("SharedSwiGLUMoE: triton variant %r (m=%d, d_h=%d, t=%d, k=%d, N=%d)", variant, self.dim,
-                          self.hidden_dim, self.num_experts, self.k, n)
-            self._resolved_variant = variant
-        with torch.autocast(device_type, enabled=False):
-            cast = lambda p: p if p.dtype == dtype else p.to(dtype)  # noqa: E731
-            return moe_triton(
-                cast(x).contiguous(),
-                self.w_gate.float(),
-                self.w_noise.float(),
-                cast(self.w1),
-                cast(self.b1),
-                cast(self.v),
-                cast(self.b_v),
-                cast(self.w2),
-                cast(self.b2),
-                self.k,
-                self.training,
-                noise=None if noise is None else noise.float().contiguous(),
-                noise_eps=self.noise_eps,
-                w_importance=self.w_importance,
-                w_load=self.w_load,
-                squared_cv=self.squared_cv,
-                unbiased_cv=self.unbiased_cv,
-                variant=variant,
-            )
+def _one_of(name: str, value, alias: str, alias_value, default=None):
+    """A value given under its own name or its timm alias (not both, unless equal)."""
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(f"{name}={value!r} and {alias}={alias_value!r} disagree; give one of them")
+    chosen = value if value is not None else alias_value
+    return default if chosen is None else chosen
+
+
+def _is_silu(act_layer) -> bool:
+    return act_layer in (nn.SiLU, torch.nn.functional.silu) or isinstance(act_layer, nn.SiLU)

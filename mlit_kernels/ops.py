@@ -1,31 +1,29 @@
-"""The Triton MoE stages as ``torch.library`` custom ops, so ``torch.compile`` traces the layer.
+"""The Triton kernels as ``torch.library`` custom ops: the only callers of the kernels.
 
-Four opaque ops (namespace ``mlit``), each with a fake (meta) implementation giving exact output
-shapes and dtypes, and autograd registered with :func:`torch.library.register_autograd`:
+Each op has a fake (meta) implementation with exact output shapes and dtypes and, for the forward
+ops, autograd registered with :func:`torch.library.register_autograd`, so ``torch.compile``
+traces a model through them without graph breaks and CUDA graphs capture them (no host reads:
+the Philox seed is a device tensor the kernels load).
 
-* ``mlit::gate_fwd(x, w_gate, w_noise, noise?, seed, k, training, noise_eps)
-  -> (topk_gate (N, k) fp32, importance (t,) fp32, load (t,) fp32, topk_idx (N, k) int32)``
-  (the integer output last: torch's opcheck sums the outputs in order)
-* ``mlit::gate_bwd(...) -> (dx (N, m) x.dtype, dw_gate (m, t), dw_noise (m, t))``
-* ``mlit::experts_fwd(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, variant, save)
-  -> (y (N, m), a, u, sorted_pairs, expert_offsets)``: with ``save`` the tensors backward needs
-  are outputs of static shape, a (N·k, d_h), u (N, d_h), sorted_pairs (N·k,) int32,
-  expert_offsets (t + 1,) int32 (the per-expert groups have data-dependent sizes, but they are
-  described by these fixed-size tensors); without ``save`` those four are empty.
-* ``mlit::experts_bwd(dy, x, topk_idx, topk_gate, w1, v, w2, a, u, sorted_pairs, expert_offsets)
-  -> (dx, d_topk_gate fp32, dw1, db1, dv, db_v, dw2, db2)``.
+Fused path (few experts, :mod:`mlit_kernels.fused`):
 
-Everything dynamic happens in the real kernel call, never while tracing: the gate seed is an op
-input (a 0-d int64 tensor drawn outside the op, read with ``int()`` inside); ``variant`` is a
-static string argument and ``"auto"`` is resolved by :func:`mlit_kernels.functions.choose_variant`
-inside the op (its CUDA timing and Triton's autotuning run on the first real call); the fake
-implementations launch nothing. With ``save`` the dense variant computes the routing its
-backward needs in the forward (as an output).
+* ``mlit::fused_moe(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise?, k, training, noisy,
+  dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
+  -> (y (N, m) dtype, aux_loss () fp32, topk_idx (N, k) int32, stats (2, t) fp32, keep (N, m) uint8)``
+  (stats = importance and load; keep = the dropout mask, (0,) without dropout)
+* ``mlit::fused_moe_backward(dy, d_aux, <forward inputs and saved outputs>) -> (dx, flat_grads)``,
+  flat_grads holding [dW_g, dW_noise, dW_1, db_1, dV, db_V, dW_2, db_2] in the parameters' dtype.
 
-Limitations: no double backward (the backward ops have no autograd); the seed tensor lives on the
-CPU (no host sync to read it; under inductor it is drawn by inductor's RNG, reproducible with
-``torch.manual_seed`` but not the eager draws unless ``torch._inductor.config.fallback_random``),
-which also keeps inductor's CUDA graphs (mode="reduce-overhead") off for the graph.
+Dispatch path (many experts, :mod:`mlit_kernels.gate`, :mod:`mlit_kernels.dispatch`,
+:mod:`mlit_kernels.swiglu`):
+
+* ``mlit::gate_fwd(x, w_gate, w_noise, noise?, seed, k, training, noisy, noise_eps)
+  -> (topk_gate (N, k) fp32, importance (t,), load (t,), topk_idx (N, k) int32)``, ``mlit::gate_bwd``;
+* ``mlit::experts_fwd(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, save)
+  -> (y, a, u, sorted_pairs, expert_offsets)`` (with ``save`` the tensors backward needs, as
+  outputs of static shape; else empty), ``mlit::experts_bwd``.
+
+Limitation: no double backward (the backward ops have no autograd).
 """
 
 from typing import Optional, Tuple
@@ -33,101 +31,165 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .dispatch import Routing, route
+from .dispatch import Routing
+from .fused import fused_backward, fused_forward, split_grads
 from .gate import gate_backward, gate_forward
 from .swiglu import experts_backward, experts_forward
 
-
-def _seed_int(seed: Tensor) -> int:
-    return int(seed.reshape(()).item())
+# ----------------------------------------------------------------------------------------- fused
 
 
-# --------------------------------------------------------------------------------------- gate
+@torch.library.custom_op("mlit::fused_moe", mutates_args=())
+def fused_moe(x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor, w2: Tensor,
+              b2: Tensor, seed: Tensor, noise: Optional[Tensor], k: int, training: bool, noisy: bool, dropout: float,
+              noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
+              dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole layer, forward (see :func:`mlit_kernels.fused.fused_forward`)."""
+    return fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k, training, noisy, dropout,
+                         noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
+
+
+@fused_moe.register_fake
+def _fused_moe_fake(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k, training, noisy, dropout, noise_eps,
+                    w_importance, w_load, squared_cv, unbiased_cv, dtype):
+    n, m = x.shape
+    t = w_gate.shape[1]
+    keep_shape = (n, m) if training and dropout > 0 else (0,)
+    return (x.new_empty((n, m), dtype=dtype), x.new_empty((), dtype=torch.float32),
+            x.new_empty((n, k), dtype=torch.int32), x.new_empty((2, t), dtype=torch.float32),
+            x.new_empty(keep_shape, dtype=torch.uint8))
+
+
+@torch.library.custom_op("mlit::fused_moe_backward", mutates_args=())
+def fused_moe_backward(dy: Tensor, d_aux: Tensor, x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor,
+                       v: Tensor, b_v: Tensor, w2: Tensor, seed: Tensor, noise: Optional[Tensor], topk_idx: Tensor,
+                       stats: Tensor, keep: Tensor, k: int, training: bool, noisy: bool, dropout: float,
+                       noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
+                       dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(dx, flat parameter gradients) of :func:`fused_moe` (see :func:`mlit_kernels.fused.fused_backward`)."""
+    return fused_backward(dy.contiguous(), d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats,
+                          keep, k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv,
+                          dtype)
+
+
+@fused_moe_backward.register_fake
+def _fused_moe_backward_fake(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats, keep,
+                             k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv,
+                             dtype):
+    numel = sum(p.numel() for p in (w_gate, w_noise, w1, b1, v, b_v, w2)) + w2.shape[1]
+    return torch.empty_like(x), w1.new_empty((numel,))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    (x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k, training, noisy, dropout, noise_eps, w_importance,
+     w_load, squared_cv, unbiased_cv, dtype) = inputs
+    _, _, idx, stats, keep = output
+    ctx.mark_non_differentiable(idx, stats, keep)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
+    ctx.save_for_backward(x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, idx, stats, keep)
+    ctx.options = (k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
+
+
+def _fused_backward(ctx, dy, d_aux, _d_idx, _d_stats, _d_keep):
+    x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, idx, stats, keep = ctx.saved_tensors
+    k, training, noisy, *_ = ctx.options
+    dtype = ctx.options[-1]
+    if dy is None:
+        dy = x.new_zeros(x.shape, dtype=dtype)
+    if d_aux is None:
+        d_aux = x.new_zeros((), dtype=torch.float32)
+    dx, flat = fused_moe_backward(dy, d_aux.float(), x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, idx, stats,
+                                  keep, *ctx.options)
+    t, m, d_h = w1.shape
+    grads = split_grads(flat, m, d_h, t)
+    if not (training and noisy):
+        grads[1] = None  # W_noise is not used without noise
+    return (dx, *grads, None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+fused_moe.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+# --------------------------------------------------------------------------------- dispatch: gate
 
 
 @torch.library.custom_op("mlit::gate_fwd", mutates_args=())
 def gate_fwd(x: Tensor, w_gate: Tensor, w_noise: Tensor, noise: Optional[Tensor], seed: Tensor, k: int,
-             training: bool, noise_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             training: bool, noisy: bool, noise_eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused noisy top-k gate (see :func:`mlit_kernels.gate.gate_forward`)."""
     noise = None if noise is None else noise.contiguous()
     idx, gate, importance, load = gate_forward(x.contiguous(), w_gate.contiguous(), w_noise.contiguous(), k, training,
-                                               noise, _seed_int(seed), noise_eps)
+                                               noisy, noise, seed, noise_eps)
     return gate, importance, load, idx
 
 
 @gate_fwd.register_fake
-def _gate_fwd_fake(x, w_gate, w_noise, noise, seed, k, training, noise_eps):
+def _gate_fwd_fake(x, w_gate, w_noise, noise, seed, k, training, noisy, noise_eps):
     n, t = x.shape[0], w_gate.shape[1]
     return (x.new_empty((n, k), dtype=torch.float32), x.new_empty((t,), dtype=torch.float32),
             x.new_empty((t,), dtype=torch.float32), x.new_empty((n, k), dtype=torch.int32))
 
 
 @torch.library.custom_op("mlit::gate_bwd", mutates_args=())
-def gate_bwd(x: Tensor, w_gate: Tensor, w_noise: Tensor, noise: Optional[Tensor], seed: Tensor, k: int,
-             training: bool, noise_eps: float, d_gate: Tensor, d_importance: Tensor,
+def gate_bwd(x: Tensor, w_gate: Tensor, w_noise: Tensor, noise: Optional[Tensor], seed: Tensor, topk_idx: Tensor,
+             k: int, training: bool, noisy: bool, noise_eps: float, d_gate: Tensor, d_importance: Tensor,
              d_load: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`gate_fwd` w.r.t. x (in x's dtype), w_gate and w_noise."""
     noise = None if noise is None else noise.contiguous()
-    dx, dwg, dwn = gate_backward(x.contiguous(), w_gate.contiguous(), w_noise.contiguous(), k, training, noise,
-                                 _seed_int(seed), noise_eps, d_gate, d_importance, d_load)
+    dx, dwg, dwn = gate_backward(x.contiguous(), w_gate.contiguous(), w_noise.contiguous(), k, training, noisy, noise,
+                                 seed, noise_eps, topk_idx, d_gate, d_importance, d_load)
     return dx.to(x.dtype), dwg.to(w_gate.dtype), dwn.to(w_noise.dtype)
 
 
 @gate_bwd.register_fake
-def _gate_bwd_fake(x, w_gate, w_noise, noise, seed, k, training, noise_eps, d_gate, d_importance, d_load):
+def _gate_bwd_fake(x, w_gate, w_noise, noise, seed, topk_idx, k, training, noisy, noise_eps, d_gate, d_importance,
+                   d_load):
     return torch.empty_like(x), torch.empty_like(w_gate), torch.empty_like(w_noise)
 
 
 def _gate_setup_context(ctx, inputs, output):
-    x, w_gate, w_noise, noise, seed, k, training, noise_eps = inputs
-    ctx.save_for_backward(x, w_gate, w_noise, noise, seed)
-    ctx.k, ctx.training, ctx.noise_eps = k, training, noise_eps
-    ctx.load_has_grad = bool(training and k < w_gate.shape[1])
+    x, w_gate, w_noise, noise, seed, k, training, noisy, noise_eps = inputs
+    ctx.save_for_backward(x, w_gate, w_noise, noise, seed, output[3])
+    ctx.mark_non_differentiable(output[3])
+    ctx.set_materialize_grads(False)
+    ctx.options = (k, training, noisy, noise_eps)
 
 
 def _gate_backward(ctx, d_gate, d_importance, d_load, _d_idx):
-    x, w_gate, w_noise, noise, seed = ctx.saved_tensors
+    x, w_gate, w_noise, noise, seed, idx = ctx.saved_tensors
+    k, training, noisy, _ = ctx.options
     n, t = x.shape[0], w_gate.shape[1]
-    d_gate = x.new_zeros((n, ctx.k), dtype=torch.float32) if d_gate is None else d_gate
+    d_gate = x.new_zeros((n, k), dtype=torch.float32) if d_gate is None else d_gate
     d_importance = x.new_zeros((t,), dtype=torch.float32) if d_importance is None else d_importance
-    if d_load is None or not ctx.load_has_grad:  # the load is then the routing counts: no gradient
+    if d_load is None or not (training and noisy and k < t):  # the load is then the routing counts
         d_load = x.new_zeros((t,), dtype=torch.float32)
-    dx, dwg, dwn = gate_bwd(x, w_gate, w_noise, noise, seed, ctx.k, ctx.training, ctx.noise_eps,
-                            d_gate.float().contiguous(), d_importance.float().contiguous(),
-                            d_load.float().contiguous())
-    return dx, dwg, dwn, None, None, None, None, None
+    dx, dwg, dwn = gate_bwd(x, w_gate, w_noise, noise, seed, idx, *ctx.options, d_gate.float().contiguous(),
+                            d_importance.float().contiguous(), d_load.float().contiguous())
+    return dx, dwg, (dwn if training and noisy else None), None, None, None, None, None, None
 
 
 gate_fwd.register_autograd(_gate_backward, setup_context=_gate_setup_context)
 
 
-# ------------------------------------------------------------------------------------ experts
+# ------------------------------------------------------------------------------ dispatch: experts
 
 
 @torch.library.custom_op("mlit::experts_fwd", mutates_args=())
 def experts_fwd(x: Tensor, topk_idx: Tensor, topk_gate: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor,
-                w2: Tensor, b2: Tensor, variant: str, save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                w2: Tensor, b2: Tensor, save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y of the shared-V/W2 SwiGLU experts, plus (a, u, sorted_pairs, expert_offsets) when ``save``."""
     x, topk_idx, topk_gate = x.contiguous(), topk_idx.contiguous(), topk_gate.contiguous()
     w1, b1, v, b_v, w2, b2 = (p.contiguous() for p in (w1, b1, v, b_v, w2, b2))
-    n, _ = x.shape
-    t, _, d = w1.shape
-    if variant == "auto":
-        from .functions import choose_variant  # measured (CUDA) / rule (else), cached; never while tracing
-
-        variant = choose_variant(n, x.shape[1], d, t, topk_idx.shape[1], x.device, x.dtype)
-    y, (a, u, routing) = experts_forward(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, variant, save)
+    d = w1.shape[2]
+    y, (a, u, routing) = experts_forward(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, save)
     if not save:
         empty = x.new_empty((0,), dtype=torch.int32)
         return y, x.new_empty((0, d)), x.new_empty((0, d)), empty, empty.clone()
-    if routing is None:  # dense variant (or N = 0): the routing its backward needs, computed here
-        routing = route(topk_idx, t) if n else Routing(
-            x.new_empty((0,), dtype=torch.int32), None, x.new_zeros((t + 1,), dtype=torch.int32), None)
     return y, a, u, routing.sorted_pairs, routing.expert_offsets
 
 
 @experts_fwd.register_fake
-def _experts_fwd_fake(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, variant, save):
+def _experts_fwd_fake(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, save):
     n, m = x.shape
     t, _, d = w1.shape
     k = topk_idx.shape[1]
@@ -159,8 +221,10 @@ def _experts_bwd_fake(dy, x, topk_idx, topk_gate, w1, v, w2, a, u, sorted_pairs,
 
 
 def _experts_setup_context(ctx, inputs, output):
-    x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, variant, save = inputs
+    x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, save = inputs
     _, a, u, sorted_pairs, expert_offsets = output
+    ctx.mark_non_differentiable(a, u, sorted_pairs, expert_offsets)
+    ctx.set_materialize_grads(False)
     ctx.save = save
     if save:
         ctx.save_for_backward(x, topk_idx, topk_gate, w1, v, w2, a, u, sorted_pairs, expert_offsets)
@@ -174,10 +238,10 @@ def _experts_backward(ctx, dy, _da, _du, _dsorted, _doffsets):
         dy = torch.zeros_like(x)
     dx, dgate, dw1, db1, dv, db_v, dw2, db2 = experts_bwd(dy, x, topk_idx, topk_gate, w1, v, w2, a, u,
                                                           sorted_pairs, expert_offsets)
-    return dx, None, dgate, dw1, db1, dv, db_v, dw2, db2, None, None
+    return dx, None, dgate, dw1, db1, dv, db_v, dw2, db2, None
 
 
 experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup_context)
 
 
-__all__ = ["gate_fwd", "gate_bwd", "experts_fwd", "experts_bwd"]
+__all__ = ["fused_moe", "fused_moe_backward", "gate_fwd", "gate_bwd", "experts_fwd", "experts_bwd"]

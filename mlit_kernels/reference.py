@@ -28,13 +28,25 @@ NOISE_EPS = 1e-2
 CV_EPS = 1e-10
 
 
+def top_k_lowest_index(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of h (N, t), largest first: (values (N, k), indices (N, k)).
+
+    The selection rule every backend follows (reference, ONNX export, Triton kernels): among equal
+    values the lowest index wins, and a NaN counts as -inf, so the indices always lie in [0, t)
+    and a row of NaN picks experts 0..k-1 (its values, and so its output, stay NaN).
+    """
+    key = torch.where(torch.isnan(h), torch.full_like(h, float("-inf")), h)
+    indices = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    return h.gather(1, indices), indices
+
+
 def softmax_k(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over each row's k largest entries, zero elsewhere (Eq. 4).
 
     h: (N, t) logits. Returns gates (N, t) and the selected expert indices (N, k), the largest
-    logit first.
+    logit first (ties: lowest index, see :func:`top_k_lowest_index`).
     """
-    top_values, top_indices = h.topk(k, dim=1)
+    top_values, top_indices = top_k_lowest_index(h, k)
     top_gates = torch.softmax(top_values, dim=1)
     gates = torch.zeros_like(h).scatter(1, top_indices, top_gates)
     return gates, top_indices
@@ -46,7 +58,7 @@ def psi(h: torch.Tensor, k: int) -> torch.Tensor:
     With l^k and l^(k+1) the k-th and (k+1)-th largest value of a row of h (N, t):
     Ψ = l^(k+1) where the entry is in the top k (h ≥ l^k), else l^k. Needs k < t.
     """
-    top_values = h.topk(k + 1, dim=1).values
+    top_values = top_k_lowest_index(h, k + 1)[0]
     kth, next_after = top_values[:, k - 1 : k], top_values[:, k : k + 1]
     return torch.where(h >= kth, next_after, kth)
 
@@ -62,6 +74,21 @@ def load_probability(clean: torch.Tensor, h: torch.Tensor, noise_std: torch.Tens
     clean = x W_g, h = the noisy logits H(x), noise_std = softplus(x W_noise) + eps; all (N, t).
     """
     return normal_cdf((clean - psi(h, k)) / noise_std)
+
+
+def max_row_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:
+    """The measure the kernels are held to: for each row (last dimension) of ``ref``, max |out − ref|
+    over the row divided by max |ref| over the row — rows below 1e-3 of the tensor's largest value
+    measured against that floor — and the worst row. ``out`` None counts as zeros."""
+    ref = ref.detach().double().cpu()
+    out = torch.zeros_like(ref) if out is None else out.detach().double().cpu()
+    if out.shape != ref.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)} but ref has {tuple(ref.shape)}")
+    if ref.numel() == 0:
+        return 0.0
+    ref, out = (t.reshape(1, 1) if t.dim() == 0 else t.reshape(-1, t.shape[-1]) for t in (ref, out))
+    scale = ref.abs().amax(1).clamp_min(max(ref.abs().max().item() * 1e-3, 1e-30))
+    return ((out - ref).abs().amax(1) / scale).max().item()
 
 
 def coefficient_of_variation(v: torch.Tensor, squared: bool = True, unbiased: bool = True) -> torch.Tensor:
@@ -84,16 +111,20 @@ def noisy_top_k_gating(
     train: bool,
     noise: torch.Tensor | None = None,
     noise_eps: float = NOISE_EPS,
+    noisy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noisy top-k gating (Eq. 2-9).
 
     x (N, m); w_gate, w_noise (m, t); noise (N, t) standard normal draws, or None to draw them.
-    Returns gates G (N, t), the selected experts (N, k), and load (t,): Σ_rows P(x) in training
-    with k < t, else the number of tokens routed to each expert (no gradient).
+    ``noisy=False`` gates without noise in training (the cited implementation's switch). Returns
+    gates G (N, t), the selected experts (N, k), and load (t,): Σ_rows P(x) when training with
+    noise and k < t, else the number of tokens routed to each expert (no gradient), as the cited
+    implementation.
     """
     clean = x @ w_gate
     t = clean.shape[1]
-    if train:
+    noisy = train and noisy
+    if noisy:
         noise_std = F.softplus(x @ w_noise) + noise_eps
         if noise is None:
             noise = torch.randn_like(clean)
@@ -101,10 +132,10 @@ def noisy_top_k_gating(
     else:
         h = clean
     gates, top_indices = softmax_k(h, k)
-    if train and k < t:
+    if noisy and k < t:
         load = load_probability(clean, h, noise_std, k).sum(0)
     else:
-        load = (gates > 0).sum(0).to(gates.dtype)
+        load = torch.zeros_like(h).scatter(1, top_indices, 1.0).sum(0)
     return gates, top_indices, load
 
 
@@ -163,3 +194,42 @@ def shared_swiglu_experts(
         hidden = hidden.unsqueeze(1).expand(-1, gates.shape[1], -1)
     out = torch.einsum("ntd,tdm->ntm", hidden, w2) + b2
     return torch.einsum("nt,ntm->nm", gates.to(out.dtype), out)
+
+
+def moe_reference(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_noise: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    v: torch.Tensor,
+    b_v: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    k: int,
+    training: bool,
+    *,
+    noise: torch.Tensor | None = None,
+    noisy_gating: bool = True,
+    noise_eps: float = NOISE_EPS,
+    dropout: float = 0.0,
+    w_importance: float = 1e-2,
+    w_load: float = 1e-2,
+    squared_cv: bool = True,
+    unbiased_cv: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole MoE layer in plain PyTorch: (y (N, m), aux_loss ()), the twin of
+    :func:`mlit_kernels.moe_triton` with the same arguments (any sharing of W_1, V, W_2).
+
+    The gate and the balancing loss run in at least float32, also under autocast; the experts
+    under autocast in its dtype, else in x's dtype (the weights are cast to it). ``dropout``
+    applies to y in training (one mask per token, after the combine)."""
+    gate_dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        gates, _, load = noisy_top_k_gating(x.to(gate_dtype), w_gate.to(gate_dtype), w_noise.to(gate_dtype), k,
+                                            training, noise, noise_eps, noisy_gating)
+        aux = auxiliary_loss(gates, load, w_importance, w_load, squared_cv, unbiased_cv)
+    if not torch.is_autocast_enabled(x.device.type):
+        w1, b1, v, b_v, w2, b2 = (p.to(x.dtype) for p in (w1, b1, v, b_v, w2, b2))
+    y = shared_swiglu_experts(x, gates, w1, b1, v, b_v, w2, b2)
+    return F.dropout(y, dropout, training), aux

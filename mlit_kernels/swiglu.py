@@ -1,4 +1,6 @@
-"""Shared-V/W2 SwiGLU experts (SPEC §5, Eq. 1/13): Triton kernels, forward and backward.
+"""Shared-V/W2 SwiGLU experts for the dispatch path (many experts; SPEC §5, Eq. 1/13): Triton
+kernels over tokens grouped by expert, forward and backward. (Few experts run the fused kernels
+of :mod:`mlit_kernels.fused` instead.)
 
 Per token n with selected experts e_j and gates g_j (j < k):
 
@@ -7,19 +9,12 @@ Per token n with selected experts e_j and gates g_j (j < k):
     u_n  = x_n V + b_V                   (once per token)
     y_n  = (c_n ⊙ u_n) W_2 + b_2         (once per token)
 
-Forward, two variants that produce the same tensors:
-
-* **dispatch**: ``_grouped_preact_kernel`` (kernel A) is a grouped GEMM over the expert groups of
-  :func:`mlit_kernels.dispatch.route` (no padding; each program finds its (expert, row tile) from
-  the group offsets on the device, no host sync); it gathers x rows and writes a (N·k, d_h) in
-  pair order. ``_combine_fwd_kernel`` (kernel B), per token tile: u = x V + b_V, the prologue
-  c = Σ_j g_j silu(a_j) from the token's k pair rows, h = c ⊙ u, and y = h W_2 + b_2 in the
-  epilogue. No (N, d_h) tensor is written in inference.
-* **dense**: ``_dense_fwd_kernel`` does everything for a token tile in one kernel: every expert's
-  x W_e for the tile (masked by the gates; t is 3-8), u, c, h and y.
-
-In training both also save a (N·k, d_h) pre-activations (pair order) and u (N, d_h), in the
-activation dtype. Backward:
+Forward: ``_grouped_preact_kernel`` (kernel A) is a grouped GEMM over the expert groups of
+:func:`mlit_kernels.dispatch.route` (no padding; each program finds its (expert, row tile) from
+the group offsets on the device, no host sync); it gathers x rows and writes a (N·k, d_h) in pair
+order. ``_combine_fwd_kernel`` (kernel B), per token tile: u = x V + b_V, the prologue
+c = Σ_j g_j silu(a_j) from the token's k pair rows, h = c ⊙ u, and y = h W_2 + b_2 in the
+epilogue. In training it also saves u (N, d_h). Backward:
 
 * ``_combine_bwd_kernel`` per token tile: dh = dy W_2ᵀ, recomputes c from a, writes h = c ⊙ u
   (for dW_2), du = dh ⊙ c, the pair gradients da_j = g_j (dh ⊙ u) ⊙ silu'(a_j) and the gate
@@ -32,15 +27,9 @@ activation dtype. Backward:
   products / reductions in torch.
 
 All accumulation is fp32; the GEMM operands are the activation dtype (fp16/bf16 tensor cores, or
-fp32 with IEEE precision). Nothing uses float atomics: the forward and the backward are
-deterministic.
-
-Tiling: the per-token kernels (B, dense, combine backward) loop over d_h in chunks of
-BLOCK_DC = min(32, next_pow2(d_h)) so only a (BLOCK_R, BLOCK_DC) slice of u, c, h lives at a
-time, while the output row block y (BLOCK_R, next_pow2(m)) accumulates in registers across the
-chunks (x is re-read per chunk, from cache). Kernel A tiles (row tile, d_h chunk) on a 2-D grid.
-The grouped dx / dW kernels hold the whole d_h (BLOCK_D = next_pow2(d_h)) in one tile. Checked
-by ``bench/gpu_report.py --compile-check 90`` (registers, spills, shared memory on sm_90).
+fp32 with IEEE precision). Nothing uses float atomics: forward and backward are deterministic.
+The per-token kernels loop over d_h in chunks of BLOCK_DC = min(32, next_pow2(d_h)); kernel A
+tiles (row tile, d_h chunk) on a 2-D grid; the grouped dx / dW kernels hold the whole d_h.
 """
 
 from __future__ import annotations
@@ -49,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import Routing, interpreting, next_pow2, route
+from .dispatch import Routing, route
+from .tiling import interpreting, next_pow2
 
 _KEY = ["M", "D", "T", "K"]
 
@@ -191,50 +181,6 @@ def _combine_fwd_kernel(
             g = tl.load(gate_ptr + pair, mask=row_ok, other=0.0)
             a = tl.load(a_ptr + pair[:, None] * D + ds[None, :], mask=mask, other=0.0).to(tl.float32)
             c += g[:, None] * (a * tl.sigmoid(a))
-        y += _shared_down_chunk(c, x_ptr, v_ptr, bv_ptr, w2_ptr, u_ptr, rows, row_ok, ds, d_ok, mo, M, D, SAVE, PREC,
-                                BLOCK_R, BLOCK_M, BLOCK_DC)
-    _store_output(y, b2_ptr, y_ptr, rows, row_ok, mo, M)
-
-
-@triton.autotune(configs=_ROW_CFGS, key=_KEY)
-@triton.jit
-def _dense_fwd_kernel(
-    x_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, b2_ptr, idx_ptr, gate_ptr, y_ptr, a_ptr, u_ptr,
-    N, M, D, T,
-    K: tl.constexpr, SAVE: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_MO: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Dense variant, per token tile and d_h chunk: every expert's x W_e + b_e (skipped when no
-    token of the tile is routed to it), gated silu summed into c, then as kernel B."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < N
-    mo = tl.arange(0, BLOCK_MO)
-    y = tl.zeros((BLOCK_R, BLOCK_MO), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_DC):
-        ds = d0 + tl.arange(0, BLOCK_DC)
-        d_ok = ds < D
-        mask = row_ok[:, None] & d_ok[None, :]
-        c = tl.zeros((BLOCK_R, BLOCK_DC), dtype=tl.float32)
-        for e in range(T):
-            ge = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            routed = tl.zeros((BLOCK_R,), dtype=tl.int32)
-            for j in tl.static_range(K):
-                ij = tl.load(idx_ptr + rows * K + j, mask=row_ok, other=-1)
-                gj = tl.load(gate_ptr + rows * K + j, mask=row_ok, other=0.0)
-                ge += tl.where(ij == e, gj, 0.0)
-                routed += (ij == e).to(tl.int32)
-            if tl.sum(routed, axis=0) > 0:
-                acc = _project_chunk(x_ptr, w1_ptr + e * M * D, b1_ptr + e * D, rows, row_ok, ds, d_ok, M, D, PREC,
-                                     BLOCK_R, BLOCK_M, BLOCK_DC)
-                a = acc.to(a_ptr.dtype.element_ty)  # the same rounding as the dispatch variant's stored a
-                af = a.to(tl.float32)
-                c += ge[:, None] * (af * tl.sigmoid(af))
-                if SAVE:
-                    for j in tl.static_range(K):
-                        ij = tl.load(idx_ptr + rows * K + j, mask=row_ok, other=-1)
-                        pair = rows.to(tl.int64) * K + j
-                        tl.store(a_ptr + pair[:, None] * D + ds[None, :], a, mask=mask & (ij == e)[:, None])
         y += _shared_down_chunk(c, x_ptr, v_ptr, bv_ptr, w2_ptr, u_ptr, rows, row_ok, ds, d_ok, mo, M, D, SAVE, PREC,
                                 BLOCK_R, BLOCK_M, BLOCK_DC)
     _store_output(y, b2_ptr, y_ptr, rows, row_ok, mo, M)
@@ -401,11 +347,12 @@ def _row_tiles(n):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)
 
 
-def experts_forward(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, variant="dispatch", save=False):
-    """y (N, m) of the shared-V/W2 SwiGLU experts; with ``save`` also (a, u, routing) for backward.
+def experts_forward(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, save=False):
+    """y (N, m) of the shared-V/W2 SwiGLU experts with tokens grouped by expert; with ``save``
+    also (a, u, routing) for backward.
 
     x (N, m), w1 (t, m, d_h), b1 (t, d_h), v (m, d_h), b_v (d_h,), w2 (d_h, m), b2 (m,) in one
-    dtype; topk_idx (N, k) int32; topk_gate (N, k) fp32. ``variant`` is "dispatch" or "dense"."""
+    dtype; topk_idx (N, k) int32; topk_gate (N, k) fp32."""
     n, m = x.shape
     t, _, d = w1.shape
     k = topk_idx.shape[1]
@@ -413,30 +360,23 @@ def experts_forward(x, topk_idx, topk_gate, w1, b1, v, b_v, w2, b2, variant="dis
         raise ValueError(f"w1 ({tuple(w1.shape)}) or N·k ({n}·{k}) too large for 32-bit offsets")
     dev, dt = x.device, x.dtype
     y = torch.empty(n, m, device=dev, dtype=dt)
-    a = torch.empty(n * k, d, device=dev, dtype=dt) if (save or variant == "dispatch") else y
+    a = torch.empty(n * k, d, device=dev, dtype=dt)
     u = torch.empty(n, d, device=dev, dtype=dt) if save else y
-    routing = None
     if n == 0:
-        return y, (a, u, routing)
+        return y, (a, u, route(topk_idx, t))
     block_dc = _chunk(d)
     block_mo = max(16, next_pow2(m))
     prec = _prec(dt)
-    if variant == "dispatch":
-        routing = route(topk_idx, t)
-        grid = lambda meta: (triton.cdiv(n * k, meta["BLOCK_R"]) + t, triton.cdiv(d, block_dc))  # noqa: E731
-        _grouped_preact_kernel[grid](x, w1, b1, routing.sorted_pairs, routing.expert_offsets, a, m, d, t, k,
-                                     BLOCK_DC=block_dc, PREC=prec)
-        _combine_fwd_kernel[_row_tiles(n)](x, v, b_v, w2, b2, a, topk_gate, y, u, n, m, d, t, K=k, SAVE=bool(save),
-                                           BLOCK_DC=block_dc, BLOCK_MO=block_mo, PREC=prec)
-    elif variant == "dense":
-        _dense_fwd_kernel[_row_tiles(n)](x, w1, b1, v, b_v, w2, b2, topk_idx, topk_gate, y, a, u, n, m, d, t,
-                                         K=k, SAVE=bool(save), BLOCK_DC=block_dc, BLOCK_MO=block_mo, PREC=prec)
-    else:
-        raise ValueError(f"variant must be 'dispatch' or 'dense', got {variant!r}")
+    routing = route(topk_idx, t)
+    grid = lambda meta: (triton.cdiv(n * k, meta["BLOCK_R"]) + t, triton.cdiv(d, block_dc))  # noqa: E731
+    _grouped_preact_kernel[grid](x, w1, b1, routing.sorted_pairs, routing.expert_offsets, a, m, d, t, k,
+                                 BLOCK_DC=block_dc, PREC=prec)
+    _combine_fwd_kernel[_row_tiles(n)](x, v, b_v, w2, b2, a, topk_gate, y, u, n, m, d, t, K=k, SAVE=bool(save),
+                                       BLOCK_DC=block_dc, BLOCK_MO=block_mo, PREC=prec)
     return y, (a, u, routing)
 
 
-def experts_backward(dy, x, topk_idx, topk_gate, w1, v, w2, a, u, routing: Routing | None):
+def experts_backward(dy, x, topk_idx, topk_gate, w1, v, w2, a, u, routing: Routing):
     """Gradients (dx, d_topk_gate fp32, dw1, db1, dv, db_v, dw2, db2) of :func:`experts_forward`."""
     n, m = x.shape
     t, _, d = w1.shape
@@ -447,8 +387,6 @@ def experts_backward(dy, x, topk_idx, topk_gate, w1, v, w2, a, u, routing: Routi
         z = lambda ref: torch.zeros_like(ref)  # noqa: E731
         return (z(x), torch.zeros(0, k, device=dev), z(w1), torch.zeros(t, d, device=dev, dtype=dt), z(v),
                 torch.zeros(d, device=dev, dtype=dt), z(w2), torch.zeros(m, device=dev, dtype=dt))
-    if routing is None:
-        routing = route(topk_idx, t)
     block_d = max(16, next_pow2(d))
     prec = _prec(dt)
     h = torch.empty(n, d, device=dev, dtype=dt)

@@ -213,10 +213,32 @@ def test_bad_input_names_the_argument():
         layer.train()(torch.randn(2, 8), noise=torch.randn(3, 3))
 
 
-def test_noise_free_gating_in_training_equals_zero_noise():
-    layer = make_layer(t=4, k=2).train()
+def test_noise_free_gating_in_training_counts_the_load():
+    """noisy_gating=False, as the cited implementation's switch: no noise, the load is the token
+    count per expert (no gradient, W_noise unused) — the same y and loss as evaluation."""
+    layer = make_layer(t=4, k=2)
+    layer.dropout.p = 0.0
     x = torch.randn(6, 12, dtype=torch.float64)
-    expected = layer(x, noise=torch.zeros(6, 4, dtype=torch.float64))
-    layer.noisy_gating = False
+    expected = layer.eval()(x)
+    layer.train().noisy_gating = False
     y, aux = layer(x)
     assert torch.equal(y, expected[0]) and torch.equal(aux, expected[1])
+    aux.backward()
+    assert layer.w_noise.grad is None
+
+
+def test_top_k_ties_and_nan_follow_one_rule():
+    """Equal logits: the lowest index wins; NaN counts as -inf, so indices stay in [0, t)."""
+    h = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 2.0, 1.0, 2.0], [float("nan")] * 5,
+                      [float("nan"), 1.0, float("-inf"), 1.0, float("nan")]])
+    values, indices = reference.top_k_lowest_index(h, 2)
+    assert indices.tolist() == [[0, 1], [1, 2], [0, 1], [1, 3]]
+    gates, top = reference.softmax_k(h, 2)
+    assert torch.equal(top, indices) and torch.isnan(gates[2, :2]).all() and torch.isfinite(gates[[0, 1, 3]]).all()
+
+
+def test_reference_takes_the_dtypes_the_kernels_take():
+    """fp16 tokens with the fp32 parameters of a model, without autocast: y in fp16, no dtype error."""
+    layer = SharedSwiGLUMoE(12, 7, 4, dropout=0.0).eval()
+    y, aux = layer(torch.randn(5, 12).half())
+    assert y.dtype == torch.float16 and aux.dtype == torch.float32

@@ -121,8 +121,10 @@ class Trainer:
         self.raw_model = (model or build_model(self.task, self.cfg, num_classes, recipe, backend)).to(self.device)
         self.model = self.raw_model
         if self.info.enabled:
+            # without gate noise W_noise takes no part in the loss (as in the cited implementation)
             self.model = nn.parallel.DistributedDataParallel(
-                self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.raw_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=not recipe.gate_noise,
             )
         # recipe.compile: train through torch.compile (inductor, default mode; CUDA only: on CPU
         # inductor needs a C++ toolchain and minutes of compile for little gain). The compiled

@@ -1,0 +1,140 @@
+"""``moe_triton``: the MoE layer (shared V, W_2) as a function over the Triton kernels, with the
+argument checks and the one place where the expert variant is chosen.
+
+Its twin with the same signature is :func:`mlit_kernels.reference.moe_reference`; the layer
+(:class:`mlit_kernels.layer.SharedSwiGLUMoE`) calls one or the other.
+
+The variants (:mod:`mlit_kernels.variants`): ``"dense"`` runs the whole layer in two forward and
+three backward launches (:mod:`mlit_kernels.fused`); ``"dispatch"`` a gate kernel, tokens grouped
+by expert (histogram, prefix sum, scatter) and grouped GEMMs (:mod:`mlit_kernels.gate`,
+:mod:`mlit_kernels.dispatch`, :mod:`mlit_kernels.swiglu`), with the balancing loss and dropout in
+torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ops, reference
+from .tiling import interpreting
+from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
+
+def check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype) -> None:
+    """Raise ValueError / TypeError naming the argument for anything the kernels cannot take."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a 2-D floating-point tensor (N, m), got {getattr(x, 'shape', type(x))}")
+    n, m = x.shape
+    if w_gate.dim() != 2 or w_gate.shape[0] != m:
+        raise ValueError(f"w_gate must have shape (m={m}, t), got {tuple(w_gate.shape)}")
+    t = w_gate.shape[1]
+    if w1.dim() != 3:
+        raise ValueError(
+            f"w1 must have shape (t, m, d_h) (one W_i per expert); the Triton backend supports shared=('v', 'w2') "
+            f"only, got w1 of shape {tuple(w1.shape)}")
+    d = w1.shape[2]
+    expected = {
+        "w_noise": (w_noise, (m, t)), "w1": (w1, (t, m, d)), "b1": (b1, (t, d)), "v": (v, (m, d)),
+        "b_v": (b_v, (d,)), "w2": (w2, (d, m)), "b2": (b2, (m,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            hint = " (the Triton backend supports shared=('v', 'w2') only)" if name in ("v", "b_v", "w2", "b2") else ""
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}{hint}")
+    if not isinstance(k, int) or not 1 <= k <= t:
+        raise ValueError(f"k must be an int with 1 <= k <= t={t}, got k={k!r}")
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype} (compute dtype {dtype}); the Triton backend computes in "
+                        f"float16, bfloat16 or float32: cast x or run under torch.autocast")
+    if noise is not None and tuple(noise.shape) != (n, t):
+        raise ValueError(f"noise must have shape (N={n}, t={t}), got {tuple(noise.shape)}")
+    tensors = {"x": x, "w_gate": w_gate, **{name: value[0] for name, value in expected.items()}}
+    if noise is not None:
+        tensors["noise"] = noise
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        if not interpreting() and tensor.device.type != "cuda":
+            raise ValueError(f"{name} is on {tensor.device}; the Triton backend needs CUDA tensors "
+                             "(or TRITON_INTERPRET=1 set before the first Triton kernel is defined, for CPU tests)")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+
+
+def _seed(seed, needed: bool, device) -> torch.Tensor:
+    """The (1,) int64 Philox seed on the device: drawn with torch.randint when needed and not given
+    (graph-safe and reproducible with torch.manual_seed, like dropout's RNG); unset when unused."""
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(1)
+    if seed is not None:
+        return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+    if needed:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    return torch.empty(1, dtype=torch.int64, device=device)
+
+
+def moe_triton(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_noise: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    v: torch.Tensor,
+    b_v: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    k: int,
+    training: bool,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int | torch.Tensor | None = None,
+    noisy_gating: bool = True,
+    noise_eps: float = reference.NOISE_EPS,
+    dropout: float = 0.0,
+    w_importance: float = 1e-2,
+    w_load: float = 1e-2,
+    squared_cv: bool = True,
+    unbiased_cv: bool = True,
+    variant: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE layer (shared V, W_2) with the Triton kernels: (y (N, m), aux_loss () fp32).
+
+    x (N, m) on CUDA (or anywhere under TRITON_INTERPRET=1), any float dtype; the weights (the
+    layer's state_dict shapes) in any float dtype: the expert products run in the compute dtype
+    (autocast's when on, else x's; fp16 / bf16 / fp32) with fp32 accumulation, the gate in fp32,
+    and y comes out in the compute dtype. In training with ``noisy_gating`` the gate noise is
+    ``noise`` (N, t) if given, else drawn in-kernel by Philox from ``seed`` (an int or a (1,)
+    int64 tensor; drawn on the device with ``torch.randint`` when None — reproducible with
+    ``torch.manual_seed``); :func:`mlit_kernels.gate_noise` gives the exact draws. ``dropout``
+    applies to y in training (fused into the kernel on the dense variant).
+    """
+    variant = resolve_variant(variant, w_gate.shape[1] if w_gate.dim() == 2 else 0)
+    dtype = compute_dtype(x)
+    if not torch.compiler.is_compiling():
+        check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype)
+    training = bool(training)
+    noisy = training and bool(noisy_gating)
+    dropout = float(dropout) if training else 0.0
+    noise = None if noise is None or not noisy else noise.float().contiguous()
+    x = x.contiguous()
+    params = [p.contiguous() for p in (w_gate, w_noise, w1, b1, v, b_v, w2, b2)]
+    if variant == "dense":
+        seed = _seed(seed, (noisy and noise is None) or dropout > 0, x.device)
+        y, aux, _, _, _ = ops.fused_moe(x, *params, seed, noise, k, training, noisy, dropout, float(noise_eps),
+                                        float(w_importance), float(w_load), bool(squared_cv), bool(unbiased_cv), dtype)
+        return y, aux
+    seed = _seed(seed, noisy and noise is None, x.device)
+    gate, importance, load, idx = ops.gate_fwd(x, params[0], params[1], noise, seed, k, training, noisy,
+                                               float(noise_eps))
+    aux = w_importance * reference.coefficient_of_variation(importance, squared_cv, unbiased_cv) + (
+        w_load * reference.coefficient_of_variation(load, squared_cv, unbiased_cv))
+    # Triton 3.9's interpreter computes tl.dot on bfloat16 operands wrongly: there, run the
+    # grouped kernels on fp32 copies of the bf16-rounded values.
+    work = torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+    experts = [p.to(dtype).to(work) for p in (x, *params[2:])]
+    save = torch.is_grad_enabled() and any(p.requires_grad for p in (x, gate, *params[2:]))
+    y = ops.experts_fwd(experts[0], idx, gate, *experts[1:], save)[0].to(dtype)
+    return F.dropout(y, dropout, training), aux
+
+
+__all__ = ["moe_triton", "check_inputs"]

@@ -1,0 +1,190 @@
+"""The noisy top-k gate's math as Triton device functions (SPEC §5, Eq. 2-9), shared by the fused
+layer kernels (:mod:`mlit_kernels.fused`) and the stand-alone gate of the dispatch path
+(:mod:`mlit_kernels.gate`).
+
+All gate arithmetic is fp32 with IEEE products, whatever the activation dtype: the top-k choice
+is discontinuous, and fp16 or tf32 logits would pick other experts than the reference for near
+ties. A tile is BLOCK_N tokens × BLOCK_T expert columns (BLOCK_T ≥ 16 ≥ t, padding columns
+excluded by ``col_ok``).
+
+Selection rule (the reference's :func:`mlit_kernels.reference.top_k_lowest_index`): the largest
+logits first, the lowest index among equal ones, NaN counted as -inf, so every index is in
+[0, t) whatever the input.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
+GATE_BLOCK_K = tl.constexpr(16)  # K chunk of the fp32 gate products: the whole m in registers spills on sm_90
+
+
+@triton.jit
+def softplus(z):
+    """torch.nn.functional.softplus (beta 1, threshold 20)."""
+    return tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0))))
+
+
+@triton.jit
+def gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """clean = x W_g and raw = x W_noise (fp32, (BLOCK_N, BLOCK_T)) for a tile of rows of x (N, M)."""
+    clean = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    raw = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, M, GATE_BLOCK_K):
+        ks = k0 + tl.arange(0, GATE_BLOCK_K)
+        k_ok = ks < M
+        xb = tl.load(x_ptr + rows[:, None].to(tl.int64) * M + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)
+        wmask = k_ok[:, None] & col_ok[None, :]
+        wg = tl.load(wg_ptr + ks[:, None] * T + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
+        clean += tl.dot(xb, wg, input_precision="ieee")
+        if NOISY:
+            wn = tl.load(wn_ptr + ks[:, None] * T + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
+            raw += tl.dot(xb, wn, input_precision="ieee")
+    return clean, raw
+
+
+@triton.jit
+def gate_noise_tile(noise_ptr, seed, rows, row_ok, cols, col_ok, T, NOISE_MODE: tl.constexpr):
+    """The standard-normal ε of a tile: loaded (N, T) fp32, or Philox ``randn(seed, row·T + col)``."""
+    offs = rows[:, None] * T + cols[None, :]
+    if NOISE_MODE == 1:
+        return tl.load(noise_ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    return tl.randn(seed, offs)
+
+
+@triton.jit
+def pick_next(key, taken, cols, BLOCK_T: tl.constexpr):
+    """The column of each row's largest not-yet-taken key (lowest index among equals).
+
+    key (BLOCK_N, BLOCK_T) fp32 without NaN; taken int32 0/1 (padding columns marked taken)."""
+    avail = taken == 0
+    best = tl.max(tl.where(avail, key, float("-inf")), axis=1)
+    return tl.min(tl.where(avail & (key == best[:, None]), cols[None, :], BLOCK_T), axis=1)
+
+
+@triton.jit
+def selection_key(h, col_ok):
+    """The logits as the selection sees them (NaN → -inf) and the initial ``taken`` mask (padding
+    columns taken, so never picked)."""
+    key = tl.where(h != h, float("-inf"), h)
+    taken = tl.where(col_ok[None, :], 0, 1) + tl.zeros(h.shape, dtype=tl.int32)
+    return key, taken
+
+
+@triton.jit
+def select_top_k(key, taken, cols, idx_ptr, rows, row_ok, K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pick each row's k largest keys in order and store their columns in idx (N, K) int32.
+    Returns the updated ``taken`` and the k-th pick's column."""
+    col = pick_next(key, taken, cols, BLOCK_T)
+    for j in tl.static_range(K):
+        col = pick_next(key, taken, cols, BLOCK_T)
+        tl.store(idx_ptr + rows.to(tl.int64) * K + j, col, mask=row_ok)
+        taken = tl.where(cols[None, :] == col[:, None], 1, taken)
+    return taken, col
+
+
+@triton.jit
+def load_top_k(taken, cols, idx_ptr, rows, row_ok, K: tl.constexpr):
+    """The selection stored by :func:`select_top_k` (the forward's choice, reused by a backward
+    so that recomputed logits can never pick differently). Returns ``taken`` and the k-th column."""
+    col = tl.zeros(rows.shape, dtype=tl.int32)
+    for j in tl.static_range(K):
+        col = tl.load(idx_ptr + rows.to(tl.int64) * K + j, mask=row_ok, other=0)
+        taken = tl.where(cols[None, :] == col[:, None], 1, taken)
+    return taken, col
+
+
+@triton.jit
+def gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T: tl.constexpr):
+    """Softmax_k over the selected logits, after :func:`select_top_k` / :func:`load_top_k`.
+
+    Returns sel (int32 0/1: selected), g (the gates, zero off the selection), kth (the k-th largest
+    logit), nxt / nxt_col (the (k+1)-th and its column; unused when k = t)."""
+    sel = taken * tl.where(col_ok[None, :], 1, 0)
+    nxt_col = pick_next(key, taken, cols, BLOCK_T)
+    kth = tl.sum(tl.where(cols[None, :] == kth_col[:, None], h, 0.0), axis=1)
+    nxt = tl.sum(tl.where(cols[None, :] == nxt_col[:, None], h, 0.0), axis=1)
+    top = tl.max(tl.where(sel != 0, key, float("-inf")), axis=1)
+    e = tl.where(sel != 0, tl.exp(h - top[:, None]), 0.0)
+    g = e / tl.sum(e, axis=1)[:, None]
+    return sel, g, kth, nxt, nxt_col
+
+
+@triton.jit
+def load_probability(clean, h, std, kth, nxt):
+    """P(x) = Φ((clean − Ψ(H)) / std), Ψ = l^(k+1) where h ≥ l^k, else l^k (Eq. 5-9)."""
+    psi = tl.where(h >= kth[:, None], nxt[:, None], kth[:, None])
+    z = (clean - psi) / std
+    return 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, d_load, valid, cols,
+                  NOISY: tl.constexpr, LOAD_P: tl.constexpr):
+    """d clean and d raw (fp32, (BLOCK_N, BLOCK_T)) from dL/dG (``dg``, importance term included)
+    and dL/d load (``d_load`` (BLOCK_T,), used when LOAD_P): autograd of the reference, through
+    Softmax_k, the noise scale and P(x), whose Ψ gathers H at the k-th / (k+1)-th columns."""
+    selected = (sel != 0) & valid
+    dh = tl.where(selected, g * (dg - tl.sum(tl.where(selected, g * dg, 0.0), axis=1)[:, None]), 0.0)
+    dclean = tl.zeros(h.shape, dtype=tl.float32)
+    dstd = tl.zeros(h.shape, dtype=tl.float32)
+    if LOAD_P:
+        psi = tl.where(h >= kth[:, None], nxt[:, None], kth[:, None])
+        z = (clean - psi) / std
+        dz = tl.where(valid, d_load[None, :] * tl.exp(-0.5 * z * z) * 0.3989422804014327, 0.0)
+        dclean += dz / std
+        dstd -= dz * z / std
+        dpsi = -dz / std
+        in_top = h >= kth[:, None]
+        to_kth = tl.sum(tl.where(in_top, 0.0, dpsi), axis=1)  # entries outside the top k used l^k
+        to_nxt = tl.sum(tl.where(in_top, dpsi, 0.0), axis=1)  # entries inside used l^(k+1)
+        dh += tl.where(cols[None, :] == kth_col[:, None], to_kth[:, None], 0.0)
+        dh += tl.where(cols[None, :] == nxt_col[:, None], to_nxt[:, None], 0.0)
+    dclean += dh
+    draw = tl.zeros(h.shape, dtype=tl.float32)
+    if NOISY:
+        draw = tl.where(valid, (dstd + dh * eps) * tl.sigmoid(raw), 0.0)
+    return tl.where(valid, dclean, 0.0), draw
+
+
+@triton.jit
+def cv_grad(v_ptr, cols, col_ok, T, SQUARED: tl.constexpr, UNBIASED: tl.constexpr):
+    """d CV(v) / d v (BLOCK_T,) of the reference's coefficient of variation of v (T,) fp32:
+    cv² = var / (mean² + 1e-10); the plain CV is sqrt(cv² + 1e-20). Zero for T = 1."""
+    v = tl.load(v_ptr + cols, mask=col_ok, other=0.0)
+    mean = tl.sum(v, axis=0) / T
+    dev = tl.where(col_ok, v - mean, 0.0)
+    ddof = 1 if UNBIASED else 0
+    var = tl.sum(dev * dev, axis=0) / tl.maximum(T - ddof, 1)
+    denom = mean * mean + 1e-10
+    dvar = 2.0 * dev / tl.maximum(T - ddof, 1)
+    grad = (dvar * denom - var * 2.0 * mean / T) / (denom * denom)
+    if not SQUARED:
+        grad = grad / (2.0 * tl.sqrt(var / denom + 1e-20))
+    return tl.where(col_ok & (T > 1), grad, 0.0)
+
+
+@triton.jit
+def cv_value(v, col_ok, T, SQUARED: tl.constexpr, UNBIASED: tl.constexpr):
+    """CV(v) of a (BLOCK_T,) fp32 vector over its first T entries, as the reference."""
+    mean = tl.sum(tl.where(col_ok, v, 0.0), axis=0) / T
+    dev = tl.where(col_ok, v - mean, 0.0)
+    ddof = 1 if UNBIASED else 0
+    cv2 = tl.sum(dev * dev, axis=0) / tl.maximum(T - ddof, 1) / (mean * mean + 1e-10)
+    if not SQUARED:
+        cv2 = tl.sqrt(cv2 + 1e-20)
+    return tl.where(T > 1, cv2, 0.0)
+
+
+@triton.jit
+def _noise_kernel(out_ptr, seed_ptr, total, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < total)
+
+
+__all__ = ["softplus", "gate_logits", "gate_noise_tile", "selection_key", "select_top_k", "load_top_k", "gate_probs", "load_probability", "gate_grads",
+           "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN", "NOISE_PHILOX"]

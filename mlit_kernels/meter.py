@@ -1,0 +1,328 @@
+"""Count what a piece of PyTorch / Triton code would cost a GPU, on any device: kernel launches,
+host syncs and modeled HBM bytes.
+
+At the paper's sizes a kernel launch (3-5 µs) costs as much as an MoE layer's math, so the design
+is driven by counts that need no GPU: run the code under :class:`Meter` (on the CPU, with
+``TRITON_INTERPRET=1`` for the Triton kernels) and read
+
+* ``launches``: every Triton kernel launch plus every aten op that launches a device kernel
+  (views, allocations and metadata ops apart);
+* ``syncs``: host syncs and host-side scalar reads (``.item()``, ``nonzero``, boolean masking,
+  ``torch.equal``, device-to-host copies, ...): each one stalls a GPU pipeline and bars CUDA-graph
+  capture;
+* ``bytes``: modeled HBM traffic: for each launch, every distinct tensor it reads or writes, once
+  (the traffic of a kernel that streams its operands through the caches once).
+
+Sections (``with meter.section("moe"):``) attribute what runs inside them to a named part.
+``dry_run=True`` records Triton launches without running them (their outputs stay
+uninitialised): counts at the paper's sizes in seconds, even through the interpreter.
+
+    with Meter(dry_run=True) as meter:
+        y, aux = layer(x)
+        torch.autograd.backward((y, aux), (dy, torch.ones(())))
+    print(meter.table())
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+
+# aten ops that launch no kernel: allocations and metadata (views are recognised by their schema).
+_FREE = {
+    aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
+    aten.new_empty_strided.default, aten.empty_like.default, aten._unsafe_view.default,
+    aten.lift_fresh.default, aten.detach.default, aten.set_.source_Storage_storage_offset,
+    aten.resize_.default, aten.is_same_size.default, aten.record_stream.default,
+}
+# aten ops that read a device value on the host (a sync), whatever else they do.
+_SYNC = {
+    aten._local_scalar_dense.default, aten.item.default, aten.nonzero.default, aten.masked_select.default,
+    aten.equal.default, aten.is_nonzero.default, aten.allclose.default, aten._unique2.default,
+    aten.unique_dim.default, aten.unique_consecutive.default, aten.bincount.default,
+    aten.repeat_interleave.Tensor, aten.index.Tensor,  # index: only with a boolean mask (checked below)
+}
+
+
+@dataclass
+class Launch:
+    """One recorded kernel: ``kind`` is "triton" or "aten"; ``bytes`` the modeled HBM traffic."""
+
+    kind: str
+    name: str
+    bytes: int
+    section: str
+    meta: dict = field(default_factory=dict)
+
+
+def _tensors(*trees) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(trees)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _distinct_bytes(tensors) -> int:
+    """Bytes of the distinct tensors (an in-place output and its input count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.device.type == "meta":
+            continue
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _is_sync(func, args, out) -> bool:
+    if func not in _SYNC and func not in (aten._to_copy.default, aten.copy_.default):
+        return False
+    if func is aten.index.Tensor:  # a boolean mask index has a data-dependent shape
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+    if func in (aten._to_copy.default, aten.copy_.default):  # device → host copy
+        src = args[1] if func is aten.copy_.default else args[0]
+        dst = args[0] if func is aten.copy_.default else out
+        return src.device.type != "cpu" and dst.device.type == "cpu"
+    return True
+
+
+class Meter(TorchDispatchMode):
+    """Counts launches, syncs and modeled bytes of everything run inside ``with Meter():``.
+
+    Sees every aten op the dispatcher runs (autograd's backward included) and, by wrapping
+    Triton's launch entry points while active, every Triton kernel launch. Ops of the ``mlit``
+    custom-op namespace are opened up: their implementation runs under the meter, so the kernels
+    and aten ops inside them are what is counted.
+    """
+
+    def __init__(self, dry_run: bool = False):
+        super().__init__()
+        self.dry_run = dry_run
+        self.records: list[Launch] = []
+        self.sync_ops: list[tuple[str, str]] = []
+        self._sections = ["-"]
+        self._patches: list[tuple[Any, Any]] = []
+        self._depth = 0
+        self._in_triton = 0  # >0 while a Triton kernel runs (the interpreter's own torch ops are not counted)
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def launches(self) -> int:
+        return len(self.records)
+
+    @property
+    def triton_launches(self) -> int:
+        return sum(r.kind == "triton" for r in self.records)
+
+    @property
+    def aten_launches(self) -> int:
+        return sum(r.kind == "aten" for r in self.records)
+
+    @property
+    def syncs(self) -> int:
+        return len(self.sync_ops)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.records)
+
+    def by_name(self) -> Counter:
+        return Counter(r.name for r in self.records)
+
+    def by_section(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self.records:
+            row = out.setdefault(r.section, {"launches": 0, "syncs": 0, "bytes": 0})
+            row["launches"] += 1
+            row["bytes"] += r.bytes
+        for section, _ in self.sync_ops:
+            out.setdefault(section, {"launches": 0, "syncs": 0, "bytes": 0})["syncs"] += 1
+        return out
+
+    def table(self) -> str:
+        lines = [f"{'kernel':<48} {'launches':>8} {'MB':>10}"]
+        mb: Counter = Counter()
+        for r in self.records:
+            mb[r.name] += r.bytes
+        for name, n in self.by_name().most_common():
+            lines.append(f"{name:<48} {n:>8} {mb[name] / 1e6:>10.2f}")
+        lines.append(f"{'total (' + str(self.syncs) + ' syncs)':<48} {self.launches:>8} {self.bytes / 1e6:>10.2f}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ sections
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Attribute the launches and syncs inside to ``name``."""
+        self.push_section(name)
+        try:
+            yield
+        finally:
+            self.pop_section()
+
+    def push_section(self, name: str) -> None:
+        self._sections.append(name)
+
+    def pop_section(self) -> None:
+        if len(self._sections) > 1:
+            self._sections.pop()
+
+    # ------------------------------------------------------------------ recording
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._in_triton:
+            return func(*args, **kwargs)
+        if func.namespace == "mlit":  # run the custom op's body under the meter: count its insides
+            from torch._library.custom_ops import _maybe_get_opdef
+
+            opdef = _maybe_get_opdef(func)
+            if opdef is not None:
+                with self:
+                    return opdef._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        outputs = _tensors(out)
+        if _is_sync(func, args, out):
+            self.sync_ops.append((self._sections[-1], str(func.overloadpacket.__name__)))
+        if not outputs or func.is_view or func in _FREE or func in _SYNC and func is not aten.index.Tensor:
+            return out  # no tensor made (metadata), a view, an allocation, or a sync counted above
+        if func in (aten._to_copy.default, aten.copy_.default) and _is_sync(func, args, out):
+            return out  # counted as a sync; the copy itself is part of it
+        name = f"aten.{func.overloadpacket.__name__}"
+        self.records.append(Launch("aten", name, _distinct_bytes(_tensors(args, kwargs, out)), self._sections[-1]))
+        return out
+
+    def _record_triton(self, fn, args, grid, kwargs) -> None:
+        meta = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        name = getattr(getattr(fn, "fn", None), "__name__", None) or getattr(fn, "__name__", "triton_kernel")
+        launch = Launch("triton", f"triton.{name}", _distinct_bytes(_tensors(args, kwargs)), self._sections[-1], meta)
+        launch.meta["grid"] = grid
+        self.records.append(launch)
+
+    def __enter__(self):
+        self._depth += 1
+        if self._depth == 1:
+            self._patch_triton()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            for cls, original in reversed(self._patches):
+                cls.run = original
+            self._patches.clear()
+        return super().__exit__(*exc)
+
+    def _patch_triton(self) -> None:
+        """Wrap the launch entry of compiled and interpreted Triton kernels (autotuned ones too)."""
+        from triton.runtime import interpreter, jit
+
+        meter = self
+        for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+            original = cls.run
+
+            def run(fn_self, *args, grid, warmup, _original=original, **kwargs):
+                if not warmup:
+                    meter._record_triton(fn_self, args, grid, kwargs)
+                    if meter.dry_run:
+                        return None
+                meter._in_triton += 1
+                try:
+                    return _original(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
+                finally:
+                    meter._in_triton -= 1
+
+            self._patches.append((cls, original))
+            cls.run = run
+
+
+__all__ = ["Meter", "Launch"]
+
+
+# ------------------------------------------------------------------------------------------------
+# one MoE layer's costs at a shape
+
+
+@dataclass
+class LayerCosts:
+    """What one call of an MoE layer costs: ``launches`` / ``syncs`` / ``bytes`` of a training
+    forward + backward and ``*_eval`` of an evaluation forward; ``min_bytes*`` the traffic no
+    implementation can avoid (inputs read once, outputs written once, in their dtypes);
+    ``padding_m`` / ``padding_d_h`` the largest fraction of padded columns any Triton launch
+    computed (0 when none ran); ``kernels`` the training launches by name."""
+
+    launches: int
+    syncs: int
+    bytes: int
+    min_bytes: int
+    launches_eval: int
+    syncs_eval: int
+    bytes_eval: int
+    min_bytes_eval: int
+    padding_m: float
+    padding_d_h: float
+    kernels: dict
+
+
+def _padding(records: list[Launch], m: int, d_h: int) -> tuple[float, float]:
+    pad_m = pad_d = 0.0
+    for r in records:
+        if r.kind != "triton":
+            continue
+        chunks = [r.meta.get(f"M{i}", 0) for i in range(4)]
+        if chunks[0]:
+            covered = sum(chunks)
+            pad_m = max(pad_m, (covered - m) / covered)
+        dc = r.meta.get("DC") or r.meta.get("BLOCK_DC")
+        if dc:
+            covered = -(-d_h // dc) * dc
+            pad_d = max(pad_d, (covered - d_h) / covered)
+        block_mo = r.meta.get("BLOCK_MO")
+        if block_mo:
+            pad_m = max(pad_m, (block_mo - m) / block_mo)
+    return pad_m, pad_d
+
+
+def measure_layer(layer, n_tokens: int, *, autocast_dtype: torch.dtype | None = torch.float16,
+                  dry_run: bool = True) -> LayerCosts:
+    """Count one training forward + backward and one evaluation forward of ``layer`` (an
+    :class:`mlit_kernels.SharedSwiGLUMoE`) on ``n_tokens`` fp32 tokens under autocast, as a
+    mixed-precision training loop runs it (x fp32 from a LayerNorm, fp32 master weights,
+    gradients set to None before). ``dry_run`` records the Triton launches without running them."""
+    device = layer.w_gate.device
+    x = torch.randn(n_tokens, layer.dim, device=device, requires_grad=True)
+    out_dtype = autocast_dtype or x.dtype
+    dy = torch.randn(n_tokens, layer.dim, device=device, dtype=out_dtype)
+    d_aux = torch.ones((), device=device)
+    param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    x_bytes = x.numel() * x.element_size()
+    y_bytes = dy.numel() * dy.element_size()
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    was_training = layer.training
+    layer.eval()
+    with torch.no_grad(), Meter(dry_run=dry_run) as evaluation, autocast:
+        layer(x)
+    layer.train().zero_grad(set_to_none=True)
+    with Meter(dry_run=dry_run) as training:
+        with autocast:
+            y, aux = layer(x)
+        torch.autograd.backward((y, aux), (dy, d_aux))
+    layer.train(was_training).zero_grad(set_to_none=True)
+    pad_m, pad_d = _padding(evaluation.records + training.records, layer.dim, layer.hidden_dim)
+    forward_min = x_bytes + param_bytes + y_bytes  # read x and the weights, write y
+    backward_min = y_bytes + x_bytes + param_bytes + x_bytes + param_bytes  # read dy, x, weights; write dx, grads
+    return LayerCosts(
+        launches=training.launches, syncs=training.syncs, bytes=training.bytes, min_bytes=forward_min + backward_min,
+        launches_eval=evaluation.launches, syncs_eval=evaluation.syncs, bytes_eval=evaluation.bytes,
+        min_bytes_eval=forward_min, padding_m=pad_m, padding_d_h=pad_d, kernels=dict(training.by_name()))
+
+
+__all__ += ["LayerCosts", "measure_layer"]

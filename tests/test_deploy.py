@@ -111,7 +111,7 @@ def test_lowest_index_rule_in_onnx(tmp_path):
     import onnxruntime as ort
 
     file = tmp_path / "topk.onnx"
-    torch.onnx.export(TopK(), (h,), str(file), dynamo=True, input_names=["h"], output_names=["values", "indices"],
+    torch.onnx.export(TopK().eval(), (h,), str(file), dynamo=True, input_names=["h"], output_names=["values", "indices"],
                       dynamic_shapes={"h": {0: torch.export.Dim("n", min=1)}})
     got_values, got_indices = ort.InferenceSession(str(file)).run(None, {"h": h.numpy()})
     assert got_indices.tolist() == indices.tolist()

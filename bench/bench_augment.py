@@ -2,7 +2,9 @@
 on one thread.
 
 Run: python -m pytest bench/bench_augment.py --benchmark-only -q
-On CUDA it also times compile=True (torch.compile; its first call, the compilation, is a warm-up round).
+On CUDA it times the Triton kernels (backend="triton", 4 launches a call) beside the torch path
+(backend="reference", ~400 launches; also under torch.compile, whose first call, the compilation,
+is a warm-up round). On the CPU only the torch path (Triton's interpreter is no timing).
 extra_info["images_per_s"] is batch / fastest round (the H100 target is >= 200,000 images/s).
 """
 
@@ -25,12 +27,16 @@ def _one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("compile", [False, True] if CUDA else [False])
+VARIANTS = [("triton", False), ("reference", False), ("reference", True)] if CUDA else [("reference", False)]
+
+
+@pytest.mark.parametrize("backend,compile", VARIANTS)
 @pytest.mark.parametrize("batch", [256, 2048, 8192] if CUDA else [256])
 @pytest.mark.parametrize("policy", ["cifar10", None])
-def test_augment_throughput(benchmark, batch, policy, compile):
+def test_augment_throughput(benchmark, batch, policy, backend, compile):
     x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
-    aug = GPUAugment(train=True, crop_scale=(0.8, 1.0), hflip=0.5, autoaugment=policy, compile=compile)
+    aug = GPUAugment(train=True, crop_scale=(0.8, 1.0), hflip=0.5, autoaugment=policy, compile=compile,
+                     backend=backend).prepare(DEVICE)
 
     def step():
         out = aug(x)

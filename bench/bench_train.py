@@ -1,12 +1,18 @@
-"""End-to-end training-step throughput (images/s) of mLiT S, XS, XXS.
+"""End-to-end training-step throughput (images/s) of mLiT S, XS, XXS and the mmLiT pre-training step.
 
-One step = index a uint8 batch on the device, GPUAugment it there (train mode, CIFAR-10
-AutoAugment), forward + backward (fp16 autocast + GradScaler on CUDA, fp32 on CPU), AdamW step
-with the layer-wise groups: what `mlit train` does per step (Trainer.train_step).
-Backends: reference, and triton when CUDA is available. Also the MAE pre-training step.
+One step = gather a uint8 batch on the device, GPUAugment it there (train mode, CIFAR-10
+AutoAugment), forward + backward (fp16 autocast + GradScaler on CUDA, fp32 on CPU), fused AdamW
+with the layer-wise groups: what `mlit train` does per step (Trainer.train_step). Each mode is
+warmed up on the real shapes before its clock starts (Trainer.warm_up). Modes:
 
-    python bench/bench_train.py                    # CPU: batch 16, a few steps (< 1 min)
-    python bench/bench_train.py --batch-size 256 --steps 30 --csv bench/train_results.csv   # GPU
+    eager-reference   plain PyTorch MoE and augmentation
+    eager-triton      the Triton MoE and augmentation kernels
+    compiled          eager-triton with the model under torch.compile (CUDA)
+    captured          eager-triton with the whole step captured as a CUDA graph (CUDA)
+    compiled+captured both
+
+    python bench/bench_train.py                    # CPU: eager-reference, batch 16, a few steps
+    python bench/bench_train.py --csv bench/train_results.csv   # CUDA: every mode, the paper's batches
 """
 
 from __future__ import annotations
@@ -28,23 +34,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlit.train.loop import Trainer
 from mlit.train.recipes import get_recipe
 
+#: mode → (backend, torch.compile, CUDA graphs)
+MODES = {
+    "eager-reference": ("reference", False, False),
+    "eager-triton": ("triton", False, False),
+    "compiled": ("triton", True, False),
+    "captured": ("triton", False, True),
+    "compiled+captured": ("triton", True, True),
+}
 
-def make_step(size: str, task: str, backend: str, device: torch.device, batch: int, augment: bool = True):
-    """A closure running one Trainer.train_step on random (non-zero) uint8 images on the device."""
-    recipe = get_recipe("table3-cifar100" if task == "pretrain" else "table6-cifar10", size)
-    recipe = recipe.replace(batch_size=batch, augment=augment)
+
+def recipe_for(size: str, task: str):
+    """The paper's recipe of the task (Table 6 CIFAR-10 from scratch, Table 3 pre-training)."""
+    return get_recipe("table3-cifar100" if task == "pretrain" else "table6-cifar10", size)
+
+
+def make_step(size: str, task: str, mode: str, device: torch.device, batch: int | None = None, augment: bool = True):
+    """A closure running one training step on random (non-zero) uint8 images on the device,
+    after the trainer's warm-up (and capture) on these shapes. batch None: the paper's."""
+    backend, compiled, captured = MODES[mode]
+    recipe = recipe_for(size, task)
+    recipe = recipe.replace(batch_size=batch or recipe.batch_size, augment=augment, compile=compiled,
+                            cuda_graphs=captured)
+    batch = recipe.batch_size
     trainer = Trainer(recipe, None if task == "pretrain" else 10, steps_per_epoch=1000, device=device, backend=backend)
     g = torch.Generator().manual_seed(0)
     pool = torch.randint(1, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
-    labels = torch.randint(0, 10, (4 * batch,), generator=g).to(device)
+    labels = None if task == "pretrain" else torch.randint(0, 10, (4 * batch,), generator=g).to(device)
+    order = torch.randperm(4 * batch).to(device)
+    trainer.warm_up(*trainer.batch(pool, labels, order[:batch]))
     counter = iter(range(1 << 62))
 
     def step():
         i = next(counter) % 4
-        images = pool[i * batch : (i + 1) * batch]
-        return trainer.train_step(images, None if task == "pretrain" else labels[i * batch : (i + 1) * batch])
+        return trainer.train_step(*trainer.batch(pool, labels, order[i * batch: (i + 1) * batch]))
 
-    return step
+    return step, batch
 
 
 def _sync(device: torch.device) -> None:
@@ -52,10 +77,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_one(size: str, task: str, backend: str, device: torch.device, batch: int, steps: int, warmup: int,
-              augment: bool = True) -> float:
-    """Images/s of `steps` training steps after `warmup` untimed ones."""
-    step = make_step(size, task, backend, device, batch, augment)
+def bench_one(size: str, task: str, mode: str, device: torch.device, batch: int | None, steps: int, warmup: int,
+              augment: bool = True) -> tuple[float, int]:
+    """(images/s of `steps` training steps after `warmup` untimed ones, the batch)."""
+    step, batch = make_step(size, task, mode, device, batch, augment)
     for _ in range(warmup):
         step()
     _sync(device)
@@ -64,24 +89,24 @@ def bench_one(size: str, task: str, backend: str, device: torch.device, batch: i
         out = step()
     out["loss"].item()
     _sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+    return steps * batch / (time.perf_counter() - t0), batch
 
 
 CUDA = torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("mode", ["eager-reference", "eager-triton", "captured"])
 @pytest.mark.parametrize("size", ["XXS", "XS", "S"])
 @pytest.mark.parametrize("task", ["train", "pretrain"])
-def test_train_step(benchmark, task, size, backend):
-    """pytest-benchmark of one full training step (batch 256 on CUDA; XXS, batch 8 on CPU)."""
-    if backend == "triton" and not CUDA:
-        pytest.skip("the Triton backend's timings need a CUDA GPU")
+def test_train_step(benchmark, task, size, mode):
+    """pytest-benchmark of one full training step (batch 256 on CUDA; XXS, batch 8, eager reference on CPU)."""
+    if mode != "eager-reference" and not CUDA:
+        pytest.skip(f"{mode} timings need a CUDA GPU")
     if not CUDA and size != "XXS":
         pytest.skip("without CUDA only XXS runs, small")
     device = torch.device("cuda" if CUDA else "cpu")
     batch = 256 if CUDA else 8
-    step = make_step(size, task, backend, device, batch)
+    step, _ = make_step(size, task, mode, device, batch)
 
     def timed():
         step()
@@ -94,12 +119,12 @@ def test_train_step(benchmark, task, size, backend):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 16 on CPU")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the paper's on CUDA, 16 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the warm-up (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--sizes", default="XXS,XS,S")
     p.add_argument("--tasks", default="train,pretrain")
-    p.add_argument("--backends", default=None, help="default: reference (+ triton on CUDA)")
+    p.add_argument("--modes", default=None, help=f"of {', '.join(MODES)} (default: all on CUDA, eager-reference on CPU)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--csv", default=None, help="append rows to this CSV")
     p.add_argument("--threads", type=int, default=None,
@@ -109,25 +134,31 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads or 1)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    batch = args.batch_size or (256 if cuda else 16)
+    batch = args.batch_size or (None if cuda else 16)
     steps = args.steps or (30 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    backends = args.backends.split(",") if args.backends else (["reference", "triton"] if cuda else ["reference"])
+    modes = args.modes.split(",") if args.modes else (list(MODES) if cuda else ["eager-reference"])
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        p.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-    print(f"# {name}, torch {torch.__version__}, batch {batch}, {steps} timed steps, "
-          f"{'fp16 autocast' if cuda else 'fp32'}, augment {not args.no_augment}")
+    print(f"# {name}, torch {torch.__version__}, {steps} timed steps, {'fp16 autocast' if cuda else 'fp32'}, "
+          f"augment {not args.no_augment}")
     rows = []
     for task in args.tasks.split(","):
-        for backend in backends:
-            for size in args.sizes.split(","):
+        for size in args.sizes.split(","):
+            base = None
+            for mode in modes:
                 try:
-                    ips = bench_one(size, task, backend, device, batch, steps, warmup, not args.no_augment)
-                    msg = f"{ips:9.1f} images/s"
+                    ips, used = bench_one(size, task, mode, device, batch, steps, warmup, not args.no_augment)
+                    base = base or (ips if mode == modes[0] else None)
+                    ratio = f"  {ips / base:5.1f}x {modes[0]}" if base and mode != modes[0] else ""
+                    msg = f"{ips:11.1f} images/s (batch {used}){ratio}"
                 except Exception as e:  # noqa: BLE001 - a missing backend should not stop the others
-                    ips, msg = float("nan"), f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
-                print(f"{task:<9} {backend:<10} {size:<4} {msg}", flush=True)
+                    ips, used, msg = float("nan"), batch, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                print(f"{task:<9} {size:<4} {mode:<18} {msg}", flush=True)
                 rows.append({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                             "device": name, "task": task, "backend": backend, "model": size, "batch": batch,
+                             "device": name, "task": task, "mode": mode, "model": size, "batch": used,
                              "images_per_s": round(ips, 2)})
     if args.csv:
         new = not os.path.exists(args.csv)

@@ -7,6 +7,7 @@ reports time by component beside images/s measured without the profiler.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -118,22 +119,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _step_times_ms(trainer: Trainer, batches, steps: int) -> list[float]:
+    """Each step's time: CUDA events between steps on a GPU (no sync inside the run), the
+    wall clock on the CPU."""
+    if trainer.device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for i in range(steps):
+            trainer.train_step(*batches[i % 2])
+            events[i + 1].record()
+        events[-1].synchronize()
+        return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        trainer.train_step(*batches[i % 2])
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def profile_training(recipe: Recipe, device: str, backend: str, steps: int = 20, warmup: int = 5) -> ProfileReport:
-    """Time `steps` training steps of the recipe (after `warmup`), then profile `steps` more."""
+    """Time `steps` training steps of the recipe (after the trainer's own warm-up on these shapes
+    and `warmup` more steps), then profile `steps` more. The step time is the median of the timed
+    steps, so one slow step (an allocation burst, a neighbour's load) does not move it."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     dev = torch.device(device)
     num_classes = None if recipe.task == "pretrain" else 10
     trainer = Trainer(recipe, num_classes, steps_per_epoch=max(1, steps), device=dev, backend=backend)
     g = torch.Generator().manual_seed(recipe.seed)
     batches = [_synthetic_batch(trainer, recipe.batch_size, g) for _ in range(2)]
 
+    trainer.warm_up(*batches[0])  # autotuning, lazy state, first allocations: before any clock
     for i in range(warmup):
         trainer.train_step(*batches[i % 2])
-    _sync(dev)
-    start = time.perf_counter()
-    for i in range(steps):
-        trainer.train_step(*batches[i % 2])
-    _sync(dev)
-    step_ms = (time.perf_counter() - start) * 1e3 / steps
+    step_ms = statistics.median(_step_times_ms(trainer, batches, steps))
 
     handles = annotate(trainer.raw_model, trainer)
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, cv_grad, cv_value, gate_grads, gate_logits,
-                     gate_noise_tile, gate_probs, load_probability, load_top_k, select_top_k, selection_key, softplus)
+from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, cv_grad, cv_value, gate_grads, gate_probs, gate_tile,
+                     load_probability, load_top_k, select_top_k, selection_key)
 from .tiling import hidden_chunk, interpreting, next_pow2, width_chunks
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -114,6 +114,14 @@ def _rows_times(x0, x1, x2, x3, w_ptr, ld, ds, d_ok, M, M0: tl.constexpr, M1: tl
 
 
 @triton.jit
+def _project(x0, x1, x2, x3, w_ptr, b_ptr, ds, d_ok, M, D, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+             M3: tl.constexpr, BLOCK_N: tl.constexpr, DC: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """x W[:, ds] + b[ds] (fp32, (BLOCK_N, DC)) from the row chunks of x; W (M, D) row-major."""
+    acc = _rows_times(x0, x1, x2, x3, w_ptr, D, ds, d_ok, M, M0, M1, M2, M3, BLOCK_N, DC, DTYPE, DOT_F32)
+    return acc + tl.load(b_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _times_rows_t(p, acc, w_ptr, ld, ds, d_ok, M, c0: tl.constexpr, W: tl.constexpr, DTYPE: tl.constexpr,
                   DOT_F32: tl.constexpr):
     """acc + p @ W[c0:c0+W, ds]ᵀ: p (BLOCK_N, DC) times the transposed rows of W (M, ld)."""
@@ -138,6 +146,105 @@ def _times_cols_t(p, acc, w_ptr, ld, ds, d_ok, M, c0: tl.constexpr, W: tl.conste
     c = c0 + tl.arange(0, W)
     wt = tl.load(w_ptr + ds[None, :] * ld + c[:, None], mask=(c < M)[:, None] & d_ok[None, :], other=0.0)
     return _mma(p, wt.to(DTYPE), acc, DOT_F32)
+
+
+@triton.jit
+def _gate_dx(dx, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, c0: tl.constexpr, W: tl.constexpr,
+             NOISY: tl.constexpr):
+    """dx[:, chunk] += dclean W_g[chunk]ᵀ (+ draw W_noise[chunk]ᵀ), fp32 IEEE."""
+    r = c0 + tl.arange(0, W)
+    mask = col_ok[:, None] & (r < M)[None, :]
+    wg_t = tl.load(wg_ptr + r[None, :] * T + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+    dx = tl.dot(dclean, wg_t, dx, input_precision="ieee")
+    if NOISY:
+        wn_t = tl.load(wn_ptr + r[None, :] * T + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+        dx = tl.dot(draw, wn_t, dx, input_precision="ieee")
+    return dx
+
+
+@triton.jit
+def _store_rows(ptr, val, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr):
+    cols = c0 + tl.arange(0, W)
+    tl.store(ptr + rows[:, None].to(tl.int64) * M + cols[None, :], val.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < M)[None, :])
+
+
+# Chunk-wise forms: a width M is held as up to four register tiles of widths M0 ≥ M1 ≥ M2 ≥ M3
+# (see mlit_kernels.tiling.width_chunks); each helper applies one operation to every present chunk.
+
+
+@triton.jit
+def _times_rows_t_chunks(p, a0, a1, a2, a3, w_ptr, ld, ds, d_ok, M, M0: tl.constexpr, M1: tl.constexpr,
+                         M2: tl.constexpr, M3: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """a_i + p @ W[chunk_i, ds]ᵀ for every chunk: p (BLOCK_N, DC), W (M, ld) row-major."""
+    a0 = _times_rows_t(p, a0, w_ptr, ld, ds, d_ok, M, 0, M0, DTYPE, DOT_F32)
+    if M1 > 0:
+        a1 = _times_rows_t(p, a1, w_ptr, ld, ds, d_ok, M, M0, M1, DTYPE, DOT_F32)
+    if M2 > 0:
+        a2 = _times_rows_t(p, a2, w_ptr, ld, ds, d_ok, M, M0 + M1, M2, DTYPE, DOT_F32)
+    if M3 > 0:
+        a3 = _times_rows_t(p, a3, w_ptr, ld, ds, d_ok, M, M0 + M1 + M2, M3, DTYPE, DOT_F32)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _times_cols_chunks(p, a0, a1, a2, a3, w_ptr, ds, d_ok, M, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+                       M3: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """a_i + p @ W[ds, chunk_i] for every chunk: p (BLOCK_N, DC), W (D, M) row-major."""
+    a0 = _times_cols(p, a0, w_ptr, M, ds, d_ok, M, 0, M0, DTYPE, DOT_F32)
+    if M1 > 0:
+        a1 = _times_cols(p, a1, w_ptr, M, ds, d_ok, M, M0, M1, DTYPE, DOT_F32)
+    if M2 > 0:
+        a2 = _times_cols(p, a2, w_ptr, M, ds, d_ok, M, M0 + M1, M2, DTYPE, DOT_F32)
+    if M3 > 0:
+        a3 = _times_cols(p, a3, w_ptr, M, ds, d_ok, M, M0 + M1 + M2, M3, DTYPE, DOT_F32)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _chunks_times_cols_t(c0, c1, c2, c3, w_ptr, ds, d_ok, M, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+                         M3: tl.constexpr, BLOCK_N: tl.constexpr, DC: tl.constexpr, DTYPE: tl.constexpr,
+                         DOT_F32: tl.constexpr):
+    """Σ_i c_i @ W[ds, chunk_i]ᵀ (fp32, (BLOCK_N, DC)): the chunks of a row block times W (D, M)ᵀ."""
+    acc = tl.zeros((BLOCK_N, DC), dtype=tl.float32)
+    acc = _times_cols_t(c0, acc, w_ptr, M, ds, d_ok, M, 0, M0, DTYPE, DOT_F32)
+    if M1 > 0:
+        acc = _times_cols_t(c1, acc, w_ptr, M, ds, d_ok, M, M0, M1, DTYPE, DOT_F32)
+    if M2 > 0:
+        acc = _times_cols_t(c2, acc, w_ptr, M, ds, d_ok, M, M0 + M1, M2, DTYPE, DOT_F32)
+    if M3 > 0:
+        acc = _times_cols_t(c3, acc, w_ptr, M, ds, d_ok, M, M0 + M1 + M2, M3, DTYPE, DOT_F32)
+    return acc
+
+
+@triton.jit
+def _store_out_chunks(y0, y1, y2, y3, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, drop_p, M0: tl.constexpr,
+                      M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DROPOUT: tl.constexpr):
+    _store_out(y0, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, 0, M0, drop_p, DROPOUT)
+    if M1 > 0:
+        _store_out(y1, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, M0, M1, drop_p, DROPOUT)
+    if M2 > 0:
+        _store_out(y2, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, M0 + M1, M2, drop_p, DROPOUT)
+    if M3 > 0:
+        _store_out(y3, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, M0 + M1 + M2, M3, drop_p, DROPOUT)
+
+
+@triton.jit
+def _store_dx_chunks(dx0, dx1, dx2, dx3, dclean, draw, wg_ptr, wn_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T,
+                     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, NOISY: tl.constexpr):
+    """dx + the gate's part (dclean W_gᵀ + draw W_noiseᵀ), stored in dx's dtype."""
+    _store_rows(dx_ptr, _gate_dx(dx0, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, 0, M0, NOISY), rows, row_ok,
+                M, 0, M0)
+    if M1 > 0:
+        _store_rows(dx_ptr, _gate_dx(dx1, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, M0, M1, NOISY), rows,
+                    row_ok, M, M0, M1)
+    if M2 > 0:
+        _store_rows(dx_ptr, _gate_dx(dx2, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, M0 + M1, M2, NOISY), rows,
+                    row_ok, M, M0 + M1, M2)
+    if M3 > 0:
+        _store_rows(dx_ptr, _gate_dx(dx3, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, M0 + M1 + M2, M3, NOISY),
+                    rows, row_ok, M, M0 + M1 + M2, M3)
+
 
 
 @triton.jit
@@ -185,18 +292,87 @@ def _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, c0: tl.constexpr, W: tl.co
 
 
 @triton.jit
-def _gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T, noise_eps,
-               NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """clean, raw, the noise scale std, ε and the noisy logits h of a token tile (fp32)."""
-    clean, raw = gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY, BLOCK_N, BLOCK_T)
-    std = tl.full(clean.shape, 1.0, tl.float32)
-    eps = tl.zeros(clean.shape, dtype=tl.float32)
-    h = clean
-    if NOISY:
-        std = softplus(raw) + noise_eps
-        eps = gate_noise_tile(noise_ptr, seed, rows, row_ok, cols, col_ok, T, NOISE_MODE)
-        h = clean + eps * std
-    return clean, raw, std, eps, h
+def _token_tile(seed_ptr, N, T, NEEDS_SEED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's token tile: pid, rows, row_ok, the gate columns, col_ok, valid (both), and the
+    Philox seed (read only when something is drawn: the seed tensor is left unset otherwise)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_T)
+    seed = 0
+    if NEEDS_SEED:
+        seed = tl.load(seed_ptr)
+    return pid, rows, rows < N, cols, cols < T, (rows < N)[:, None] & (cols < T)[None, :], seed
+
+
+@triton.jit
+def _gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps,
+                         K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
+    """The gate of a token tile recomputed with the forward's stored selection (so that recomputed
+    logits can never pick other experts): clean, raw, std, ε, h, sel, g, kth, kth_col, nxt, nxt_col."""
+    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
+                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+    key, taken = selection_key(h, col_ok)
+    taken, kth_col = load_top_k(taken, cols, idx_ptr, rows, row_ok, K)
+    sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
+    return clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col
+
+
+@triton.jit
+def _row_chunks(ptr, rows, row_ok, M, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr,
+                DTYPE: tl.constexpr):
+    """The width chunks of rows ``rows`` of a row-major (N, M) matrix, in DTYPE (an absent chunk
+    repeats the first: a placeholder never used)."""
+    c0 = _load_cols(ptr, rows, row_ok, M, 0, M0, M, DTYPE)
+    c1 = c0
+    c2 = c0
+    c3 = c0
+    if M1 > 0:
+        c1 = _load_cols(ptr, rows, row_ok, M, M0, M1, M, DTYPE)
+    if M2 > 0:
+        c2 = _load_cols(ptr, rows, row_ok, M, M0 + M1, M2, M, DTYPE)
+    if M3 > 0:
+        c3 = _load_cols(ptr, rows, row_ok, M, M0 + M1 + M2, M3, M, DTYPE)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _grad_out_chunks(dy_ptr, keep_ptr, rows, row_ok, M, drop_p, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+                     M3: tl.constexpr, DROPOUT: tl.constexpr, DTYPE: tl.constexpr):
+    """:func:`_load_grad_out` for every width chunk (placeholders as :func:`_row_chunks`)."""
+    c0 = _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, 0, M0, drop_p, DROPOUT, DTYPE)
+    c1 = c0
+    c2 = c0
+    c3 = c0
+    if M1 > 0:
+        c1 = _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, M0, M1, drop_p, DROPOUT, DTYPE)
+    if M2 > 0:
+        c2 = _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, M0 + M1, M2, drop_p, DROPOUT, DTYPE)
+    if M3 > 0:
+        c3 = _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, M0 + M1 + M2, M3, drop_p, DROPOUT, DTYPE)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _zero_chunks(R: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr,
+                 TRANSPOSED: tl.constexpr = False):
+    """fp32 accumulators (R, M_i) for the width chunks, or (M_i, R) when TRANSPOSED; 16-wide
+    placeholders for absent chunks."""
+    if TRANSPOSED:
+        a0 = tl.zeros((M0, R), dtype=tl.float32)
+        a1 = tl.zeros((16, R), dtype=tl.float32)
+    else:
+        a0 = tl.zeros((R, M0), dtype=tl.float32)
+        a1 = tl.zeros((R, 16), dtype=tl.float32)
+    a2 = a1
+    a3 = a1
+    if M1 > 0:
+        a1 = tl.zeros((M1, R) if TRANSPOSED else (R, M1), dtype=tl.float32)
+    if M2 > 0:
+        a2 = tl.zeros((M2, R) if TRANSPOSED else (R, M2), dtype=tl.float32)
+    if M3 > 0:
+        a3 = tl.zeros((M3, R) if TRANSPOSED else (R, M3), dtype=tl.float32)
+    return a0, a1, a2, a3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,19 +388,12 @@ def _fused_fwd_kernel(
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = tl.arange(0, BLOCK_T)
-    col_ok = cols < T
-    valid = row_ok[:, None] & col_ok[None, :]
-    seed = 0
-    if NOISE_MODE == 2 or DROPOUT:  # the seed tensor is left unset when nothing is drawn
-        seed = tl.load(seed_ptr)
+    pid, rows, row_ok, cols, col_ok, valid, seed = _token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
+                                                               BLOCK_T)
 
     # gate
-    clean, raw, std, eps, h = _gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
-                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
+                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
     key, taken = selection_key(h, col_ok)
     taken, kth_col = select_top_k(key, taken, cols, idx_ptr, rows, row_ok, K, BLOCK_T)
     sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
@@ -236,52 +405,22 @@ def _fused_fwd_kernel(
     tl.store(part_ptr + pid * 2 * T + T + cols, tl.sum(load, axis=0), mask=col_ok)
 
     # experts
-    x0 = _load_cols(x_ptr, rows, row_ok, M, 0, M0, M, DTYPE)
-    x1 = x0
-    x2 = x0
-    x3 = x0
-    y1 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    y2 = y1
-    y3 = y1
-    if M1 > 0:
-        x1 = _load_cols(x_ptr, rows, row_ok, M, M0, M1, M, DTYPE)
-        y1 = tl.zeros((BLOCK_N, M1), dtype=tl.float32)
-    if M2 > 0:
-        x2 = _load_cols(x_ptr, rows, row_ok, M, M0 + M1, M2, M, DTYPE)
-        y2 = tl.zeros((BLOCK_N, M2), dtype=tl.float32)
-    if M3 > 0:
-        x3 = _load_cols(x_ptr, rows, row_ok, M, M0 + M1 + M2, M3, M, DTYPE)
-        y3 = tl.zeros((BLOCK_N, M3), dtype=tl.float32)
-    y0 = tl.zeros((BLOCK_N, M0), dtype=tl.float32)
+    x0, x1, x2, x3 = _row_chunks(x_ptr, rows, row_ok, M, M0, M1, M2, M3, DTYPE)
+    y0, y1, y2, y3 = _zero_chunks(BLOCK_N, M0, M1, M2, M3)
     routed = tl.sum(tl.where(row_ok[:, None], sel, 0), axis=0)  # (BLOCK_T,) tokens of the tile per expert
     for d0 in range(0, D, DC):
         ds = d0 + tl.arange(0, DC)
         d_ok = ds < D
-        u = _rows_times(x0, x1, x2, x3, v_ptr, D, ds, d_ok, M, M0, M1, M2, M3, BLOCK_N, DC, DTYPE, DOT_F32)
-        u += tl.load(bv_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        u = _project(x0, x1, x2, x3, v_ptr, bv_ptr, ds, d_ok, M, D, M0, M1, M2, M3, BLOCK_N, DC, DTYPE, DOT_F32)
         c = tl.zeros((BLOCK_N, DC), dtype=tl.float32)
         for e in range(T):
             if tl.sum(tl.where(cols == e, routed, 0), axis=0) > 0:  # an expert no token of the tile picked is skipped
-                a = _rows_times(x0, x1, x2, x3, w1_ptr + e * M * D, D, ds, d_ok, M, M0, M1, M2, M3, BLOCK_N, DC,
-                                DTYPE, DOT_F32)
-                a += tl.load(b1_ptr + e * D + ds, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+                a = _project(x0, x1, x2, x3, w1_ptr + e * M * D, b1_ptr + e * D, ds, d_ok, M, D, M0, M1, M2, M3,
+                             BLOCK_N, DC, DTYPE, DOT_F32)
                 c += _expert_column(g, cols, e)[:, None] * (a * tl.sigmoid(a))
-        hc = (c * u).to(DTYPE)
-        y0 = _times_cols(hc, y0, w2_ptr, M, ds, d_ok, M, 0, M0, DTYPE, DOT_F32)
-        if M1 > 0:
-            y1 = _times_cols(hc, y1, w2_ptr, M, ds, d_ok, M, M0, M1, DTYPE, DOT_F32)
-        if M2 > 0:
-            y2 = _times_cols(hc, y2, w2_ptr, M, ds, d_ok, M, M0 + M1, M2, DTYPE, DOT_F32)
-        if M3 > 0:
-            y3 = _times_cols(hc, y3, w2_ptr, M, ds, d_ok, M, M0 + M1 + M2, M3, DTYPE, DOT_F32)
-    _store_out(y0, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, 0, M0, drop_p, DROPOUT)
-    if M1 > 0:
-        _store_out(y1, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, M0, M1, drop_p, DROPOUT)
-    if M2 > 0:
-        _store_out(y2, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, M0 + M1, M2, drop_p, DROPOUT)
-    if M3 > 0:
-        _store_out(y3, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, M0 + M1 + M2, M3, drop_p, DROPOUT)
-
+        y0, y1, y2, y3 = _times_cols_chunks((c * u).to(DTYPE), y0, y1, y2, y3, w2_ptr, ds, d_ok, M, M0, M1, M2, M3,
+                                            DTYPE, DOT_F32)
+    _store_out_chunks(y0, y1, y2, y3, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, drop_p, M0, M1, M2, M3, DROPOUT)
 
 @triton.jit
 def _fused_aux_kernel(part_ptr, stats_ptr, aux_ptr, tiles, T, w_importance, w_load,
@@ -319,51 +458,21 @@ def _fused_bwd_tokens_kernel(
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = tl.arange(0, BLOCK_T)
-    col_ok = cols < T
-    valid = row_ok[:, None] & col_ok[None, :]
-    seed = 0
-    if NOISE_MODE == 2 or DROPOUT:  # the seed tensor is left unset when nothing is drawn
-        seed = tl.load(seed_ptr)
+    pid, rows, row_ok, cols, col_ok, valid, seed = _token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
+                                                               BLOCK_T)
 
     # the gates, recomputed with the forward's selection (recomputed once more after the experts
     # for the gate's own gradient: cheaper than keeping its tiles live through the d_h loop)
-    clean, raw, std, eps, h = _gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
-                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
-    key, taken = selection_key(h, col_ok)
-    taken, kth_col = load_top_k(taken, cols, idx_ptr, rows, row_ok, K)
-    sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
+    _, _, _, _, _, sel, g, _, _, _, _ = _gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows,
+                                                             row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
+                                                             NOISE_MODE, BLOCK_N, BLOCK_T)
     d_aux = tl.load(daux_ptr)
     dg = tl.where(valid, (w_importance * d_aux) * cv_grad(stats_ptr, cols, col_ok, T, SQUARED, UNBIASED)[None, :], 0.0)
 
     # experts
-    x0 = _load_cols(x_ptr, rows, row_ok, M, 0, M0, M, DTYPE)
-    g0 = _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, 0, M0, drop_p, DROPOUT, DTYPE)
-    dx0 = tl.zeros((BLOCK_N, M0), dtype=tl.float32)
-    x1 = x0
-    x2 = x0
-    x3 = x0
-    g1 = g0
-    g2 = g0
-    g3 = g0
-    dx1 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    dx2 = dx1
-    dx3 = dx1
-    if M1 > 0:
-        x1 = _load_cols(x_ptr, rows, row_ok, M, M0, M1, M, DTYPE)
-        g1 = _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, M0, M1, drop_p, DROPOUT, DTYPE)
-        dx1 = tl.zeros((BLOCK_N, M1), dtype=tl.float32)
-    if M2 > 0:
-        x2 = _load_cols(x_ptr, rows, row_ok, M, M0 + M1, M2, M, DTYPE)
-        g2 = _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, M0 + M1, M2, drop_p, DROPOUT, DTYPE)
-        dx2 = tl.zeros((BLOCK_N, M2), dtype=tl.float32)
-    if M3 > 0:
-        x3 = _load_cols(x_ptr, rows, row_ok, M, M0 + M1 + M2, M3, M, DTYPE)
-        g3 = _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, M0 + M1 + M2, M3, drop_p, DROPOUT, DTYPE)
-        dx3 = tl.zeros((BLOCK_N, M3), dtype=tl.float32)
+    x0, x1, x2, x3 = _row_chunks(x_ptr, rows, row_ok, M, M0, M1, M2, M3, DTYPE)
+    g0, g1, g2, g3 = _grad_out_chunks(dy_ptr, keep_ptr, rows, row_ok, M, drop_p, M0, M1, M2, M3, DROPOUT, DTYPE)
+    dx0, dx1, dx2, dx3 = _zero_chunks(BLOCK_N, M0, M1, M2, M3)
     routed = tl.sum(tl.where(row_ok[:, None], sel, 0), axis=0)
     for d0 in range(0, D, DC):
         ds = d0 + tl.arange(0, DC)
@@ -371,23 +480,14 @@ def _fused_bwd_tokens_kernel(
         tile_mask = row_ok[:, None] & d_ok[None, :]
         tile = rows[:, None].to(tl.int64) * D + ds[None, :]
         # dh = dy W_2ᵀ (the product of the chunks of dy with the transposed columns of W_2)
-        dh = tl.zeros((BLOCK_N, DC), dtype=tl.float32)
-        dh = _times_cols_t(g0, dh, w2_ptr, M, ds, d_ok, M, 0, M0, DTYPE, DOT_F32)
-        if M1 > 0:
-            dh = _times_cols_t(g1, dh, w2_ptr, M, ds, d_ok, M, M0, M1, DTYPE, DOT_F32)
-        if M2 > 0:
-            dh = _times_cols_t(g2, dh, w2_ptr, M, ds, d_ok, M, M0 + M1, M2, DTYPE, DOT_F32)
-        if M3 > 0:
-            dh = _times_cols_t(g3, dh, w2_ptr, M, ds, d_ok, M, M0 + M1 + M2, M3, DTYPE, DOT_F32)
-        u = _rows_times(x0, x1, x2, x3, v_ptr, D, ds, d_ok, M, M0, M1, M2, M3, BLOCK_N, DC, DTYPE, DOT_F32)
-        u += tl.load(bv_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        dh = _chunks_times_cols_t(g0, g1, g2, g3, w2_ptr, ds, d_ok, M, M0, M1, M2, M3, BLOCK_N, DC, DTYPE, DOT_F32)
+        u = _project(x0, x1, x2, x3, v_ptr, bv_ptr, ds, d_ok, M, D, M0, M1, M2, M3, BLOCK_N, DC, DTYPE, DOT_F32)
         dcu = dh * u  # dL/dc
         c = tl.zeros((BLOCK_N, DC), dtype=tl.float32)
         for e in range(T):
             if tl.sum(tl.where(cols == e, routed, 0), axis=0) > 0:
-                a = _rows_times(x0, x1, x2, x3, w1_ptr + e * M * D, D, ds, d_ok, M, M0, M1, M2, M3, BLOCK_N, DC,
-                                DTYPE, DOT_F32)
-                a += tl.load(b1_ptr + e * D + ds, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+                a = _project(x0, x1, x2, x3, w1_ptr + e * M * D, b1_ptr + e * D, ds, d_ok, M, D, M0, M1, M2, M3,
+                             BLOCK_N, DC, DTYPE, DOT_F32)
                 sig = tl.sigmoid(a)
                 act = a * sig
                 ge = _expert_column(g, cols, e)
@@ -395,14 +495,8 @@ def _fused_bwd_tokens_kernel(
                 dg += tl.where(cols[None, :] == e, tl.sum(tl.where(d_ok[None, :], dcu * act, 0.0), axis=1)[:, None],
                                0.0)
                 da = (ge[:, None] * dcu * (sig * (1.0 + a * (1.0 - sig)))).to(DTYPE)
-                w1e = w1_ptr + e * M * D
-                dx0 = _times_rows_t(da, dx0, w1e, D, ds, d_ok, M, 0, M0, DTYPE, DOT_F32)
-                if M1 > 0:
-                    dx1 = _times_rows_t(da, dx1, w1e, D, ds, d_ok, M, M0, M1, DTYPE, DOT_F32)
-                if M2 > 0:
-                    dx2 = _times_rows_t(da, dx2, w1e, D, ds, d_ok, M, M0 + M1, M2, DTYPE, DOT_F32)
-                if M3 > 0:
-                    dx3 = _times_rows_t(da, dx3, w1e, D, ds, d_ok, M, M0 + M1 + M2, M3, DTYPE, DOT_F32)
+                dx0, dx1, dx2, dx3 = _times_rows_t_chunks(da, dx0, dx1, dx2, dx3, w1_ptr + e * M * D, D, ds, d_ok, M,
+                                                          M0, M1, M2, M3, DTYPE, DOT_F32)
                 # the pair slot j of tokens that picked e: da (N, K, d_h) for the weight gradients
                 for j in tl.static_range(K):
                     ij = tl.load(idx_ptr + rows.to(tl.int64) * K + j, mask=row_ok, other=-1)
@@ -411,59 +505,20 @@ def _fused_bwd_tokens_kernel(
         du = dh * c
         tl.store(h_ptr + tile, (c * u).to(h_ptr.dtype.element_ty), mask=tile_mask)
         tl.store(du_ptr + tile, du.to(du_ptr.dtype.element_ty), mask=tile_mask)
-        duc = du.to(DTYPE)
-        dx0 = _times_rows_t(duc, dx0, v_ptr, D, ds, d_ok, M, 0, M0, DTYPE, DOT_F32)
-        if M1 > 0:
-            dx1 = _times_rows_t(duc, dx1, v_ptr, D, ds, d_ok, M, M0, M1, DTYPE, DOT_F32)
-        if M2 > 0:
-            dx2 = _times_rows_t(duc, dx2, v_ptr, D, ds, d_ok, M, M0 + M1, M2, DTYPE, DOT_F32)
-        if M3 > 0:
-            dx3 = _times_rows_t(duc, dx3, v_ptr, D, ds, d_ok, M, M0 + M1 + M2, M3, DTYPE, DOT_F32)
-
+        dx0, dx1, dx2, dx3 = _times_rows_t_chunks(du.to(DTYPE), dx0, dx1, dx2, dx3, v_ptr, D, ds, d_ok, M, M0, M1, M2,
+                                                  M3, DTYPE, DOT_F32)
     # the gate's part: through Softmax_k, the noise scale and P(x)
-    clean, raw, std, eps, h = _gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
-                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
-    key, taken = selection_key(h, col_ok)
-    taken, kth_col = load_top_k(taken, cols, idx_ptr, rows, row_ok, K)
-    sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
+    clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = _gate_from_selection(
+        x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
+        NOISE_MODE, BLOCK_N, BLOCK_T)
     d_load = (w_load * d_aux) * cv_grad(stats_ptr + T, cols, col_ok, T, SQUARED, UNBIASED)
     dclean, draw = gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, d_load, valid,
                               cols, NOISY, LOAD_P)
     gslot = rows[:, None].to(tl.int64) * 2 * T + cols[None, :]
     tl.store(dgate_ptr + gslot, dclean, mask=valid)
     tl.store(dgate_ptr + gslot + T, draw, mask=valid)
-    dx0 = _gate_dx(dx0, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, 0, M0, NOISY)
-    _store_rows(dx_ptr, dx0, rows, row_ok, M, 0, M0)
-    if M1 > 0:
-        dx1 = _gate_dx(dx1, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, M0, M1, NOISY)
-        _store_rows(dx_ptr, dx1, rows, row_ok, M, M0, M1)
-    if M2 > 0:
-        dx2 = _gate_dx(dx2, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, M0 + M1, M2, NOISY)
-        _store_rows(dx_ptr, dx2, rows, row_ok, M, M0 + M1, M2)
-    if M3 > 0:
-        dx3 = _gate_dx(dx3, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, M0 + M1 + M2, M3, NOISY)
-        _store_rows(dx_ptr, dx3, rows, row_ok, M, M0 + M1 + M2, M3)
-
-
-@triton.jit
-def _gate_dx(dx, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, c0: tl.constexpr, W: tl.constexpr,
-             NOISY: tl.constexpr):
-    """dx[:, chunk] += dclean W_g[chunk]ᵀ (+ draw W_noise[chunk]ᵀ), fp32 IEEE."""
-    r = c0 + tl.arange(0, W)
-    mask = col_ok[:, None] & (r < M)[None, :]
-    wg_t = tl.load(wg_ptr + r[None, :] * T + cols[:, None], mask=mask, other=0.0).to(tl.float32)
-    dx = tl.dot(dclean, wg_t, dx, input_precision="ieee")
-    if NOISY:
-        wn_t = tl.load(wn_ptr + r[None, :] * T + cols[:, None], mask=mask, other=0.0).to(tl.float32)
-        dx = tl.dot(draw, wn_t, dx, input_precision="ieee")
-    return dx
-
-
-@triton.jit
-def _store_rows(ptr, val, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr):
-    cols = c0 + tl.arange(0, W)
-    tl.store(ptr + rows[:, None].to(tl.int64) * M + cols[None, :], val.to(ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols < M)[None, :])
+    _store_dx_chunks(dx0, dx1, dx2, dx3, dclean, draw, wg_ptr, wn_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T, M0, M1,
+                     M2, M3, NOISY)
 
 
 @triton.jit
@@ -490,16 +545,7 @@ def _x_t_times(x_ptr, p_ptr, p_ld, p_col0, sel_ptr, e, rows_lo, rows_hi, M, ds, 
 
     p is (N, ·) with row stride p_ld and columns p_col0 + ds; with PER_PICK, p is da (N, K, d_h)
     and p_row = Σ_j [idx_j == e] da[row, j] (the token's pick of expert e, if any)."""
-    a0 = tl.zeros((M0, DC), dtype=tl.float32)
-    a1 = tl.zeros((16, DC), dtype=tl.float32)
-    a2 = a1
-    a3 = a1
-    if M1 > 0:
-        a1 = tl.zeros((M1, DC), dtype=tl.float32)
-    if M2 > 0:
-        a2 = tl.zeros((M2, DC), dtype=tl.float32)
-    if M3 > 0:
-        a3 = tl.zeros((M3, DC), dtype=tl.float32)
+    a0, a1, a2, a3 = _zero_chunks(DC, M0, M1, M2, M3, True)
     bias = tl.zeros((DC,), dtype=tl.float32)
     for r0 in range(rows_lo, rows_hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)

@@ -15,28 +15,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, _noise_kernel, gate_grads, gate_logits,
-                     gate_noise_tile, gate_probs, load_probability, load_top_k, select_top_k, selection_key, softplus)
+from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, _noise_kernel, gate_grads, gate_probs, gate_tile,
+                     load_probability, load_top_k, select_top_k, selection_key)
 from .tiling import interpreting, next_pow2
 
 GATE_BLOCK_N = 16 if interpreting() else 32
 
 
 @triton.jit
-def _gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps,
-               NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    clean, raw = gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY, BLOCK_N, BLOCK_T)
-    std = tl.full(clean.shape, 1.0, tl.float32)
-    eps = tl.zeros(clean.shape, dtype=tl.float32)
-    h = clean
-    if NOISY:
-        seed = 0
-        if NOISE_MODE == 2:
-            seed = tl.load(seed_ptr)
-        std = softplus(raw) + noise_eps
-        eps = gate_noise_tile(noise_ptr, seed, rows, row_ok, cols, col_ok, T, NOISE_MODE)
-        h = clean + eps * std
-    return clean, raw, std, eps, h
+def _seed(seed_ptr, NOISE_MODE: tl.constexpr):
+    """The Philox seed, read only when the noise is drawn (the seed tensor is left unset otherwise)."""
+    seed = 0
+    if NOISE_MODE == 2:
+        seed = tl.load(seed_ptr)
+    return seed
 
 
 @triton.jit
@@ -53,8 +45,8 @@ def _gate_fwd_kernel(
     row_ok = rows < N
     col_ok = cols < T
     valid = row_ok[:, None] & col_ok[None, :]
-    clean, raw, std, eps, h = _gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, rows, row_ok, cols, col_ok, M, T,
-                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, _seed(seed_ptr, NOISE_MODE), rows, row_ok,
+                                        cols, col_ok, M, T, noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
     key, taken = selection_key(h, col_ok)
     taken, kth_col = select_top_k(key, taken, cols, idx_ptr, rows, row_ok, K, BLOCK_T)
     sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
@@ -85,8 +77,8 @@ def _gate_bwd_kernel(
     row_ok = rows < N
     col_ok = cols < T
     valid = row_ok[:, None] & col_ok[None, :]
-    clean, raw, std, eps, h = _gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, rows, row_ok, cols, col_ok, M, T,
-                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, _seed(seed_ptr, NOISE_MODE), rows, row_ok,
+                                        cols, col_ok, M, T, noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
     key, taken = selection_key(h, col_ok)
     taken, kth_col = load_top_k(taken, cols, idx_ptr, rows, row_ok, K)
     sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)

@@ -57,6 +57,22 @@ def gate_noise_tile(noise_ptr, seed, rows, row_ok, cols, col_ok, T, NOISE_MODE: 
 
 
 @triton.jit
+def gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T, noise_eps,
+              NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """clean, raw, the noise scale std = softplus(raw) + eps, the noise ε and the logits h of a
+    token tile (fp32, (BLOCK_N, BLOCK_T)); without noise std = 1, ε = 0 and h = clean."""
+    clean, raw = gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY, BLOCK_N, BLOCK_T)
+    std = tl.full(clean.shape, 1.0, tl.float32)
+    eps = tl.zeros(clean.shape, dtype=tl.float32)
+    h = clean
+    if NOISY:
+        std = softplus(raw) + noise_eps
+        eps = gate_noise_tile(noise_ptr, seed, rows, row_ok, cols, col_ok, T, NOISE_MODE)
+        h = clean + eps * std
+    return clean, raw, std, eps, h
+
+
+@triton.jit
 def pick_next(key, taken, cols, BLOCK_T: tl.constexpr):
     """The column of each row's largest not-yet-taken key (lowest index among equals).
 
@@ -186,5 +202,5 @@ def _noise_kernel(out_ptr, seed_ptr, total, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < total)
 
 
-__all__ = ["softplus", "gate_logits", "gate_noise_tile", "selection_key", "select_top_k", "load_top_k", "gate_probs", "load_probability", "gate_grads",
+__all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "selection_key", "select_top_k", "load_top_k", "gate_probs", "load_probability", "gate_grads",
            "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN", "NOISE_PHILOX"]

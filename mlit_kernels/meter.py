@@ -81,6 +81,12 @@ def _distinct_bytes(tensors) -> int:
     return total
 
 
+def _writes(func) -> bool:
+    """True for an op that writes one of its arguments in place (``_foreach_add_``,
+    ``_fused_adamw_``, ...): a kernel even when it returns nothing."""
+    return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+
+
 def _is_sync(func, args, out) -> bool:
     if func not in _SYNC and func not in (aten._to_copy.default, aten.copy_.default):
         return False
@@ -192,8 +198,9 @@ class Meter(TorchDispatchMode):
         outputs = _tensors(out)
         if _is_sync(func, args, out):
             self.sync_ops.append((self._sections[-1], str(func.overloadpacket.__name__)))
-        if not outputs or func.is_view or func in _FREE or func in _SYNC and func is not aten.index.Tensor:
-            return out  # no tensor made (metadata), a view, an allocation, or a sync counted above
+        if (not outputs and not _writes(func)) or func.is_view or func in _FREE or (func in _SYNC
+                                                                               and func is not aten.index.Tensor):
+            return out  # metadata (no tensor made or written), a view, an allocation, or a sync counted above
         if func in (aten._to_copy.default, aten.copy_.default) and _is_sync(func, args, out):
             return out  # counted as a sync; the copy itself is part of it
         name = f"aten.{func.overloadpacket.__name__}"

@@ -1,4 +1,7 @@
-"""GPUAugment: shapes, eval path, per-sample randomness, exact ops, published AutoAugment policies, seeding."""
+"""GPUAugment: shapes, eval path, per-sample randomness, exact ops, published AutoAugment policies, seeding;
+the Triton kernels against the torch path, their launch and sync counts."""
+
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +10,8 @@ import torch.nn.functional as F
 
 from mlit.data import GPUAugment
 from mlit.data.augment import NO_OP, OPS, apply_ops, magnitude_bins
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Cubuk et al. 2019 (AutoAugment), appendix; identical to torchvision's AutoAugmentPolicy tables.
 PUBLISHED = {
@@ -136,7 +141,7 @@ def test_policies_are_the_published_ones():
     for name, published in PUBLISHED.items():
         aug = GPUAugment(autoaugment=name)
         assert [tuple(sub) for sub in aug.policy] == [tuple(sub) for sub in published]
-        ops, probs, mags, signed = aug._policy_tables(torch.device("cpu"))  # the tables actually used
+        ops, probs, mags, signed = aug._policy_tables(torch.device("cpu"))[:4]  # the tables actually used
         for s, sub in enumerate(published):
             for k, (op_name, p, b) in enumerate(sub):
                 assert OPS[ops[s, k]] == op_name and probs[s, k].item() == pytest.approx(p)
@@ -249,6 +254,78 @@ def test_bad_arguments():
         GPUAugment(crop_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match=r"expected uint8 images \(B, 3, H, W\), got torch.float32"):
         GPUAugment()(torch.zeros(2, 3, 32, 32))
+
+
+# --- the Triton kernels (3 launches a call) against the torch path ---------------------------
+
+
+def _interpreting() -> bool:
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+needs_triton = pytest.mark.skipif(not _interpreting(), reason="no CUDA and TRITON_INTERPRET is not set")
+
+
+@needs_triton
+@pytest.mark.parametrize("policy,size", [(None, 32), ("cifar10", 28), ("cifar10", 36), ("svhn", 32)])
+def test_triton_transform_is_the_torch_transform(policy, size):
+    """Same draws, same images, bit for bit (the kernels round as the torch path does)."""
+    x = images(24, size, seed=3).to(DEVICE)
+    torch.manual_seed(11)
+    ref = GPUAugment(autoaugment=policy, backend="reference")(x)
+    torch.manual_seed(11)
+    out = GPUAugment(autoaugment=policy, backend="triton")(x)
+    if DEVICE == "cpu":
+        assert torch.equal(out, ref)
+    else:  # CUDA's exp / sqrt / grid_sample round differently in rare ties
+        assert ((out - ref).abs() > 1e-6).float().mean() < 2e-3
+
+
+@needs_triton
+def test_triton_ops_are_apply_ops():
+    """Every op at several magnitude bins and both signs, each image its own op."""
+    from mlit.data import augment_kernels
+
+    x = images(len(OPS) * 2, 36, seed=5).float()
+    bins = magnitude_bins(36)
+    for b in (0, 3, 9):
+        ops = torch.arange(len(OPS)).repeat(2)
+        sign = torch.where(torch.arange(2 * len(OPS)) < len(OPS), 1.0, -1.0)
+        mags = bins[ops, b] * torch.where(ops < 9, sign, 1.0)
+        ops = torch.where(torch.arange(2 * len(OPS)) == 3, NO_OP, ops)  # one image left unchanged
+        ref = apply_ops(x, ops, mags)
+        out = augment_kernels.apply_ops(x.to(DEVICE), ops.to(DEVICE), mags.to(DEVICE)).cpu()
+        if DEVICE == "cpu":
+            assert torch.equal(out, ref), [OPS[int(i)] for i in ops[(out != ref).flatten(1).any(1)]]
+        else:
+            assert ((out - ref).abs() > 0).float().mean() < 2e-3
+
+
+@needs_triton
+@pytest.mark.parametrize("policy", [None, "cifar10"])
+def test_augmentation_launches_and_syncs(policy):
+    """Budget: <= 20 launches a call (counted, Triton kernels not run) and no host sync, the
+    first call included once the tables are prepared."""
+    from mlit_kernels.meter import Meter
+
+    x = images(8, 32).to(DEVICE)
+    aug = GPUAugment(autoaugment=policy, backend="triton").prepare(DEVICE)
+    for _ in range(2):
+        with Meter(dry_run=True) as meter:
+            aug(x)
+        assert meter.syncs == 0 and meter.launches <= 20, meter.table()
+    assert meter.launches == (2 if policy is None else 4)
+    with Meter() as meter:  # the torch path has no sync either, even when it builds its tables
+        GPUAugment(autoaugment=policy, backend="reference")(x)
+    assert meter.syncs == 0
+
+
+def test_backend_choice():
+    aug = GPUAugment(autoaugment="cifar10")
+    assert aug.backend == "auto" and not aug.uses_triton(torch.device("cpu")) and aug.uses_triton(torch.device("cuda"))
+    assert not GPUAugment(train=False, backend="triton").uses_triton(torch.device("cuda"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GPUAugment(backend="cuda")
 
 
 @pytest.mark.gpu

@@ -92,3 +92,11 @@ def test_reference_layer_has_no_host_sync():
 
     costs = measure_layer(SharedSwiGLUMoE(27, 27, 5, k=2), 64)
     assert costs.syncs == 0 and costs.syncs_eval == 0 and costs.launches > 8
+
+
+def test_in_place_ops_returning_nothing_are_launches():
+    """_foreach_* and fused optimizer ops write their arguments and return None: still kernels."""
+    params = [torch.zeros(3), torch.zeros(4)]
+    with Meter() as meter:
+        torch._foreach_add_(params, 1.0)
+    assert meter.launches == 1 and meter.bytes == 28

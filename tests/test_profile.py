@@ -37,3 +37,15 @@ def test_annotation_hooks_leave_the_step_unchanged():
         losses.append([p.detach().clone() for p in trainer.raw_model.parameters()])
     for a, b in zip(*losses):
         assert torch.equal(a, b)
+
+
+def test_images_per_s_is_stable_from_the_first_warmup_setting():
+    """The trainer warms up on the real shapes before any clock and the step time is a median,
+    so --warmup 0 and --warmup 2 report the same rate (within the noise of a shared CPU)."""
+    import pytest
+
+    recipe = get_recipe("table6-cifar10", "XXS").replace(batch_size=8)
+    rates = [profile_training(recipe, "cpu", "reference", steps=3, warmup=w).images_per_s for w in (0, 2)]
+    assert 0.5 < rates[0] / rates[1] < 2.0, rates
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        profile_training(recipe, "cpu", "reference", steps=0)

@@ -10,8 +10,12 @@ float images (nearest-neighbour geometry with black fill, truncating blends, per
 equalize/autocontrast). Last, normalise with mean 0.5 and std 0.5.
 Evaluation: bilinear resize, round, normalise.
 
-All ops are computed for the whole batch with per-sample parameters and selected with masks:
-no Python loop over images, no host synchronisation, so it runs at GPU speed.
+Two implementations of the training transform, one semantics: the torch path below (every op
+computed for the whole batch with per-sample parameters and selected with masks; the reference,
+~400 small kernels) and the Triton kernels of :mod:`mlit.data.augment_kernels` (three launches:
+crop + flip + resize, then one kernel per sub-policy slot). Neither loops over images in Python
+nor reads a device value on the host; the random draws (B, 28) come from torch's RNG on the
+images' device, so both are seeded alike and safe inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -229,11 +233,22 @@ def autoaugment(x: torch.Tensor, u: torch.Tensor, tables: tuple[torch.Tensor, ..
 
 
 def policy_tables(policy, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """op index, probability, magnitude (at ``size``) and signed flag of each (sub-policy, slot): 4 x (25, 2)."""
-    bins = magnitude_bins(size)
-    entries = [[(OPS.index(name), p, bins[OPS.index(name), b or 0].item(), name in _SIGNED) for name, p, b in sub]
-               for sub in policy]
-    return tuple(torch.tensor([[e[i] for e in sub] for sub in entries], device=device) for i in range(4))
+    """op index, probability, magnitude (at ``size``) and signed flag of each (sub-policy, slot): 4 x (25, 2).
+
+    Built on the CPU and copied once (no host read of a device value)."""
+    ops = torch.tensor([[OPS.index(name) for name, _, _ in sub] for sub in policy])
+    probs = torch.tensor([[p for _, p, _ in sub] for sub in policy], dtype=torch.float32)
+    bins = torch.tensor([[b or 0 for _, _, b in sub] for sub in policy])
+    signed = torch.tensor([[name in _SIGNED for name, _, _ in sub] for sub in policy])
+    mags = magnitude_bins(size)[ops, bins]
+    return tuple(t.to(device) for t in (ops, probs, mags, signed))
+
+
+def rotation_table(mags: torch.Tensor) -> torch.Tensor:
+    """(n, 2, 2) cos and sin of each table magnitude read as degrees, computed as ``_geometric``
+    computes them (for the Triton kernels, which use it for Rotate only)."""
+    rad = mags * (math.pi / 180)
+    return torch.stack([torch.cos(rad), torch.sin(rad)], dim=-1).contiguous()
 
 
 def train_transform(images: torch.Tensor, u: torch.Tensor, size: int, crop_scale: tuple[float, float],
@@ -246,6 +261,9 @@ def train_transform(images: torch.Tensor, u: torch.Tensor, size: int, crop_scale
     return x / 127.5 - 1
 
 
+BACKENDS = ("auto", "reference", "triton")
+
+
 class GPUAugment:
     """Batched per-sample augmentation: uint8 (B, 3, H, W) -> float32 (B, 3, size, size) in [-1, 1].
 
@@ -253,8 +271,10 @@ class GPUAugment:
     + AutoAugment (``autoaugment``: "cifar10", "svhn" or None) + normalise (mean 0.5, std 0.5).
     train=False: bilinear resize + normalise only (deterministic). Inputs should be no larger than
     ``size`` (no antialiasing). Randomness: torch's RNG of the images' device, or ``generator``.
-    compile: run the training transform through torch.compile (fuses its ~400 small kernels; for
-    GPU throughput at small batches; the random draws stay outside, so seeding works the same).
+    backend: "triton" (the grouped kernels of :mod:`mlit.data.augment_kernels`, 3 launches + the
+    draw), "reference" (the torch ops of this module) or "auto" (Triton for CUDA images).
+    compile: run the torch path through torch.compile (the random draws stay outside, so seeding
+    works the same).
     """
 
     def __init__(
@@ -265,20 +285,32 @@ class GPUAugment:
         hflip: float = 0.5,
         autoaugment: str | None = None,
         compile: bool = False,
+        backend: str = "auto",
     ) -> None:
         if autoaugment is not None and autoaugment not in POLICIES:
             raise ValueError(f"unknown AutoAugment policy {autoaugment!r}; choose one of {', '.join(POLICIES)} or None")
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.train, self.size, self.crop_scale, self.hflip = train, size, tuple(crop_scale), hflip
         self.autoaugment = autoaugment
         self.policy = POLICIES[autoaugment] if autoaugment is not None else None
+        self.backend = backend
         self._transform = torch.compile(train_transform, dynamic=True) if compile else train_transform
         self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def __repr__(self) -> str:
         return (f"GPUAugment(train={self.train}, size={self.size}, crop_scale={self.crop_scale}, "
-                f"hflip={self.hflip}, autoaugment={self.autoaugment!r})")
+                f"hflip={self.hflip}, autoaugment={self.autoaugment!r}, backend={self.backend!r})")
+
+    def uses_triton(self, device: torch.device) -> bool:
+        return self.train and (self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"))
+
+    def prepare(self, device: str | torch.device) -> GPUAugment:
+        """Put the policy tables on ``device`` now (a host-to-device copy), not in the first call."""
+        self._policy_tables(torch.device(device))
+        return self
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
@@ -289,11 +321,18 @@ class GPUAugment:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False).round()
             return x / 127.5 - 1
         u = torch.rand(len(images), _DRAWS, device=images.device, generator=generator)
-        return self._transform(images, u, self.size, self.crop_scale, self.hflip, self._policy_tables(images.device))
+        tables = self._policy_tables(images.device)
+        if self.uses_triton(images.device):
+            from . import augment_kernels  # imported lazily: Triton kernels are built on import
+
+            return augment_kernels.train_transform(images, u, self.size, self.crop_scale, self.hflip, tables)
+        return self._transform(images, u, self.size, self.crop_scale, self.hflip, tables and tables[:4])
 
     def _policy_tables(self, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """``policy_tables`` + ``rotation_table`` on ``device`` (built once per device)."""
         if self.policy is None:
             return None
         if device not in self._tables:
-            self._tables[device] = policy_tables(self.policy, self.size, device)
+            tables = policy_tables(self.policy, self.size, device)
+            self._tables[device] = (*tables, rotation_table(tables[2]))
         return self._tables[device]

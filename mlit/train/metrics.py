@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,11 @@ METRICS_NAME = "metrics.jsonl"
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``run_dir/metrics.jsonl`` (flushed each time)."""
+    """Appends one JSON object per line to ``run_dir/metrics.jsonl`` (flushed each time).
+
+    A run writes an epoch's record inside its checkpoint first and appends it here after, so a
+    kill between the two loses nothing: :meth:`resume` puts the checkpoint's record back.
+    """
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / METRICS_NAME
@@ -22,25 +27,47 @@ class MetricsLog:
             f.write(json.dumps(record, default=float) + "\n")
             f.flush()
 
-    def truncate_after(self, epoch: int) -> None:
-        """On resume: drop records of epochs after ``epoch`` (written after the checkpoint)."""
-        if not self.path.exists():
-            return
-        keep = [r for r in read_metrics(self.path) if r.get("epoch", 0) <= epoch]
+    def resume(self, epoch: int, record: dict[str, Any] | None = None, log=print) -> list[dict[str, Any]]:
+        """Make the file hold exactly the records of epochs 1..``epoch`` (a resumed run continues
+        after them): drop a last line cut by a kill (saying so), records of later or unfinished
+        epochs, and put back ``record`` (the checkpoint's copy) when its epoch is missing."""
+        records = read_metrics(self.path, log=log) if self.path.exists() else []
+        keep = [r for r in records if not r.get("partial") and r.get("epoch", 0) <= epoch]
+        if record and not record.get("partial") and record.get("epoch") == epoch and \
+                not any(r.get("epoch") == epoch for r in keep):
+            keep.append(record)
+            log(f"{self.path}: epoch {epoch}'s record was missing; restored it from the checkpoint")
         tmp = self.path.with_suffix(".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
+            f.writelines(json.dumps(r, default=float) + "\n" for r in keep)
         os.replace(tmp, self.path)
+        return keep
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike, log=None) -> list[dict[str, Any]]:
+    """The records of a run (dir or metrics.jsonl). A last line cut short (a killed write) is
+    dropped, with a note to ``log`` (default: a warning); a bad line elsewhere is an error."""
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_NAME
     if not p.is_file():
         raise FileNotFoundError(f"no {METRICS_NAME} at {p}")
     with open(p) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+    records = []
+    for n, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n + 1 < len(lines):
+                raise ValueError(f"{p}: line {number} is not a JSON record: {line[:80]!r}") from None
+            note = f"{p}: dropped its last line (cut short, probably by a kill): {line.strip()[:80]!r}"
+            if log is None:
+                warnings.warn(note, stacklevel=2)
+            else:
+                log(note)
+    return records
 
 
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:

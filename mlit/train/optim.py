@@ -74,14 +74,16 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0,
-                    betas=(0.9, 0.999)) -> torch.optim.AdamW:
+                    betas=(0.9, 0.999), capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``, fused on CUDA and CPU (one kernel per group; it takes the
+    GradScaler's inf check on the device, no host sync); capturable: for a CUDA-graph step."""
     groups = param_groups(model, weight_decay, layer_decay)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    kwargs = {}
-    if any(p.is_cuda for g in groups for p in g["params"]):
-        kwargs["fused"] = True
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kwargs)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cuda", "cpu"}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused,
+                             capturable=capturable)
 
 
 class WarmupCosine:

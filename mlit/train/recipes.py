@@ -147,6 +147,10 @@ class Recipe:
     amp: bool = setting(True, "fp16 autocast + loss scaling on CUDA (--no-amp: fp32; always fp32 on CPU)")
     compile: bool = setting(False, "torch.compile the training model on CUDA (ignored on CPU); evaluation and "
                                    "checkpoints use the uncompiled module")
+    cuda_graphs: bool = setting(False, "capture the training and evaluation steps as CUDA graphs after a warm-up "
+                                       "(CUDA, one process; elsewhere uncaptured, with a warning naming why)")
+    log_every: int | None = setting(None, "read progress (loss, img/s) from the device every N steps "
+                                          "(none: 4 times per epoch)", check=at_least_one)
     eval_every: int = setting(1, "evaluate every N epochs (and after the last)", check=at_least_one)
     pretrained: str | None = setting(None, "pre-training run dir, checkpoint.pt or model.safetensors whose encoder "
                                            "to load", tasks=("finetune",))

@@ -1,0 +1,78 @@
+"""The training-step meters (bench/step_meters.py) and the budgets CI holds them to: no host sync
+in a step (the first one included), augmentation <= 20 launches, mLiT-XXS step <= 400 launches,
+a captured step = the batch gather + one replay."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import step_meters  # noqa: E402
+
+from mlit_kernels.meter import Meter  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {r.case: r for r in step_meters.step_rows()}
+
+
+def test_step_table_has_every_case(rows):
+    text = step_meters.step_table(list(rows.values()))
+    for case, _, _ in step_meters.CASES:
+        assert case in text
+    for r in rows.values():
+        assert r.launches == sum(r.by_part.values()), r
+        assert all(v >= 0 for v in r.by_part.values()), r
+        assert r.by_part["attention"] > 0 and r.by_part["moe"] > 0 and r.by_part["optimizer"] > 0, r
+
+
+def test_no_host_sync_in_a_step(rows):
+    """The first step of a fresh trainer and a later one, every model and task."""
+    for r in rows.values():
+        assert r.first_step_syncs == 0 and r.step_syncs == 0, r
+
+
+def test_augmentation_budget(rows):
+    for r in rows.values():
+        assert r.by_part["augment"] <= step_meters.AUGMENT_BUDGET, r
+
+
+@pytest.mark.xfail(strict=True, reason="over budget outside this loop's files: attention 27 launches a layer "
+                   "(autocast weight casts, repeat_interleave of k and v), 22 AdamW groups x 3 launches for "
+                   "layer_decay = 1 where 2 would do; see bench/RESULTS.md")
+def test_xxs_step_budget(rows):
+    row = rows["mLiT-XXS train"]
+    assert row.by_part["moe"] <= 8 * 9, row  # the fused MoE layer: <= 8 launches a layer, fwd + bwd
+    assert row.launches <= step_meters.XXS_STEP_BUDGET, row
+
+
+def test_captured_step_is_the_gather_and_one_replay(rows):
+    for case, r in rows.items():
+        inputs = 1 if "pretrain" in case else 2  # images (+ labels) gathered into the graph's buffers
+        assert r.captured_launches == inputs + 1, r
+
+
+def test_reference_step_has_no_host_sync():
+    """The whole step on the reference backend (plain torch MoE and augmentation), the CUDA
+    configuration emulated: 0 syncs from the very first step, and none in the warm-up."""
+    from mlit.train.recipes import get_recipe
+    from mlit.train.step import Trainer
+
+    for name in ("table6-cifar10", "table3-cifar100"):
+        recipe = get_recipe(name, "XXS").replace(batch_size=2)
+        trainer = Trainer(recipe, None if recipe.task == "pretrain" else 10, 10, "cpu", "reference", amp=True)
+        images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        labels = None if recipe.task == "pretrain" else torch.tensor([1, 2])
+        for _ in range(2):
+            with Meter() as meter:
+                trainer.train_step(images, labels)
+            assert meter.syncs == 0, meter.sync_ops
+        with Meter() as meter:
+            trainer.warm_up(images, labels)
+        assert meter.syncs == 0, meter.sync_ops

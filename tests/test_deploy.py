@@ -42,13 +42,15 @@ def test_images(data):
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
-    """A short mLiT-XXS run on Fashion-MNIST (4 optimizer steps: the gate weights have left zero)."""
+    """A short mLiT-XXS run on Fashion-MNIST, stopped by --max-steps after 4 optimizer steps (the
+    gate weights have left zero), with a --save-every checkpoint on the way."""
     folder, verify, cache = data
     out = tmp_path_factory.mktemp("runs") / "fm"
-    argv = ["train", "--data-dir", str(folder), "--cache-dir", str(cache), "--epochs", "1", "--limit-train", "64",
-            "--batch-size", "16", "--limit-test", "16", "--lr", "1e-3", "--warmup-epochs", "0", "--no-augment",
-            "--no-progress", "--device", "cpu", "--out", str(out)] + ([] if verify else ["--no-verify"])
+    argv = ["train", "--data-dir", str(folder), "--cache-dir", str(cache), "--max-steps", "4", "--save-every", "2",
+            "--limit-train", "64", "--batch-size", "16", "--limit-test", "16", "--lr", "1e-3", "--warmup-epochs", "0",
+            "--no-augment", "--no-progress", "--device", "cpu", "--out", str(out)] + ([] if verify else ["--no-verify"])
     assert main(argv) == 0
+    assert (out / "model.safetensors").is_file()
     return out
 
 

@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mlit", "mlit.*", "mlit_kernels", "mlit_kernels.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # SDPA enable_gqa
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "scipy",          # .mat readers for SVHN and Flowers102

@@ -153,19 +153,27 @@ def time_layer(layer, m, n, mode, smoke):
 # specialises them at run time (without that every load compiles to a scalar 16-bit load).
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-# Pointer element types of the fused kernels in the mixed-precision configuration (x and the
-# weights fp32 from a LayerNorm and the master weights, activations in the compute dtype).
-_FUSED_PTRS = {"y_ptr": "act", "dy_ptr": "act", "da_ptr": "act", "du_ptr": "act", "h_ptr": "act", "idx_ptr": "i32",
-               "seed_ptr": "i64", "keep_ptr": "u8"}
+# Pointer element types of the fused kernels in the mixed-precision configuration (x, y and the
+# weights fp32: the residual stream and the master weights; the intermediates in the compute dtype).
+_FUSED_PTRS = {"da_ptr": "act", "du_ptr": "act", "h_ptr": "act", "idx_ptr": "i32", "seed_ptr": "i64",
+               "keep_ptr": "u8"}
 # ... and of the dispatch path, whose expert kernels take activations in the compute dtype.
 _DISPATCH_FP32 = {"wg_ptr", "wn_ptr", "noise_ptr", "gate_ptr", "imp_part_ptr", "load_part_ptr", "dgate_ptr",
                   "dimp_ptr", "dload_ptr", "dx_ptr", "dwg_part_ptr", "dwn_part_ptr", "dxp_ptr", "dw_part_ptr",
                   "db_part_ptr"}
 _DISPATCH_I32 = {"idx_ptr", "sorted_ptr", "off_ptr", "expert_ptr", "hist_ptr", "base_ptr", "pos_ptr"}
-_FLOAT_SCALARS = {"noise_eps", "drop_p", "w_importance", "w_load"}
+_FLOAT_SCALARS = {"noise_eps", "drop_p", "w_importance", "w_load", "scale_lo", "scale_span", "ratio_lo", "ratio_span",
+                  "hflip"}
+# ... and of the augmentation kernels (uint8 images, float uniforms and tables; the output uint8
+# between AutoAugment slots, float32 normalised at the end: ``out_ptr`` per NORMALISE).
+_AUGMENT_PTRS = {"src_ptr": "u8", "x_ptr": "u8", "ops_ptr": "i64", "signed_ptr": "i1"}
 
 
-def _pointer_type(kernel_name, name, dtype):
+def _pointer_type(kernel_name, name, dtype, constexprs):
+    if kernel_name in ("_crop_kernel", "_op_kernel"):
+        if name == "out_ptr":
+            return "fp32" if constexprs["NORMALISE"] else "u8"
+        return _AUGMENT_PTRS.get(name, "fp32")
     if kernel_name.startswith("_fused") or kernel_name == "_reduce_kernel":
         kind = _FUSED_PTRS.get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
@@ -189,7 +197,7 @@ def _compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch, sizes):
         if param.is_constexpr:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*" + _pointer_type(fn.__name__, name, dtype)
+            signature[name] = "*" + _pointer_type(fn.__name__, name, dtype, constexprs)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
@@ -197,8 +205,11 @@ def _compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch, sizes):
             signature[name] = "i32"
             if sizes.get(name, 1) % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if fn.__name__ in ("_crop_kernel", "_op_kernel"):
+        options["enable_fp_fusion"] = False  # as mlit.data.augment_kernels launches them on CUDA
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options=options)
     usage = {"shared": compiled.metadata.shared}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):
@@ -271,21 +282,37 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
     return jobs
 
 
+def _augment_jobs():
+    """(kernel, constexprs, warps, stages) of the augmentation kernels at 36 × 36 (28 uniforms an image)."""
+    from mlit.data import augment_kernels
+
+    block = triton.next_power_of_2(36 * 36)
+    jobs = [(augment_kernels._crop_kernel, dict(S=36, D=28, NORMALISE=normalise, BLOCK=block), 4, 3)
+            for normalise in (False, True)]
+    jobs += [(augment_kernels._op_kernel, dict(SLOT=slot, S=36, D=28, NORMALISE=slot == 1, BLOCK=block), 4, 3)
+             for slot in (0, 1)]
+    return jobs
+
+
 def compile_check(arch=90, quick=False):
     """Compile every kernel for sm_<arch> at the paper's shapes; returns markdown rows and failures."""
     shapes_ = [(144, 144, 3, 2), (144, 72, 5, 2), (108, 81, 3, 2), (108, 27, 5, 2)] if not quick else [
         (144, 144, 3, 2), (108, 27, 5, 2)]
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if not quick else [torch.float16]
     rows, failures = [], 0
+    shapes_ = [("augment", None, None, None)] + shapes_
     for m, d_h, t, k in shapes_:
-        sizes = dict(M=m, D=d_h, T=t, N=256 * 145)
-        for dtype in dtypes:
-            jobs = _fused_jobs(m, d_h, t, k, dtype, quick) + (_dispatch_jobs(m, d_h, t, k, dtype, quick)
-                                                               if not quick or (m, d_h) == (108, 27) else [])
+        sizes = dict(M=m, D=d_h, T=t, N=256 * 145, H_in=32, W_in=32)
+        for dtype in dtypes if m != "augment" else [torch.float32]:
+            if m == "augment":
+                jobs = _augment_jobs()
+            else:
+                jobs = _fused_jobs(m, d_h, t, k, dtype, quick) + (_dispatch_jobs(m, d_h, t, k, dtype, quick)
+                                                                   if not quick or (m, d_h) == (108, 27) else [])
             for kernel, constexprs, warps, stages in jobs:
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
-                                  if key in ("BLOCK_N", "BLOCK_R", "NOISY", "DROPOUT"))
+                                  if key in ("BLOCK_N", "BLOCK_R", "NOISY", "DROPOUT", "NORMALISE", "SLOT"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024
@@ -295,7 +322,8 @@ def compile_check(arch=90, quick=False):
                 except Exception as exc:  # noqa: BLE001 - report every failure
                     usage, ok, status = {}, False, f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 failures += not ok
-                row = (f"| {m}/{d_h}/{t}/{k} | {str(dtype)[6:]} | {name} | {label} w{warps}s{stages} | "
+                shape = m if m == "augment" else f"{m}/{d_h}/{t}/{k}"
+                row = (f"| {shape} | {str(dtype)[6:]} | {name} | {label} w{warps}s{stages} | "
                        f"{usage.get('shared', '-')} | {usage.get('reg', '-')} | {usage.get('stack', '-')} | "
                        f"{usage.get('local', '-')} | {status} |")
                 rows.append(row)

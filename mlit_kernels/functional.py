@@ -102,7 +102,8 @@ def moe_triton(
     x (N, m) on CUDA (or anywhere under TRITON_INTERPRET=1), any float dtype; the weights (the
     layer's state_dict shapes) in any float dtype: the expert products run in the compute dtype
     (autocast's when on, else x's; fp16 / bf16 / fp32) with fp32 accumulation, the gate in fp32,
-    and y comes out in the compute dtype. In training with ``noisy_gating`` the gate noise is
+    and y comes out in x's dtype (as a LayerNorm's output: under autocast the fp32 residual stream
+    then needs no cast kernels, forward or backward). In training with ``noisy_gating`` the gate noise is
     ``noise`` (N, t) if given, else drawn in-kernel by Philox from ``seed`` (an int or a (1,)
     int64 tensor; drawn on the device with ``torch.randint`` when None — reproducible with
     ``torch.manual_seed``); :func:`mlit_kernels.gate_noise` gives the exact draws. ``dropout``
@@ -133,7 +134,7 @@ def moe_triton(
     work = torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
     experts = [p.to(dtype).to(work) for p in (x, *params[2:])]
     save = torch.is_grad_enabled() and any(p.requires_grad for p in (x, gate, *params[2:]))
-    y = ops.experts_fwd(experts[0], idx, gate, *experts[1:], save)[0].to(dtype)
+    y = ops.experts_fwd(experts[0], idx, gate, *experts[1:], save)[0].to(x.dtype)
     return F.dropout(y, dropout, training), aux
 
 

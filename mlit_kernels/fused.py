@@ -801,14 +801,14 @@ def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k: in
     """The layer's forward in two launches.
 
     x (N, m) any float dtype; weights in any float dtype (converted in registers); seed (1,)
-    int64 on x's device (Philox key of the gate noise and the dropout); noise (N, t) fp32 or None.
-    Returns y (N, m) in ``dtype``, aux_loss () fp32, topk_idx (N, k) int32, stats (2, t) fp32
+    int64 on x's device (Philox key of the gate noise and the dropout); noise (N, t) fp32 or None;
+    ``dtype`` the compute dtype of the expert products. Returns y (N, m) in x's dtype, aux_loss () fp32, topk_idx (N, k) int32, stats (2, t) fp32
     (importance, load), keep (N, m) uint8 (dropout keep mask; (0,) without dropout)."""
     n, m = x.shape
     t, _, d_h = w1.shape
     dev = x.device
     flags = _flags(training, noisy, noise, k, t, dropout)
-    y = torch.empty(n, m, device=dev, dtype=dtype)
+    y = torch.empty_like(x)
     idx = torch.empty(n, k, device=dev, dtype=torch.int32)
     keep = torch.empty((n, m) if flags["DROPOUT"] else (0,), device=dev, dtype=torch.uint8)
     stats = torch.empty(2, t, device=dev, dtype=torch.float32)

@@ -56,8 +56,10 @@ class SharedSwiGLUMoE(nn.Module):
     b1 (t, d_h); v (m, d_h) and b_v (d_h,); w2 (d_h, m) and b2 (m,). A projection that is not
     shared gets a leading expert dimension t.
 
-    forward(x (..., m), noise=None (N, t) with N = x.numel() // m) → (y (..., m), aux_loss ()),
-    or y alone with ``return_aux=False``.
+    forward(x (..., m), noise=None (N, t) with N = x.numel() // m, seed=None) → (y (..., m),
+    aux_loss ()), or y alone with ``return_aux=False``. ``seed``: the (1,) int64 device tensor the
+    Triton kernels draw the gate noise and dropout from (drawn per call with ``torch.randint`` when
+    None; a model can draw all its layers' seeds in one launch); the reference path uses torch's RNG.
     """
 
     def __init__(
@@ -173,7 +175,8 @@ class SharedSwiGLUMoE(nn.Module):
         """The Triton variant ("dense" or "dispatch") this layer runs with backend="triton"."""
         return resolve_variant(self.triton_variant, self.num_experts)
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        """Whether a call on x runs the Triton kernels (backend, sharing, device and dtype)."""
         if self.backend == "triton":
             return True
         if self.backend == "auto":
@@ -198,17 +201,18 @@ class SharedSwiGLUMoE(nn.Module):
             if not noise.is_floating_point():
                 raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, seed: torch.Tensor | None = None):
         self._check_input(x, noise)
         tokens = x.reshape(-1, self.dim)
         options = dict(noise=noise, noisy_gating=self.noisy_gating, noise_eps=self.noise_eps, dropout=self.dropout.p,
                        w_importance=self.w_importance, w_load=self.w_load, squared_cv=self.squared_cv,
                        unbiased_cv=self.unbiased_cv)
         params = (self.w_gate, self.w_noise, self.w1, self.b1, self.v, self.b_v, self.w2, self.b2)
-        if self._use_triton(tokens):
+        if self.uses_triton(tokens):
             from .functional import moe_triton  # lazily: Triton fixes interpret-or-compile when kernels are defined
 
-            y, aux_loss = moe_triton(tokens, *params, self.k, self.training, variant=self.triton_variant, **options)
+            y, aux_loss = moe_triton(tokens, *params, self.k, self.training, seed=seed, variant=self.triton_variant,
+                                     **options)
         else:
             y, aux_loss = reference.moe_reference(tokens, *params, self.k, self.training, **options)
         y = y.reshape(x.shape)

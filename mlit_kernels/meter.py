@@ -306,8 +306,7 @@ def measure_layer(layer, n_tokens: int, *, autocast_dtype: torch.dtype | None = 
     gradients set to None before). ``dry_run`` records the Triton launches without running them."""
     device = layer.w_gate.device
     x = torch.randn(n_tokens, layer.dim, device=device, requires_grad=True)
-    out_dtype = autocast_dtype or x.dtype
-    dy = torch.randn(n_tokens, layer.dim, device=device, dtype=out_dtype)
+    dy = torch.randn(n_tokens, layer.dim, device=device)  # y comes out in x's dtype (both backends)
     d_aux = torch.ones((), device=device)
     param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     x_bytes = x.numel() * x.element_size()

@@ -9,7 +9,7 @@ Fused path (few experts, :mod:`mlit_kernels.fused`):
 
 * ``mlit::fused_moe(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise?, k, training, noisy,
   dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
-  -> (y (N, m) dtype, aux_loss () fp32, topk_idx (N, k) int32, stats (2, t) fp32, keep (N, m) uint8)``
+  -> (y (N, m) x's dtype, aux_loss () fp32, topk_idx (N, k) int32, stats (2, t) fp32, keep (N, m) uint8)``
   (stats = importance and load; keep = the dropout mask, (0,) without dropout)
 * ``mlit::fused_moe_backward(dy, d_aux, <forward inputs and saved outputs>) -> (dx, flat_grads)``,
   flat_grads holding [dW_g, dW_noise, dW_1, db_1, dV, db_V, dW_2, db_2] in the parameters' dtype.
@@ -55,7 +55,7 @@ def _fused_moe_fake(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k, 
     n, m = x.shape
     t = w_gate.shape[1]
     keep_shape = (n, m) if training and dropout > 0 else (0,)
-    return (x.new_empty((n, m), dtype=dtype), x.new_empty((), dtype=torch.float32),
+    return (torch.empty_like(x), x.new_empty((), dtype=torch.float32),
             x.new_empty((n, k), dtype=torch.int32), x.new_empty((2, t), dtype=torch.float32),
             x.new_empty(keep_shape, dtype=torch.uint8))
 
@@ -95,7 +95,7 @@ def _fused_backward(ctx, dy, d_aux, _d_idx, _d_stats, _d_keep):
     k, training, noisy, *_ = ctx.options
     dtype = ctx.options[-1]
     if dy is None:
-        dy = x.new_zeros(x.shape, dtype=dtype)
+        dy = torch.zeros_like(x)
     if d_aux is None:
         d_aux = x.new_zeros((), dtype=torch.float32)
     dx, flat = fused_moe_backward(dy, d_aux.float(), x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, idx, stats,

@@ -340,3 +340,15 @@ def test_cuda_matches_cpu_ops():
     xs = F.interpolate(x.float(), size=36).round()
     cpu, gpu = apply_ops(xs, ops, mags), apply_ops(xs.cuda(), ops.cuda(), mags.cuda()).cpu()
     assert (cpu != gpu).float().mean() < 1e-3  # nearest-neighbour ties may round differently
+
+
+def test_kernel_op_indices_match_the_op_table():
+    from mlit.data import augment_kernels as K
+    from mlit.data.augment import OPS
+
+    names = {"_SHEAR_X": "ShearX", "_SHEAR_Y": "ShearY", "_TRANSLATE_X": "TranslateX", "_TRANSLATE_Y": "TranslateY",
+             "_ROTATE": "Rotate", "_BRIGHTNESS": "Brightness", "_COLOR": "Color", "_CONTRAST": "Contrast",
+             "_SHARPNESS": "Sharpness", "_POSTERIZE": "Posterize", "_SOLARIZE": "Solarize",
+             "_AUTOCONTRAST": "AutoContrast", "_EQUALIZE": "Equalize", "_INVERT": "Invert"}
+    for constant, op in names.items():
+        assert getattr(K, constant) == OPS.index(op), constant

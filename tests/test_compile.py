@@ -257,7 +257,7 @@ def test_cuda_graph_captures_forward_and_backward():
         layer.w_gate.normal_(0, 0.1)
         layer.w_noise.normal_(0, 0.1)
     x = torch.randn(4096, 144, device="cuda", requires_grad=True)
-    dy = torch.randn(4096, 144, device="cuda", dtype=torch.float16)
+    dy = torch.randn(4096, 144, device="cuda")
     one = torch.ones((), device="cuda")
 
     def step():

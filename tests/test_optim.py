@@ -187,3 +187,11 @@ def test_models_declare_their_no_decay_set(make):
 def test_no_weight_decay_of_a_plain_model_is_the_1d_parameters():
     plain = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     assert no_weight_decay(plain) == {"0.bias", "1.weight", "1.bias"}
+
+
+def test_layer_decay_one_gives_two_groups():
+    """With layer_decay = 1 every layer has lr scale 1: one AdamW group with decay, one without."""
+    model = MLiTClassifier(encoder_config("XXS"), 10)
+    groups = param_groups(model, 0.05, 1.0)
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.0, 1.0), (0.05, 1.0)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

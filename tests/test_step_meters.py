@@ -43,9 +43,6 @@ def test_augmentation_budget(rows):
         assert r.by_part["augment"] <= step_meters.AUGMENT_BUDGET, r
 
 
-@pytest.mark.xfail(strict=True, reason="over budget outside this loop's files: attention 27 launches a layer "
-                   "(autocast weight casts, repeat_interleave of k and v), 22 AdamW groups x 3 launches for "
-                   "layer_decay = 1 where 2 would do; see bench/RESULTS.md")
 def test_xxs_step_budget(rows):
     row = rows["mLiT-XXS train"]
     assert row.by_part["moe"] <= 8 * 9, row  # the fused MoE layer: <= 8 launches a layer, fwd + bwd

@@ -244,13 +244,6 @@ def policy_tables(policy, size: int, device: torch.device) -> tuple[torch.Tensor
     return tuple(t.to(device) for t in (ops, probs, mags, signed))
 
 
-def rotation_table(mags: torch.Tensor) -> torch.Tensor:
-    """(n, 2, 2) cos and sin of each table magnitude read as degrees, computed as ``_geometric``
-    computes them (for the Triton kernels, which use it for Rotate only)."""
-    rad = mags * (math.pi / 180)
-    return torch.stack([torch.cos(rad), torch.sin(rad)], dim=-1).contiguous()
-
-
 def train_transform(images: torch.Tensor, u: torch.Tensor, size: int, crop_scale: tuple[float, float],
                     hflip: float, tables: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
     """uint8 (B, 3, H, W) + uniforms (B, 28) -> normalised float32 (B, 3, size, size); no RNG inside."""
@@ -298,7 +291,7 @@ class GPUAugment:
         self.policy = POLICIES[autoaugment] if autoaugment is not None else None
         self.backend = backend
         self._transform = torch.compile(train_transform, dynamic=True) if compile else train_transform
-        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._tables: dict = {}  # device → policy tables; (device, "kernels") → with the rotation table
 
     def __repr__(self) -> str:
         return (f"GPUAugment(train={self.train}, size={self.size}, crop_scale={self.crop_scale}, "
@@ -325,14 +318,23 @@ class GPUAugment:
         if self.uses_triton(images.device):
             from . import augment_kernels  # imported lazily: Triton kernels are built on import
 
+            if tables is not None:
+                tables = self._kernel_tables(images.device, augment_kernels.rotation_table)
             return augment_kernels.train_transform(images, u, self.size, self.crop_scale, self.hflip, tables)
-        return self._transform(images, u, self.size, self.crop_scale, self.hflip, tables and tables[:4])
+        return self._transform(images, u, self.size, self.crop_scale, self.hflip, tables)
 
     def _policy_tables(self, device: torch.device) -> tuple[torch.Tensor, ...] | None:
-        """``policy_tables`` + ``rotation_table`` on ``device`` (built once per device)."""
+        """``policy_tables`` on ``device`` (built once per device)."""
         if self.policy is None:
             return None
         if device not in self._tables:
-            tables = policy_tables(self.policy, self.size, device)
-            self._tables[device] = (*tables, rotation_table(tables[2]))
+            self._tables[device] = policy_tables(self.policy, self.size, device)
         return self._tables[device]
+
+    def _kernel_tables(self, device: torch.device, rotation_table) -> tuple[torch.Tensor, ...]:
+        """``policy_tables`` + the kernels' cos / sin table of the magnitudes (built once per device)."""
+        key = (device, "kernels")
+        if key not in self._tables:
+            tables = self._policy_tables(device)
+            self._tables[key] = (*tables, rotation_table(tables[2]))
+        return self._tables[key]

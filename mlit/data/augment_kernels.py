@@ -28,10 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Op indices (mlit.data.augment.OPS).
-_SHEAR_X, _SHEAR_Y, _TRANSLATE_X, _TRANSLATE_Y, _ROTATE = 0, 1, 2, 3, 4
-_BRIGHTNESS, _COLOR, _CONTRAST, _SHARPNESS = 5, 6, 7, 8
-_POSTERIZE, _SOLARIZE, _AUTOCONTRAST, _EQUALIZE, _INVERT = 9, 10, 11, 12, 13
+# Op indices (mlit.data.augment.OPS; tests/test_augment.py checks they agree), as constexprs: a
+# compiled kernel may read only constexpr globals.
+_SHEAR_X, _SHEAR_Y, _TRANSLATE_X, _TRANSLATE_Y, _ROTATE = (tl.constexpr(i) for i in range(0, 5))
+_BRIGHTNESS, _COLOR, _CONTRAST, _SHARPNESS = (tl.constexpr(i) for i in range(5, 9))
+_POSTERIZE, _SOLARIZE, _AUTOCONTRAST, _EQUALIZE, _INVERT = (tl.constexpr(i) for i in range(9, 14))
 
 
 @triton.jit
@@ -234,6 +235,13 @@ def _launch_options(device: torch.device) -> dict:
     return {"enable_fp_fusion": False} if device.type == "cuda" else {}
 
 
+def rotation_table(mags: torch.Tensor) -> torch.Tensor:
+    """(n, 2, 2) cos and sin of each table magnitude read as degrees, computed as
+    ``mlit.data.augment._geometric`` computes them (``_op_kernel`` uses it for Rotate only)."""
+    rad = mags * (math.pi / 180)
+    return torch.stack([torch.cos(rad), torch.sin(rad)], dim=-1).contiguous()
+
+
 def train_transform(images: torch.Tensor, u: torch.Tensor, size: int, crop_scale: tuple[float, float],
                     hflip: float, tables: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
     """uint8 (B, 3, H, W) + uniforms (B, 28) → normalised float32 (B, 3, size, size), as
@@ -261,8 +269,6 @@ def train_transform(images: torch.Tensor, u: torch.Tensor, size: int, crop_scale
 def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """:func:`mlit.data.augment.apply_ops` through ``_op_kernel`` (for tests): image i gets op
     ``op[i]`` (NO_OP = -1: none) with signed ``magnitude[i]``; x float (B, 3, S, S) of integers."""
-    from .augment import rotation_table
-
     B, _, S, _ = x.shape
     device = x.device
     ops = torch.stack([op.clamp(min=0), torch.zeros_like(op)], 1).to(device)

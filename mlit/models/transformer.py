@@ -38,7 +38,8 @@ def set_moe_backend(module: nn.Module, backend: str) -> int:
 class MoETransformerLayer(nn.Module):
     """Pre-norm layer: x = x + GQA(LN(x)); x = x + MoE(LN(x)).
 
-    forward(x (B, n, dim)) → (x (B, n, dim), the MoE auxiliary loss ()).
+    forward(x (B, n, dim), seed=None) → (x (B, n, dim), the MoE auxiliary loss ()); ``seed`` goes
+    to the MoE layer (its Triton kernels' Philox seed).
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, moe: SharedSwiGLUMoE):
@@ -48,9 +49,9 @@ class MoETransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.moe = moe
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.norm1(x))
-        y, aux_loss = self.moe(self.norm2(x))
+        y, aux_loss = self.moe(self.norm2(x), seed=seed)
         return x + y, aux_loss
 
 
@@ -81,11 +82,19 @@ class MoETransformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total_aux = x.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            x, aux_loss = layer(x)
-            total_aux = total_aux + aux_loss
-        return x, total_aux
+        seeds = self._gate_seeds(x)
+        aux_losses = []
+        for i, layer in enumerate(self.layers):
+            x, aux_loss = layer(x, None if seeds is None else seeds[i : i + 1])
+            aux_losses.append(aux_loss)
+        return x, torch.stack(aux_losses).sum()
+
+    def _gate_seeds(self, x: torch.Tensor) -> torch.Tensor | None:
+        """In training with Triton MoE layers, every layer's Philox seed drawn in one launch
+        (torch.randint on the device: reproducible with torch.manual_seed, graph-safe)."""
+        if not self.training or not any(layer.moe.uses_triton(x) for layer in self.layers):
+            return None
+        return torch.randint(0, 2**62, (len(self.layers),), dtype=torch.int64, device=x.device)
 
     def set_backend(self, backend: str) -> None:
         """Switch every MoE layer to another backend (same parameters)."""

@@ -48,29 +48,26 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     """AdamW groups keyed by (lr scale, decay or not), each with an ``lr_scale`` entry.
 
     lr scale = layer_decay ** (L_E + 1 − layer_id): the head (and the final norm, the decoder)
-    get 1, encoder layer j gets decay^(L_E + 1 − j), the embeddings decay^(L_E + 1).
+    get 1, encoder layer j gets decay^(L_E + 1 − j), the embeddings decay^(L_E + 1). Layers with
+    the same scale share a group — with layer_decay = 1 that is two groups (decay, no decay), each
+    one fused AdamW launch; groups come in the order of their first layer id.
     """
     inner = _unwrap(model)
     num_layers = len(inner.encoder.blocks.layers)
     skip = no_weight_decay(inner)
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[float, bool], dict] = {}
     for name, p in inner.named_parameters():
         if not p.requires_grad:
             continue
         lid = layer_id(name, num_layers)
         decay = name not in skip
-        key = (lid, decay)
-        if key not in groups:
-            groups[key] = {
-                "params": [],
-                "names": [],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr_scale": layer_decay ** (num_layers + 1 - lid),
-                "layer_id": lid,
-            }
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
+        scale = layer_decay ** (num_layers + 1 - lid)
+        group = groups.setdefault((scale, decay), {"params": [], "names": [], "weight_decay": weight_decay if decay
+                                                   else 0.0, "lr_scale": scale, "layer_id": lid})
+        group["layer_id"] = min(group["layer_id"], lid)
+        group["params"].append(p)
+        group["names"].append(name)
+    return sorted(groups.values(), key=lambda g: (g["layer_id"], g["weight_decay"] > 0))
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 1.0,

@@ -23,6 +23,7 @@ from ..config import encoder_config
 from ..models import MLiTClassifier, MMLiT
 from . import distributed as D
 from .capture import DeviceSchedule, StepGraph, capture_unavailable, quiet_capturable_warning, side_stream
+from .checkpoint import CheckpointError
 from .optim import WarmupCosine, build_optimizer
 from .progress import bar
 from .recipes import Recipe
@@ -395,6 +396,12 @@ class Trainer:
         if self._graph is not None:
             raise RuntimeError("load the state before the first step: the captured step holds the current tensors")
         self.raw_model.load_state_dict(state["model"])
+        saved_groups, groups = len(state["optimizer"]["param_groups"]), len(self.optimizer.param_groups)
+        if saved_groups != groups:
+            raise CheckpointError(
+                f"the checkpoint's optimizer has {saved_groups} parameter groups where this version builds {groups} "
+                "(layers with the same lr scale now share an AdamW group); its weights still load with "
+                "--pretrained, or resume it with the mlit version that wrote it")
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

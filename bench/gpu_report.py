@@ -179,6 +179,8 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
         return _TRITON_TYPES[dtype] if kind == "act" else kind
     if name == "seed_ptr":
         return "i64"
+    if name == "out_ptr":  # gate_noise's draws
+        return "fp32"
     return "fp32" if name in _DISPATCH_FP32 else "i32" if name in _DISPATCH_I32 else _TRITON_TYPES[dtype]
 
 
@@ -255,7 +257,7 @@ def _fused_jobs(m, d_h, t, k, dtype, quick):
 
 def _dispatch_jobs(m, d_h, t, k, dtype, quick):
     """(kernel, constexprs, warps, stages) of the dispatch path."""
-    from mlit_kernels import dispatch, gate, swiglu
+    from mlit_kernels import dispatch, gate, gating, swiglu
 
     block_d = max(16, 1 << (d_h - 1).bit_length())
     block_t = max(16, 1 << (t - 1).bit_length())
@@ -267,7 +269,8 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
         jobs += [(gate._gate_fwd_kernel, common, 4, 3),
                  (gate._gate_bwd_kernel, {**common, "BLOCK_M": min(32, max(16, 1 << (m - 1).bit_length()))}, 4, 3)]
     route_c = dict(BLOCK_P=dispatch.ROUTE_BLOCK_P, BLOCK_T=block_t)
-    jobs += [(dispatch._histogram_kernel, route_c, 4, 3), (dispatch._scatter_kernel, route_c, 4, 3)]
+    jobs += [(dispatch._histogram_kernel, route_c, 4, 3), (dispatch._scatter_kernel, route_c, 4, 3),
+             (gating._noise_kernel, dict(BLOCK=1024), 4, 3)]
     chunk = {"BLOCK_DC": swiglu._chunk(d_h)}
     kernels = [(swiglu._grouped_preact_kernel, chunk),
                (swiglu._combine_fwd_kernel, {"K": k, "SAVE": True, **chunk,

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, cv_grad, cv_value, gate_grads, gate_probs, gate_tile,
                      load_probability, load_top_k, select_top_k, selection_key)
-from .tiling import hidden_chunk, interpreting, next_pow2, width_chunks
+from .tiling import hidden_chunk, interpreting, width_chunks
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _DROPOUT_STREAM = tl.constexpr(0x5EED)  # Philox key offset of the dropout draws (the gate noise uses the seed itself)
@@ -734,12 +734,18 @@ class Geometry:
 
     @property
     def grad_numel(self) -> int:
-        m, d, t = self.m, self.d_h, self.t
-        return 2 * m * t + t * m * d + t * d + m * d + d + d * m + m
+        return sum(torch.Size(shape).numel() for shape in grad_shapes(self.m, self.d_h, self.t))
 
     def constexprs(self) -> dict:
         m0, m1, m2, m3 = self.chunks
         return dict(M0=m0, M1=m1, M2=m2, M3=m3, DC=self.dc, BLOCK_N=self.block_n, BLOCK_T=16)
+
+
+def grad_shapes(m: int, d_h: int, t: int) -> tuple[tuple[int, ...], ...]:
+    """The layout of the flat weight gradient (``_fused_bwd_weights_kernel`` writes it in this
+    order): dW_g, dW_noise (m, t), dW_1 (t, m, d_h), db_1 (t, d_h), dV (m, d_h), db_V (d_h,),
+    dW_2 (d_h, m), db_2 (m,)."""
+    return (m, t), (m, t), (t, m, d_h), (t, d_h), (m, d_h), (d_h,), (d_h, m), (m,)
 
 
 _forced_config: Config | None = None
@@ -802,8 +808,9 @@ def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k: in
 
     x (N, m) any float dtype; weights in any float dtype (converted in registers); seed (1,)
     int64 on x's device (Philox key of the gate noise and the dropout); noise (N, t) fp32 or None;
-    ``dtype`` the compute dtype of the expert products. Returns y (N, m) in x's dtype, aux_loss () fp32, topk_idx (N, k) int32, stats (2, t) fp32
-    (importance, load), keep (N, m) uint8 (dropout keep mask; (0,) without dropout)."""
+    ``dtype`` the compute dtype of the expert products. Returns y (N, m) in x's dtype, aux_loss ()
+    fp32, topk_idx (N, k) int32, stats (2, t) fp32 (importance, load), keep (N, m) uint8 (the
+    dropout keep mask; (0,) without dropout)."""
     n, m = x.shape
     t, _, d_h = w1.shape
     dev = x.device
@@ -879,11 +886,9 @@ def fused_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, nois
 
 
 def split_grads(flat: torch.Tensor, m: int, d_h: int, t: int) -> list[torch.Tensor]:
-    """Views of :func:`fused_backward`'s flat gradient buffer: dW_g, dW_noise (m, t), dW_1
-    (t, m, d_h), db_1 (t, d_h), dV (m, d_h), db_V (d_h,), dW_2 (d_h, m), db_2 (m,)."""
-    shapes = ((m, t), (m, t), (t, m, d_h), (t, d_h), (m, d_h), (d_h,), (d_h, m), (m,))
-    sizes = [torch.Size(s).numel() for s in shapes]
-    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
+    """Views of :func:`fused_backward`'s flat gradient buffer, in :func:`grad_shapes`' order."""
+    shapes = grad_shapes(m, d_h, t)
+    return [part.view(shape) for part, shape in zip(flat.split([torch.Size(s).numel() for s in shapes]), shapes)]
 
 
 __all__ = ["fused_forward", "fused_backward", "split_grads", "force_config", "Config", "CONFIGS"]

@@ -202,5 +202,6 @@ def _noise_kernel(out_ptr, seed_ptr, total, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < total)
 
 
-__all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "selection_key", "select_top_k", "load_top_k", "gate_probs", "load_probability", "gate_grads",
-           "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN", "NOISE_PHILOX"]
+__all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "selection_key", "select_top_k", "load_top_k",
+           "gate_probs", "load_probability", "gate_grads", "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN",
+           "NOISE_PHILOX"]

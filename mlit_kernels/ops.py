@@ -92,8 +92,7 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_backward(ctx, dy, d_aux, _d_idx, _d_stats, _d_keep):
     x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, idx, stats, keep = ctx.saved_tensors
-    k, training, noisy, *_ = ctx.options
-    dtype = ctx.options[-1]
+    _, training, noisy, *_ = ctx.options
     if dy is None:
         dy = torch.zeros_like(x)
     if d_aux is None:

@@ -158,9 +158,8 @@ def auxiliary_loss(
 ) -> torch.Tensor:
     """L = w_importance · CV(importance) + w_load · CV(load) (Eq. 10); importance = Σ_rows G."""
     importance = gates.sum(0)
-    return w_importance * coefficient_of_variation(importance, squared_cv, unbiased) + w_load * coefficient_of_variation(
-        load, squared_cv, unbiased
-    )
+    return (w_importance * coefficient_of_variation(importance, squared_cv, unbiased)
+            + w_load * coefficient_of_variation(load, squared_cv, unbiased))
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -257,7 +257,8 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 def run_step(step: Step, ctx: Context, deadline: float) -> dict:
     """Run a step's commands (each even after an earlier one failed, none after the deadline), then
-    its after-work; returns its record: status ok / failed / timed out, wall time, exit statuses."""
+    its after-work; returns its record: status (ok, failed, timed out, or failed, then timed out),
+    wall time, exit statuses."""
     env = child_env(ctx)
     t0 = time.monotonic()
     record = {"step": step.name, "started": _utc_now(), "commands": [str(c) for c in step.commands],
@@ -266,7 +267,7 @@ def run_step(step: Step, ctx: Context, deadline: float) -> dict:
     print(f"\n=== {step.name} ({max(0.0, deadline - t0):.0f} s at most) ===", flush=True)
     with open(log_path, "wb") as log:
         error = step.prepare() if step.prepare else None
-        timed_out = False
+        timed_out, failed = False, False
         if error:
             log.write(f"{error}\n".encode())
             record["exit_status"].append(None)
@@ -278,19 +279,19 @@ def run_step(step: Step, ctx: Context, deadline: float) -> dict:
                 continue
             rc, hit = run_command(cmd, log, env, deadline)
             timed_out |= hit
+            failed |= rc != 0 and not hit
             record["exit_status"].append(rc)
         for cmd in step.after:
             if cmd.only_if is None or cmd.only_if.exists():
                 run_command(cmd, log, env, time.monotonic() + AFTER_TIMEOUT_S, grace=5.0)
     record["wall_s"] = round(time.monotonic() - t0, 1)
-    if error:
-        record["status"] = "failed"
-    elif timed_out:
-        record["status"] = "timed out"
-    else:
-        record["status"] = "ok" if all(rc == 0 for rc in record["exit_status"]) else "failed"
+    record["status"] = ("failed, then timed out" if failed and timed_out else "timed out" if timed_out
+                        else "failed" if failed or error else "ok")
     if step.review:
-        extra = step.review(timed_out)
+        try:
+            extra = step.review(timed_out)
+        except Exception as err:  # noqa: BLE001 - the record is kept whatever the results look like
+            extra = {"note": f"review failed: {type(err).__name__}: {err}"}
         note = extra.pop("note", "")
         record["note"] = "; ".join(n for n in (record["note"], note) if n)
         if extra.get("status") == "failed" and record["status"] == "ok":
@@ -321,8 +322,7 @@ def finish_train(ctx: Context, timed_out: bool) -> dict:
 
 
 def run_steps(names: list[str], ctx: Context, versions: dict, step_timeout: float | dict[str, float],
-              end: float | None = None,
-              export_to: Path | None = None, steps_for=build_steps) -> dict[str, dict]:
+              end: float | None = None, export_to: Path | None = None, steps_for=build_steps) -> dict[str, dict]:
     """Run the named steps in order, whatever becomes of each; after each, save its record in
     DIR/steps.json (beside earlier invocations' records), rewrite summary.md and the export.
     ``step_timeout``: seconds, or {step: seconds} with "" for the others; ``end``: time.monotonic()
@@ -333,18 +333,22 @@ def run_steps(names: list[str], ctx: Context, versions: dict, step_timeout: floa
         step = steps_for(ctx)[name]  # built just before running: the train step looks for a checkpoint
         now = time.monotonic()
         deadline = now + limits.get(name, limits.get("", DEFAULT_STEP_TIMEOUT_S))
-        if end is not None:
-            deadline = min(deadline, end - RESERVE_S - GRACE_S)
-        if end is not None and deadline - now < MIN_STEP_S:
+        budget_left = None if end is None else end - RESERVE_S - GRACE_S - now
+        if budget_left is not None:
+            deadline = min(deadline, now + budget_left)
+        if budget_left is not None and budget_left < MIN_STEP_S:
             records[name] = {"step": name, "status": "skipped", "started": _utc_now(), "wall_s": 0.0,
                              "commands": [str(c) for c in step.commands], "exit_status": [],
                              "note": "not started: no time left in --budget"}
         else:
             records[name] = run_step(step, ctx, deadline)
         save_records(ctx.out, records)
-        write_summary(ctx.out, versions, records)
-        if export_to is not None:
-            export(ctx.out, export_to)
+        try:
+            write_summary(ctx.out, versions, records)
+            if export_to is not None:
+                export(ctx.out, export_to)
+        except Exception as err:  # noqa: BLE001 - an unreadable table must not stop the remaining steps
+            print(f"warning: summary or export failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
     return records
 
 

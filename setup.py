@@ -1,8 +1,13 @@
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("mlit/__init__.py", encoding="utf-8").read()).group(1)
+DEPLOY = ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"]
 
 setup(
     name="mlit",
-    version="0.1.0",
+    version=VERSION,
     description="mLiT / mmLiT: Mixture-of-Experts lightweight vision transformers with fused Triton MoE kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -13,11 +18,15 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "scipy",          # .mat readers for SVHN and Flowers102
-        "pillow",         # Flowers102 JPEG decoding
+        "pillow",         # Flowers102 JPEG decoding, `mlit predict` image files
         "tqdm",           # progress bars
         "safetensors",    # final weights
         "matplotlib",     # `mlit plot`
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={
+        # `mlit export` (ONNX) and running the exported file; onnxscript is torch.onnx's exporter.
+        "deploy": DEPLOY,
+        "test": ["pytest>=7", "pytest-benchmark>=4", *DEPLOY],
+    },
     entry_points={"console_scripts": ["mlit = mlit.cli:main"]},
 )

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlit_kernels.meter import Meter  # noqa: E402
 
+from mlit.models import GroupedQueryAttention  # noqa: E402
 from mlit.profile import component_of  # noqa: E402
 from mlit.train.recipes import get_recipe  # noqa: E402
 from mlit.train.step import Trainer  # noqa: E402
@@ -71,6 +72,9 @@ def make_trainer(recipe_name: str, size: str, batch: int = 2) -> tuple[Trainer, 
     task = recipe.task
     trainer = Trainer(recipe, None if task == "pretrain" else 10, steps_per_epoch=100, device="cpu",
                       backend="triton", amp=True)
+    for module in trainer.raw_model.modules():  # as on CUDA: head dims zero-padded for the fused SDPA kernels
+        if isinstance(module, GroupedQueryAttention):
+            module.pad_head_dim = True
     g = torch.Generator().manual_seed(0)
     images = torch.randint(1, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = None if task == "pretrain" else torch.randint(0, 10, (batch,), generator=g)

@@ -1,3 +1,18 @@
-"""mLiT / mmLiT: Mixture-of-Experts lightweight vision transformers (models, data, training)."""
+"""mLiT / mmLiT: Mixture-of-Experts lightweight vision transformers (models, data, training).
+
+``mlit.create_model(name, num_classes=None, backend="auto", checkpoint=None)`` and
+``mlit.list_models()`` are the model registry (imported on first use, so ``import mlit`` and
+``mlit --version`` stay light).
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "create_model", "list_models"]
+
+
+def __getattr__(name):
+    if name in ("create_model", "list_models"):
+        from . import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

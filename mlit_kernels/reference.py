@@ -36,7 +36,16 @@ def top_k_lowest_index(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     and a row of NaN picks experts 0..k-1 (its values, and so its output, stay NaN).
     """
     key = torch.where(torch.isnan(h), torch.full_like(h, float("-inf")), h)
-    indices = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    # Written with comparisons, a sum and an argmax rather than a stable sort, so that the ONNX
+    # exporter can express it (it has no stable sort); same result. An entry's rank is the number
+    # of entries before it in the order (larger, or equal with a lower index): a permutation of 0..t-1.
+    t = h.shape[1]
+    position = torch.arange(t, device=h.device)
+    before = (key.unsqueeze(2) > key.unsqueeze(1)) | (
+        (key.unsqueeze(2) == key.unsqueeze(1)) & (position.view(1, t, 1) < position.view(1, 1, t)))
+    rank = before.sum(dim=1)  # (N, t)
+    wanted = torch.arange(k, device=h.device).view(1, k, 1)
+    indices = (rank.unsqueeze(1) == wanted).to(torch.int32).argmax(dim=2)  # (N, k): the entry of rank r
     return h.gather(1, indices), indices
 
 

@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from shared_data import CIFAR10_MINI
+from shared_data import CIFAR10_ARCHIVE as CIFAR10_MINI  # the real subset, else generated files
 import torch
 
 from mlit.cli import main
@@ -139,3 +139,62 @@ def cifar10_mini_archive() -> Path:
     if CIFAR10_MINI is None:
         pytest.skip("shared/data/cifar10-mini not found beside the checkout (set MLIT_TEST_DATA)")
     return CIFAR10_MINI
+
+
+# --- safe loading, leftovers of killed writes -------------------------------------------------
+
+
+class _Payload:
+    """A pickle that would run code when unpickled by an unsafe loader."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_checkpoints_load_safely_and_never_run_a_files_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {"w": torch.ones(1)}, "evil": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"(?s)cannot read checkpoint .*evil.pt.*weights_only=True"):
+        ckpt.load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "PWNED").exists()
+    with pytest.raises(SystemExit, match="mlit eval: error: cannot read checkpoint"):
+        main(["eval", str(tmp_path / "evil.pt"), "--device", "cpu"])
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_rng_states_are_plain_and_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # a cached gaussian in numpy's state
+    state = ckpt.rng_state()
+    expected = (random.random(), np.random.randn(), torch.rand(2))
+    ckpt.save_checkpoint(tmp_path / "c.pt", {"model": {}, "rng": [state]})
+    torch.load(tmp_path / "c.pt", weights_only=True)  # no allow-list needed
+    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "c.pt")["rng"][0])
+    got = (random.random(), np.random.randn(), torch.rand(2))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_format_1_checkpoints_with_numpy_rng_state_still_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    expected = (random.random(), np.random.randn())
+    torch.save({"format_version": 1, "model": {"w": torch.ones(1)}, "rng": [old]}, tmp_path / "old.pt")
+    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "old.pt")["rng"][0])
+    assert (random.random(), np.random.randn()) == expected
+
+
+def test_a_killed_writes_temp_file_is_removed_by_the_next_write(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    leftover = tmp_path / ".checkpoint.pt.abc123.tmp"  # what a kill -9 during atomic_write leaves
+    leftover.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".model.safetensors.x.tmp"  # another target's temp is not touched
+    other.write_bytes(b"x")
+    ckpt.save_checkpoint(path, {"model": {"w": torch.ones(1)}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.safetensors.x.tmp", "checkpoint.pt"]

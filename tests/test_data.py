@@ -19,6 +19,7 @@ from mlit.data.archives import read_idx_gz
 
 from shared_data import CIFAR10_MINI as MINI
 from shared_data import needs_cifar10_mini as needs_mini
+from shared_data import CIFAR10_ARCHIVE, write_cifar10, write_fashion_mnist
 FASHION = D.DEBIAN_FASHION_MNIST
 needs_fashion = pytest.mark.skipif(
     not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
@@ -360,3 +361,66 @@ def test_download_unreachable(tmp_path, monkeypatch):
     monkeypatch.setitem(DATASETS, "svhn", info)
     with pytest.raises(DataError, match="cannot download .*absent.mat .*--data-dir"):
         load_split("svhn", "test", cache_dir=tmp_path / "cache", download=True)
+
+
+# --- an explicit data dir is what is read; generated files in the official formats -------------
+
+
+def _declare_official(monkeypatch, archive: Path) -> None:
+    """Make ``archive``'s md5 the official one of cifar10 (both splits), as for a real download."""
+    official = dataclasses.replace(DATASETS["cifar10"], split_files={
+        s: (D.OfficialFile("cifar-10-python.tar.gz", (D.md5_file(archive),), "URL"),) for s in ("train", "test")})
+    monkeypatch.setitem(DATASETS, "cifar10", official)
+
+
+def test_explicit_data_dir_is_honoured_over_a_verified_cache(tmp_path, monkeypatch):
+    good = write_cifar10(tmp_path / "good", n_train=20, n_test=30)
+    _declare_official(monkeypatch, good)
+    cache = tmp_path / "cache"
+    first = load_split("cifar10", "test", data_dir=good, cache_dir=cache)
+    assert len(list(cache.glob("cifar10-test-official-*.pt"))) == 1
+    # the same files again: the cache is used, not decoded again
+    monkeypatch.setattr(D.CifarInfo, "decode", lambda *a: pytest.fail("decoded again despite the cache"))
+    assert torch.equal(load_split("cifar10", "test", data_dir=good, cache_dir=cache).images, first.images)
+    monkeypatch.undo()
+    _declare_official(monkeypatch, good)
+    # another copy in an explicit data dir is read (and md5-checked), never replaced by the cache
+    other = write_cifar10(tmp_path / "other", n_train=20, n_test=12)
+    with pytest.raises(DataError, match=f"{other}: md5"):
+        load_split("cifar10", "test", data_dir=other.parent, cache_dir=cache)
+    assert len(load_split("cifar10", "test", data_dir=other, cache_dir=cache, verify=False)) == 12
+    # a data dir without the files is an error, even with a verified cache at hand
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="cannot find cifar-10-python.tar.gz; looked in .*empty"):
+        load_split("cifar10", "test", data_dir=tmp_path / "empty", cache_dir=cache)
+    # without a data dir, the verified cache stands for the official files
+    assert torch.equal(load_split("cifar10", "test", cache_dir=cache).images, first.images)
+
+
+def test_generated_files_are_in_the_official_formats(tmp_path):
+    archive = write_cifar10(tmp_path / "c", n_train=40, n_test=30)
+    with pytest.warns(UserWarning, match="data_batch_2, .* missing"):
+        train = load_split("cifar10", "train", data_dir=archive, cache_dir=tmp_path / "cache", verify=False)
+    _check_imageset(train, 40, 32, 10)
+    raw = _raw_cifar(archive, "test_batch")
+    test = load_split("cifar10", "test", data_dir=archive, cache_dir=tmp_path / "cache", verify=False)
+    assert torch.equal(test.images[3], torch.from_numpy(raw["data"][3].reshape(3, 32, 32)))
+    assert test.labels.tolist() == raw["labels"]
+    folder = write_fashion_mnist(tmp_path / "f", n_train=50, n_test=20)
+    fm = load_split("fashion_mnist", "test", data_dir=folder, cache_dir=tmp_path / "cache", verify=False)
+    _check_imageset(fm, 20, 28, 10)
+    assert torch.equal(fm.images[:, 0], fm.images[:, 2])  # grey, replicated
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: md5 .*--no-verify"):
+        load_split("fashion_mnist", "test", data_dir=folder, cache_dir=tmp_path / "cache")
+    assert CIFAR10_ARCHIVE.is_file()  # the real subset, or a generated archive: never absent
+
+
+def test_class_names_match_the_classes():
+    from mlit.data.datasets import CLASS_NAMES
+
+    for name, info in DATASETS.items():
+        assert len(CLASS_NAMES[name]) == info.num_classes == len(set(CLASS_NAMES[name])), name
+    if MINI is not None:  # the official batches.meta of the real subset
+        with tarfile.open(MINI) as tar:
+            meta = pickle.load(tar.extractfile("cifar-10-batches-py/batches.meta"), encoding="latin1")
+        assert tuple(meta["label_names"]) == CLASS_NAMES["cifar10"]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from shared_data import CIFAR10_MINI
+from shared_data import CIFAR10_ARCHIVE as CIFAR10_MINI  # the real subset, else generated files
 import torch
 
 from mlit.cli import main

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from mlit.config import DECODER, ENCODERS, PAPER_PARAMS, TransformerConfig, encoder_config
 from mlit.models import GroupedQueryAttention, MLiTClassifier, MMLiT, patchify, random_masking
-from mlit.models.attention import padded_attention
 from mlit.params import parameter_table
 
 TINY = TransformerConfig("tiny", embed_dim=24, depth=3, hidden_first=12, hidden_last=6, num_heads=4, num_groups=2)
@@ -171,25 +170,31 @@ def test_classifier_trains_on_a_tiny_problem():
     assert loss.item() < 0.5 * first
 
 
-@pytest.mark.parametrize("head_dim", [18, 16, 27])
-def test_padded_attention_equals_plain_attention_with_gradients(head_dim):
-    q, k, v = (torch.randn(2, 3, 11, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    plain = F.scaled_dot_product_attention(q, k, v)
-    grads_plain = torch.autograd.grad(plain.square().sum(), (q, k, v))
-    padded = padded_attention(q, k, v, 8)
-    grads_padded = torch.autograd.grad(padded.square().sum(), (q, k, v))
-    torch.testing.assert_close(padded, plain, atol=1e-12, rtol=1e-12)
-    for a, b in zip(grads_padded, grads_plain):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+def _attention_reference(attn, x):
+    """Grouped-query attention written out: k and v heads repeated for their query heads."""
+    B, n, dim = x.shape
+    h, g, d = attn.num_heads, attn.num_groups, attn.head_dim
+    q, k, v = attn.qkv(x).split([dim, g * d, g * d], dim=-1)
+    q, k, v = (t.view(B, n, -1, d).transpose(1, 2) for t in (q, k, v))
+    k, v = (t.repeat_interleave(h // g, dim=1) for t in (k, v))
+    return attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, n, dim))
 
 
-def test_gqa_padding_option_gives_the_same_output():
+@pytest.mark.parametrize("dim,heads,groups", [(108, 6, 3), (128, 8, 4), (54, 2, 2), (48, 4, 1)])
+@pytest.mark.parametrize("pad", [False, True])
+def test_gqa_equals_repeated_heads_with_gradients(dim, heads, groups, pad):
+    """Native GQA and the zero-padded head dims (18 → 24, 27 → 32) change neither the output nor
+    the gradients against the written-out attention."""
     torch.manual_seed(0)
-    attn = GroupedQueryAttention(108, num_heads=6, num_groups=3, pad_head_dim=False).double()
-    x = torch.randn(2, 9, 108, dtype=torch.float64)
-    plain = attn(x)
-    attn.pad_head_dim = True
-    torch.testing.assert_close(attn(x), plain, atol=1e-12, rtol=1e-12)
+    attn = GroupedQueryAttention(dim, heads, groups, pad_head_dim=pad).double()
+    x = torch.randn(2, 9, dim, dtype=torch.float64, requires_grad=True)
+    out = attn(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *attn.parameters()])
+    ref = _attention_reference(attn, x)
+    grads_ref = torch.autograd.grad(ref.square().sum(), [x, *attn.parameters()])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 def test_set_backend_switches_every_moe_layer():

@@ -139,7 +139,7 @@ def test_recipe_errors_and_overrides():
     assert (r.epochs, r.autoaugment, r.crop_scale, r.gate_noise, r.limit_train) == (3, None, (0.5, 1.0), False, 10)
     with pytest.raises(RecipeError, match="unknown recipe field"):
         apply_overrides(r, {}, ["epochz=3"])
-    with pytest.raises(RecipeError, match="bad value"):
+    with pytest.raises(RecipeError, match="epochs: must be an integer; got .three."):
         apply_overrides(r, {}, ["epochs=three"])
     with pytest.raises(RecipeError):
         apply_overrides(r, {}, ["epochs=0"])
@@ -160,3 +160,30 @@ def test_cli_lists_and_shows_recipes(capsys):
     assert (shown["name"], shown["model"], shown["task"], shown["epochs"]) == ("table6-cifar10", "XXS", "train", 100)
     with pytest.raises(SystemExit):
         main(["train", "--epochs", "many"])  # argparse rejects it
+
+
+def _by_role(model) -> set[str]:
+    """The no-decay set as names and module types tell it: biases, LayerNorms, position tables, mask token."""
+    norms = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)
+             for p, _ in mod.named_parameters(recurse=False)}
+    roles = ("bias", "b1", "b_v", "b2", "pos_embed", "decoder_pos_embed", "mask_token")
+    return norms | {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in roles}
+
+
+@pytest.mark.parametrize("make", [lambda: MLiTClassifier(encoder_config("XXS"), 10), lambda: MMLiT(encoder_config("XXS")),
+                                  lambda: MMLiT(encoder_config("XXS"), decoder_pos_embed=False)])
+def test_models_declare_their_no_decay_set(make):
+    """The optimizer asks the model (timm's no_weight_decay()); the set is every bias, norm and embedding."""
+    model = make()
+    assert model.no_weight_decay() == _by_role(model)
+    assert no_weight_decay(model) == model.no_weight_decay()
+    assert set(model.no_weight_decay()) <= {n for n, _ in model.named_parameters()}
+    # wrappers (DDP's .module, torch.compile's ._orig_mod) are looked through
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    assert no_weight_decay(wrapper) == model.no_weight_decay()
+
+
+def test_no_weight_decay_of_a_plain_model_is_the_1d_parameters():
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    assert no_weight_decay(plain) == {"0.bias", "1.weight", "1.bias"}

@@ -11,15 +11,15 @@ import codecs
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ..atomic import atomic_write
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -65,30 +65,26 @@ def check_md5(path: Path, expected: tuple[str, ...], url: str) -> None:
 
 def download(url: str, dest: Path, expected_md5: tuple[str, ...]) -> Path:
     """Fetch ``url`` to ``dest`` atomically (temp file + os.replace) after an md5 check."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+
+    def fetch(out) -> None:
+        digest = hashlib.md5()
+        with urllib.request.urlopen(url, timeout=60) as response:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        actual = md5_file(Path(tmp))
-        if actual not in expected_md5:
+                digest.update(chunk)
+        if digest.hexdigest() not in expected_md5:
             raise DataError(
-                f"download of {url} gave md5 {actual}, expected {' or '.join(expected_md5)}; "
+                f"download of {url} gave md5 {digest.hexdigest()}, expected {' or '.join(expected_md5)}; "
                 f"nothing was written to {dest}. Try again, or fetch the file by hand and pass --data-dir."
             )
-        os.replace(tmp, dest)
+
+    try:
+        return atomic_write(dest, fetch)
     except OSError as err:  # urllib.error.URLError is an OSError
         raise DataError(
             f"cannot download {url} to {dest}: {err}. Without a network, fetch the file elsewhere "
             f"and pass --data-dir DIR (or set MLIT_DATA_DIR) to the folder holding it."
         ) from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
 
 
 class _NumpyUnpickler(pickle.Unpickler):

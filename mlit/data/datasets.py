@@ -1,23 +1,25 @@
 """The registry of data sets and ``load_split``: find the official files, verify, decode once, cache.
 
-Where files are looked for, in order (the first hit wins):
-  1. ``data_dir`` (argument, else ``$MLIT_DATA_DIR``) and its subfolder named after the data set
-     (``cifar10``, ``svhn``, ...), by the official file names; for CIFAR also the extracted folder
-     (``cifar-10-batches-py`` / ``cifar-100-python``), or ``data_dir`` itself when it *is* a CIFAR
-     archive (any file name) or an extracted CIFAR folder;
-  2. Fashion-MNIST only, when no data_dir is given: Debian's ``/usr/share/datasets/fashion-mnist``;
-  3. ``<cache_dir>/downloads/<name>/``, where ``download=True`` stores official downloads.
+Where files are looked for:
+  * with a ``data_dir`` (argument, else ``$MLIT_DATA_DIR``): there only (and in
+    ``<cache_dir>/downloads/<name>/`` with ``download=True``) — in it and in its subfolder named
+    after the data set (``cifar10``, ``svhn``, ...), by the official file names; for CIFAR also
+    the extracted folder (``cifar-10-batches-py`` / ``cifar-100-python``), or ``data_dir`` itself
+    when it *is* a CIFAR archive (any file name) or an extracted CIFAR folder;
+  * without one: Debian's ``/usr/share/datasets/fashion-mnist`` (Fashion-MNIST only), then
+    ``<cache_dir>/downloads/<name>/``, where ``download=True`` stores official downloads.
 
 The decoded split is cached as ``<cache_dir>/<name>-<split>-official-<hash>.pt`` (verified: keyed
-by the official md5s, reused without touching the sources) or ``...-unverified-<hash>.pt``
-(``verify=False``: keyed by the md5 of the files actually read), written atomically.
+by the official md5s) or ``...-unverified-<hash>.pt`` (``verify=False``: keyed by the md5 of the
+files actually read), written atomically. Without a data_dir a verified cache is reused without
+touching the sources; with one, only if it was decoded from files with the same md5s (an explicit
+data_dir is always what is read).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from .archives import DataError, check_md5, md5_file, read_cifar, read_flowers, read_idx_gz, read_svhn
 from .archives import download as download_file
 
@@ -219,11 +222,33 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def _search_dirs(info: DatasetInfo, data_dir: Path | None, downloads: Path) -> list[Path]:
-    dirs = [data_dir] if data_dir is not None else []
-    if data_dir is None and info.name == "fashion_mnist":
-        dirs.append(DEBIAN_FASHION_MNIST)
-    return dirs + [downloads]
+#: Class names in label order: the official meta files' (CIFAR ``batches.meta`` / ``meta``, the
+#: Fashion-MNIST README); SVHN labels are digits; Flowers102's official files carry numbers only.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "cifar100": tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+        butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile
+        cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower
+        leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter
+        palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket
+        rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper
+        table tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf
+        woman worm""".split()),
+    "svhn": tuple(str(d) for d in range(10)),
+    "flowers102": tuple(f"class {i}" for i in range(1, 103)),  # imagelabels.mat's 1-based numbers
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+}
+
+
+#: Data sets whose images are grey (decoded with one channel, replicated to three when loaded).
+GREY_DATASETS = frozenset({"fashion_mnist"})
+
+
+def _search_dirs(info: DatasetInfo, data_dir: Path | None, downloads: Path, download: bool) -> list[Path]:
+    if data_dir is not None:
+        return [data_dir, downloads] if download else [data_dir]
+    return ([DEBIAN_FASHION_MNIST] if info.name == "fashion_mnist" else []) + [downloads]
 
 
 def _fingerprint(paths: dict[str, Path]) -> str:
@@ -241,7 +266,9 @@ def _cache_path(cache_dir: Path, info: DatasetInfo, split: str, verified: bool, 
     return cache_dir / f"{info.name}-{split}-{'official' if verified else 'unverified'}-{digest}.pt"
 
 
-def _load_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _load_cache(path: Path, fingerprint: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (images, labels), or None when absent, damaged, or (with ``fingerprint``)
+    decoded from other files than those."""
     if not path.is_file():
         return None
     try:
@@ -252,22 +279,17 @@ def _load_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
     except Exception as err:  # a damaged cache is rebuilt, never trusted
         warnings.warn(f"ignoring unreadable cache {path} ({type(err).__name__}: {err}); decoding again", stacklevel=3)
         return None
+    if fingerprint is not None and blob.get("fingerprint") != fingerprint:
+        return None
     return images, labels
 
 
-def _save_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, sources: dict[str, Path]) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": images, "labels": labels, "sources": {k: str(v) for k, v in sources.items()}}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _save_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, sources: dict[str, Path],
+                fingerprint: str) -> None:
+    """torch.save written atomically (temporary file, fsync, os.replace), with the md5s of its sources."""
+    blob = {"images": images, "labels": labels, "sources": {k: str(v) for k, v in sources.items()},
+            "fingerprint": fingerprint}
+    atomic_write(path, lambda f: torch.save(blob, f))
 
 
 def _missing_error(info: DatasetInfo, split: str, missing: list[OfficialFile], dirs: list[Path]) -> DataError:
@@ -283,7 +305,7 @@ def _missing_error(info: DatasetInfo, split: str, missing: list[OfficialFile], d
 def _locate(info: DatasetInfo, split: str, data_dir: Path | None, cache_dir: Path, download: bool) -> dict[str, Path]:
     """Paths of the files ``split`` reads, downloading the missing official ones if ``download``."""
     downloads = cache_dir / "downloads" / info.name
-    dirs = _search_dirs(info, data_dir, downloads)
+    dirs = _search_dirs(info, data_dir, downloads, download)
     paths = info.locate(split, dirs)
     missing = [f for f in info.split_files[split] if f.name not in paths]
     if missing and download:
@@ -323,21 +345,28 @@ def load_split(
         raise DataError(f"data dir {data_dir} does not exist (from --data-dir / data_dir= or MLIT_DATA_DIR)")
     cache_dir = Path(cache_dir or os.environ.get("MLIT_CACHE_DIR") or "~/.cache/mlit").expanduser()
 
-    cached = None
-    if verify:  # a verified cache is reused without reading the sources again
+    cached = paths = fingerprint = None
+    if verify:
         official = "|".join(m for f in info.split_files[split] for m in f.md5)
         cache = _cache_path(cache_dir, info, split, True, official)
-        cached = _load_cache(cache)
+        if data_dir is None:  # the verified cache stands for the official files wherever they are
+            cached = _load_cache(cache)
+        else:  # an explicit data_dir is read: the cache counts only if decoded from these very files
+            paths = _locate(info, split, data_dir, cache_dir, download)
+            fingerprint = _fingerprint(paths)
+            cached = _load_cache(cache, fingerprint)
     if cached is None:
-        paths = _locate(info, split, data_dir, cache_dir, download)
+        if paths is None:
+            paths = _locate(info, split, data_dir, cache_dir, download)
+            fingerprint = _fingerprint(paths)
         if not verify:
-            cache = _cache_path(cache_dir, info, split, False, _fingerprint(paths))
+            cache = _cache_path(cache_dir, info, split, False, fingerprint)
             cached = _load_cache(cache)
         if cached is None:
             images, labels = info.decode(paths, split, verify)
             cached = (torch.from_numpy(np.require(images, requirements=["C", "W"])),
                       torch.from_numpy(np.require(labels, np.int64, ["C", "W"])))
-            _save_cache(cache, *cached, paths)
+            _save_cache(cache, *cached, paths, fingerprint)
     images, labels = cached
     if images.shape[1] == 1:  # grey (Fashion-MNIST) is cached once, replicated to 3 channels here
         images = images.expand(-1, 3, -1, -1)

@@ -8,21 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, multiple: int) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(d)) v with the head dim d zero-padded up to a multiple of ``multiple``.
-
-    q, k, v: (B, H, n, d). PyTorch's fused attention kernels (flash, memory-efficient) need head
-    dims that are multiples of 8; the paper's 18 is not, so SDPA would fall back to the unfused
-    math path. Zeros add nothing to q kᵀ, the true scale is passed explicitly, and the padded
-    output columns (zero) are cut off, so the result and its gradients are unchanged.
-    """
-    d = q.shape[-1]
-    pad = -d % multiple
-    if pad == 0:
-        return F.scaled_dot_product_attention(q, k, v)
-    q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d))[..., :d]
+PAD_MULTIPLE = 8  # PyTorch's fused attention kernels (flash, memory-efficient) need head dims that are multiples of 8
 
 
 class GroupedQueryAttention(nn.Module):
@@ -30,9 +16,14 @@ class GroupedQueryAttention(nn.Module):
 
     G = 1 is multi-query, G = H multi-head attention. Head dim = dim / H; the key and value
     projections map dim → G · dim / H. Every projection has a bias (all linear layers inside an
-    encoder layer do). The query, key and value projections are one matrix (one launch).
-    On CUDA, head dims that are not a multiple of 8 are zero-padded so that a fused SDPA kernel
-    runs (``pad_head_dim``: "auto" = on CUDA only, True, False).
+    encoder layer do). The query, key and value projections are one matrix (one launch), and the
+    shared key / value heads go to SDPA as they are (``enable_gqa``: no repeated copies).
+
+    The paper's head dims (18 for S and XXS) are not multiples of 8, so on CUDA SDPA would fall
+    back to its unfused math path: ``pad_head_dim`` ("auto" = on CUDA only, True, False) zero-pads
+    the projected q, k and v heads (one pad of the fused qkv output) with the true scale passed
+    explicitly; zeros add nothing to q kᵀ and the padded output columns are cut off, so the result
+    and its gradients are unchanged.
 
     forward(x (B, n, dim)) → (B, n, dim).
     """
@@ -50,14 +41,14 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, n, dim = x.shape
-        kv_dim = self.num_groups * self.head_dim
-        q, k, v = self.qkv(x).split([dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, n, self.num_groups, self.head_dim).transpose(1, 2)
-        v = v.view(B, n, self.num_groups, self.head_dim).transpose(1, 2)
-        repeats = self.num_heads // self.num_groups
-        k = k.repeat_interleave(repeats, dim=1)
-        v = v.repeat_interleave(repeats, dim=1)
-        pad = self.pad_head_dim if self.pad_head_dim != "auto" else x.is_cuda
-        out = padded_attention(q, k, v, 8) if pad else F.scaled_dot_product_attention(q, k, v)
+        d = self.head_dim
+        heads = self.qkv(x).view(B, n, self.num_heads + 2 * self.num_groups, d)
+        pad = (self.pad_head_dim if self.pad_head_dim != "auto" else x.is_cuda) and d % PAD_MULTIPLE
+        if pad:
+            heads = F.pad(heads, (0, -d % PAD_MULTIPLE))
+        q, k, v = heads.transpose(1, 2).split([self.num_heads, self.num_groups, self.num_groups], dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d),
+                                             enable_gqa=self.num_groups != self.num_heads)
+        if pad:
+            out = out[..., :d]
         return self.proj(out.transpose(1, 2).reshape(B, n, dim))

@@ -7,19 +7,53 @@ import torch.nn as nn
 
 from ..config import ImageConfig, TransformerConfig
 from .encoder import MLiTEncoder
+from .transformer import biases_and_norms, set_moe_backend
 
 
 class MLiTClassifier(nn.Module):
-    """forward(images (B, 3, 36, 36)) → (logits (B, num_classes), auxiliary loss ())."""
+    """forward(images (B, 3, 36, 36), normalised to [-1, 1]) → (logits (B, num_classes), auxiliary loss ()).
+
+    timm's conventions: ``forward_features(images)`` → tokens (B, 145, m) after the final norm;
+    ``forward_head(tokens, pre_logits=False)`` → logits (B, num_classes), or with pre_logits the
+    dummy token's features (B, m); ``reset_classifier(n)`` puts a fresh n-class head (0: none,
+    the model then returns features); ``no_weight_decay()``; ``set_backend(b)`` for every MoE layer.
+    """
 
     def __init__(
         self, cfg: TransformerConfig, num_classes: int, image: ImageConfig = ImageConfig(), backend: str = "reference"
     ):
         super().__init__()
-        self.num_classes = num_classes
         self.encoder = MLiTEncoder(cfg, image, backend)
-        self.head = nn.Linear(cfg.embed_dim, num_classes)
+        self.num_features = self.embed_dim = cfg.embed_dim
+        self.reset_classifier(num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh linear head for ``num_classes`` (nn.Identity for 0)."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, 36, 36) → tokens (B, 145, m); the MoE auxiliary loss is dropped (use forward)."""
+        return self.encoder(images)[0]
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """tokens (B, 145, m) → logits (B, num_classes), or the dummy token (B, m) with pre_logits."""
+        pooled = features[:, -1]
+        return pooled if pre_logits else self.head(pooled)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, aux_loss = self.encoder(images)
-        return self.head(features[:, -1]), aux_loss
+        return self.forward_head(features), aux_loss
+
+    def set_backend(self, backend: str) -> None:
+        """Switch every MoE layer to ``backend`` ("reference", "triton", "auto"); same parameters."""
+        set_moe_backend(self, backend)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters AdamW must not decay: biases, norms, the position table."""
+        return biases_and_norms(self) | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}

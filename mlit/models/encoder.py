@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ImageConfig, TransformerConfig
-from .transformer import MoETransformer
+from .transformer import MoETransformer, biases_and_norms, set_moe_backend
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -51,3 +51,11 @@ class MLiTEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(self.embed(images))
+
+    def set_backend(self, backend: str) -> None:
+        """Switch every MoE layer to ``backend`` ("reference", "triton", "auto"); same parameters."""
+        set_moe_backend(self, backend)
+
+    def no_weight_decay(self) -> set[str]:
+        """Biases, norms and the position table (MAE practice)."""
+        return biases_and_norms(self) | {"pos_embed"}

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..config import DECODER, ImageConfig, TransformerConfig
 from .encoder import MLiTEncoder, patchify
-from .transformer import MoETransformer
+from .transformer import MoETransformer, biases_and_norms, set_moe_backend
 
 
 @dataclass
@@ -49,6 +49,7 @@ class MMLiT(nn.Module):
         alpha, beta: weights of the unmasked-patch loss and of the MoE loss in Eq. 16.
 
     forward(images (B, 3, 36, 36), normalised) → MAEOutput. Targets are the normalised pixels.
+    ``set_backend(b)`` switches every MoE layer, the decoder's included; ``no_weight_decay()``.
     """
 
     def __init__(
@@ -79,6 +80,17 @@ class MMLiT(nn.Module):
         self.decoder = MoETransformer(decoder_cfg, backend)
         self.decoder_norm = nn.LayerNorm(decoder_cfg.embed_dim)
         self.decoder_pred = nn.Linear(decoder_cfg.embed_dim, image.patch_dim, bias=False)
+
+    def set_backend(self, backend: str) -> None:
+        """Switch every MoE layer (encoder and decoder) to ``backend``; same parameters."""
+        set_moe_backend(self, backend)
+
+    def no_weight_decay(self) -> set[str]:
+        """Biases, norms, both position tables and the mask token (MAE practice)."""
+        names = biases_and_norms(self) | {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token"}
+        if self.decoder_pos_embed is not None:
+            names.add("decoder_pos_embed")
+        return names
 
     @property
     def num_keep(self) -> int:

@@ -11,6 +11,30 @@ from ..config import TransformerConfig
 from .attention import GroupedQueryAttention
 
 
+def biases_and_norms(module: nn.Module) -> set[str]:
+    """Names (relative to ``module``) of its bias and normalisation parameters: every nn.Linear
+    bias, every LayerNorm parameter, and the MoE layers' b1, b_v, b2 (b1 is (t, d_h) with one W_1
+    per expert, so a bias is known by its role, not by ndim). These get no weight decay."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(sub, nn.LayerNorm):
+            names |= {dot + n for n, _ in sub.named_parameters(recurse=False)}
+        elif isinstance(sub, nn.Linear) and sub.bias is not None:
+            names.add(dot + "bias")
+        elif isinstance(sub, SharedSwiGLUMoE):
+            names |= {dot + n for n in ("b1", "b_v", "b2")}
+    return names
+
+
+def set_moe_backend(module: nn.Module, backend: str) -> int:
+    """Set ``backend`` on every SharedSwiGLUMoE inside ``module``; returns how many layers."""
+    layers = [m for m in module.modules() if isinstance(m, SharedSwiGLUMoE)]
+    for layer in layers:
+        layer.backend = backend
+    return len(layers)
+
+
 class MoETransformerLayer(nn.Module):
     """Pre-norm layer: x = x + GQA(LN(x)); x = x + MoE(LN(x)).
 
@@ -65,5 +89,7 @@ class MoETransformer(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Switch every MoE layer to another backend (same parameters)."""
-        for layer in self.layers:
-            layer.moe.backend = backend
+        set_moe_backend(self, backend)
+
+    def no_weight_decay(self) -> set[str]:
+        return biases_and_norms(self)

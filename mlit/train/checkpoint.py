@@ -1,12 +1,17 @@
-"""Checkpoints: atomic writes, RNG states, compatibility checks, safetensors export."""
+"""Checkpoints: atomic writes, RNG states, compatibility checks, safetensors export.
+
+Loading is safe: ``checkpoint.pt`` is read with ``torch.load(weights_only=True)``, which builds
+tensors and plain containers only and never runs code a file carries. A checkpoint therefore
+holds only tensors, ints, floats, bools, str, None and lists / tuples / dicts of those: the
+numpy and python RNG states are converted to tensors and lists when saved. ``model.safetensors``
+holds tensors and JSON metadata only.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,51 +19,47 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
+
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: RNG states as tensors / lists (loadable with weights_only=True)
+
+__all__ = ["CHECKPOINT_NAME", "WEIGHTS_NAME", "CheckpointError", "atomic_write", "check_compatible", "describe",
+           "load_checkpoint", "load_encoder", "resolve_checkpoint", "rng_state", "same_config", "save_checkpoint",
+           "save_safetensors", "set_rng_state"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the model asked for."""
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Write via ``write(file_object)`` into a temporary file beside ``path``, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
-
-
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The python, numpy, torch (and current CUDA device's) RNG states as tensors and lists."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()  # the current device's
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned (also the numpy-tuple form of format version 1)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        np.random.set_state({"bit_generator": "MT19937",
+                             "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                             "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    else:
+        np.random.set_state(np_state)
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
@@ -82,6 +83,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
+def _version1_numpy_globals() -> list:
+    """What format-1 checkpoints pickled besides tensors: numpy's RNG state (a uint32 array)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+# Allowed for the duration of one load only (never registered globally).
+_VERSION1_NUMPY_GLOBALS = _version1_numpy_globals()
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint.pt (full state) or a model.safetensors (weights + metadata) into a dict
     with at least ``model``, ``task``, ``model_config``, ``num_classes``."""
@@ -100,9 +114,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state.setdefault("task", None)
         return state
     try:
-        state = torch.load(p, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_VERSION1_NUMPY_GLOBALS):
+            state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {p}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {p}: {e} (checkpoints are read with torch.load("
+                              f"weights_only=True): tensors and plain Python values only)") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{p} is not an mlit checkpoint (no 'model' entry)")
     return state
@@ -116,7 +132,7 @@ def describe(task: str | None, model_config: dict | None, num_classes: int | Non
     return f"task={task}, model {cfg.get('name', '?')} ({body}), num_classes={num_classes}"
 
 
-def _same_config(a: dict, b: dict) -> bool:
+def same_config(a: dict, b: dict) -> bool:
     """Compare the shape-defining fields (dropout may differ)."""
     keys = set(a) | set(b)
     keys.discard("dropout")
@@ -128,7 +144,7 @@ def check_compatible(state: dict[str, Any], task: str, model_config: dict, num_c
     """Raise CheckpointError naming both configurations when a checkpoint is for another model."""
     ck_task, ck_cfg, ck_classes = state.get("task"), state.get("model_config") or {}, state.get("num_classes")
     same_kind = (ck_task == "pretrain") == (task == "pretrain")
-    if not same_kind or not _same_config(ck_cfg, model_config) or (task != "pretrain" and ck_classes != num_classes):
+    if not same_kind or not same_config(ck_cfg, model_config) or (task != "pretrain" and ck_classes != num_classes):
         raise CheckpointError(
             f"checkpoint {path} does not match this run:\n"
             f"  checkpoint: {describe(ck_task, ck_cfg, ck_classes)}\n"
@@ -143,7 +159,7 @@ def load_encoder(model: nn.Module, state: dict[str, Any], path: str = "") -> lis
     import dataclasses
 
     own_cfg = dataclasses.asdict(model.encoder.cfg)
-    if not _same_config(ck_cfg, own_cfg):
+    if not same_config(ck_cfg, own_cfg):
         raise CheckpointError(
             f"pre-trained checkpoint {path} has another encoder:\n"
             f"  checkpoint: {describe(state.get('task'), ck_cfg, state.get('num_classes'))}\n"

@@ -7,12 +7,6 @@ import math
 import torch
 from torch import nn
 
-# Parameters named like this get no weight decay (MAE practice): biases — including the MoE layer's
-# b1, b_v, b2 (b1 is 2-D (t, d_h) when W is per expert, so the decision is by name, not by ndim) —
-# positional embeddings and the mask token. LayerNorm parameters are found by module type.
-NO_DECAY_SUFFIXES = ("bias", "b1", "b_v", "b2")
-NO_DECAY_NAMES = ("pos_embed", "decoder_pos_embed", "mask_token")
-
 
 def _strip(name: str) -> str:
     """Drop DDP / torch.compile prefixes."""
@@ -22,19 +16,21 @@ def _strip(name: str) -> str:
     return name
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def no_weight_decay(model: nn.Module) -> set[str]:
-    """Names of the parameters that get no weight decay."""
-    names = set()
-    for mod_name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm):
-            for p_name, _ in module.named_parameters(recurse=False):
-                names.add(_strip(f"{mod_name}.{p_name}" if mod_name else p_name))
-    for name, _ in model.named_parameters():
-        name = _strip(name)
-        last = name.rsplit(".", 1)[-1]
-        if last in NO_DECAY_SUFFIXES or last in NO_DECAY_NAMES:
-            names.add(name)
-    return names
+    """Names of the parameters that get no weight decay: the model's own ``no_weight_decay()``
+    (timm's convention: biases, norms, position tables, the mask token for the mLiT models), or,
+    for a model without that method, every parameter with at most one dimension."""
+    inner = _unwrap(model)
+    if hasattr(inner, "no_weight_decay"):
+        return set(inner.no_weight_decay())
+    return {_strip(n) for n, p in inner.named_parameters() if p.ndim <= 1}
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -54,7 +50,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     lr scale = layer_decay ** (L_E + 1 − layer_id): the head (and the final norm, the decoder)
     get 1, encoder layer j gets decay^(L_E + 1 − j), the embeddings decay^(L_E + 1).
     """
-    inner = getattr(model, "module", model)
+    inner = _unwrap(model)
     num_layers = len(inner.encoder.blocks.layers)
     skip = no_weight_decay(inner)
     groups: dict[tuple[int, bool], dict] = {}

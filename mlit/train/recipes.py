@@ -21,96 +21,176 @@ Every field of :class:`Recipe` can be overridden (``--set key=value`` or the nam
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from ..data.datasets import DATASETS
 
 MODEL_SIZES = ("S", "XS", "XXS")
 TASKS = ("pretrain", "finetune", "train")
+AUTOAUGMENT_POLICIES = ("cifar10", "svhn")
 
 
 class RecipeError(ValueError):
-    """An unknown recipe or a bad override."""
+    """An unknown recipe or a bad setting. ``field``: the recipe field at fault (or None);
+    ``detail``: the message without the field's name (for a CLI error that names the flag)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field, self.detail = field, message
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+# --------------------------------------------------------------------------------------------
+# Constraints of single fields: each returns None when the value is allowed, else what is allowed
+# --------------------------------------------------------------------------------------------
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def at_least_one(v) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else "an integer >= 1"
+
+
+def positive(v) -> str | None:
+    return None if _finite(v) and v > 0 else "a finite number > 0"
+
+
+def non_negative(v) -> str | None:
+    return None if _finite(v) and v >= 0 else "a finite number >= 0"
+
+
+def probability(v) -> str | None:
+    return None if _finite(v) and 0 <= v <= 1 else "a number in [0, 1]"
+
+
+def below_one(v) -> str | None:
+    return None if _finite(v) and 0 <= v < 1 else "a number in [0, 1)"
+
+
+def decay_factor(v) -> str | None:
+    return None if _finite(v) and 0 < v <= 1 else "a number in (0, 1]"
+
+
+def scale_range(v) -> str | None:
+    ok = len(v) == 2 and all(_finite(x) for x in v) and 0 < v[0] <= v[1] <= 1
+    return None if ok else "two numbers LOW,HIGH with 0 < LOW <= HIGH <= 1"
+
+
+def adam_betas(v) -> str | None:
+    return None if len(v) == 2 and all(_finite(x) and 0 <= x < 1 for x in v) else "two numbers in [0, 1)"
+
+
+def setting(default: Any, help: str, *, check=None, choices: tuple | None = None, cli: bool = True,
+            tasks: tuple[str, ...] = TASKS) -> Any:
+    """A Recipe field and what the CLI needs to make its flag: the help text, the constraint
+    ``check`` (None or a function as above), the allowed ``choices``, whether there is a flag
+    (``cli``) and for which commands (``tasks``)."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "cli": cli,
+                                            "tasks": tasks})
 
 
 @dataclass
 class Recipe:
-    """Everything one training run needs besides the device and the output folder."""
+    """Everything one training run needs besides the device and the output folder.
 
-    name: str
-    task: str  # "pretrain" (MAE), "finetune" (from a pre-trained encoder) or "train" (from scratch)
-    dataset: str
-    model: str = "XXS"
-    epochs: int = 100
-    warmup_epochs: float = 5
-    batch_size: int = 256  # global batch (all ranks together)
-    base_lr: float = 1e-3  # lr = base_lr * batch_size / 256 (Eq. 17)
-    lr: float | None = None  # absolute lr; overrides Eq. 17 when set
-    min_lr: float = 0.0  # floor of the cosine
-    weight_decay: float = 0.05
-    layer_decay: float = 1.0  # layer-wise lr decay (1 = none)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = None  # max gradient norm; None = no clipping (the paper names none)
-    label_smoothing: float = 0.0  # the paper names none
-    aux_weight: float = 1.0  # weight of the MoE auxiliary loss added to the cross-entropy
+    Each field carries its help text and constraint (``fields(Recipe)[i].metadata``): the CLI makes
+    one flag per field from them (``--warmup-epochs`` for ``warmup_epochs``), :meth:`validate`
+    applies the same constraints to every recipe (preset, ``--set``, ``--config`` file).
+    """
+
+    name: str = setting(None, "preset name", cli=False)
+    task: str = setting(None, "pretrain (MAE), finetune (from a pre-trained encoder) or train (from scratch)",
+                        choices=TASKS, cli=False)
+    dataset: str = setting(None, "data set", choices=tuple(DATASETS))
+    model: str = setting("XXS", "model size", choices=MODEL_SIZES)
+    epochs: int = setting(100, "epochs", check=at_least_one)
+    warmup_epochs: float = setting(5, "linear warm-up, in epochs (fractions allowed)", check=non_negative)
+    batch_size: int = setting(256, "global batch (all processes together)", check=at_least_one)
+    base_lr: float = setting(1e-3, "base lr; the peak lr is base_lr x batch / 256 (Eq. 17)", check=positive)
+    lr: float | None = setting(None, "absolute peak lr (overrides Eq. 17; none: use Eq. 17)", check=positive)
+    min_lr: float = setting(0.0, "lr at the end of the cosine", check=non_negative)
+    weight_decay: float = setting(0.05, "AdamW weight decay", check=non_negative)
+    layer_decay: float = setting(1.0, "layer-wise lr decay (1 = none)", check=decay_factor)
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas", check=adam_betas)
+    grad_clip: float | None = setting(None, "max gradient norm (none: no clipping; the paper names none)",
+                                      check=positive)
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", check=below_one,
+                                     tasks=("finetune", "train"))
+    aux_weight: float = setting(1.0, "weight of the MoE balancing loss added to the cross-entropy",
+                                check=non_negative, tasks=("finetune", "train"))
     # augmentation
-    augment: bool = True  # False: resize + normalise only (as at evaluation)
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    hflip: float = 0.5
-    autoaugment: str | None = "cifar10"  # "cifar10", "svhn" or None
+    augment: bool = setting(True, "augment training images (--no-augment: resize + normalise only, as at evaluation)")
+    crop_scale: tuple[float, float] = setting((0.8, 1.0), "random resized crop: range of the area kept, LOW,HIGH", check=scale_range)
+    hflip: float = setting(0.5, "horizontal flip probability", check=probability)
+    autoaugment: str | None = setting("cifar10", "AutoAugment policy", choices=AUTOAUGMENT_POLICIES)
     # model
-    dropout: float | None = None  # None: the model's 0.1
-    gate_noise: bool = True  # False: noise-free gating in training (for deterministic tests)
-    mask_ratio: float = 0.75  # MAE
-    mae_alpha: float = 0.1  # Eq. 16
-    mae_beta: float = 0.5  # Eq. 16
+    dropout: float | None = setting(None, "MoE output dropout (none: the model's 0.1)", check=below_one)
+    gate_noise: bool = setting(True, "noisy gating in training (--no-gate-noise: deterministic routing, for tests)")
+    mask_ratio: float = setting(0.75, "MAE: share of patches hidden", check=below_one, tasks=("pretrain",))
+    mae_alpha: float = setting(0.1, "MAE: weight of the visible-patch loss (Eq. 16)", check=non_negative,
+                               tasks=("pretrain",))
+    mae_beta: float = setting(0.5, "MAE: weight of the MoE loss (Eq. 16)", check=non_negative, tasks=("pretrain",))
     # data
-    data_dir: str | None = None
-    cache_dir: str | None = None
-    download: bool = False
-    verify: bool = True  # False: read an unofficial subset (no md5 check)
-    eval_split: str = "test"
-    limit_train: int | None = None  # a seeded random subset of this many training images
-    limit_test: int | None = None  # the first N evaluation images
+    data_dir: str | None = setting(None, "folder with the data set's files (read from there, never elsewhere)")
+    cache_dir: str | None = setting(None, "cache of decoded splits (default $MLIT_CACHE_DIR or ~/.cache/mlit)")
+    download: bool = setting(False, "download missing official files")
+    verify: bool = setting(True, "check the official md5s (--no-verify: read an unofficial copy or subset)")
+    eval_split: str = setting("test", "split to evaluate on (val exists for flowers102 only)",
+                              choices=("test", "val", "train"))
+    limit_train: int | None = setting(None, "train on a seeded random subset of N images", check=at_least_one)
+    limit_test: int | None = setting(None, "evaluate on the first N images", check=at_least_one)
     # run
-    seed: int = 0
-    amp: bool = True  # fp16 autocast + GradScaler on CUDA (always fp32 on CPU)
-    # torch.compile the training model (inductor, default mode) on CUDA; ignored on CPU. The
-    # Triton MoE is traced as custom ops (no graph break); evaluation and checkpoints use the
-    # uncompiled module (Trainer.raw_model).
-    compile: bool = False
-    # Capture the whole training step (augmentation, forward, loss, backward, optimizer) and the
-    # evaluation step as CUDA graphs after a warm-up; CUDA, one process. Elsewhere: uncaptured, with
-    # a warning naming why.
-    cuda_graphs: bool = False
-    log_every: int | None = None  # progress (loss, img/s) read from the device every N steps; none: 4 per epoch
-    eval_every: int = 1  # evaluate every N epochs (and after the last)
-    pretrained: str | None = None  # finetune: checkpoint / safetensors / run dir of a pre-training
-    notes: str = ""
+    seed: int = setting(0, "seed of weights, order, augmentation")
+    amp: bool = setting(True, "fp16 autocast + loss scaling on CUDA (--no-amp: fp32; always fp32 on CPU)")
+    compile: bool = setting(False, "torch.compile the training model on CUDA (ignored on CPU); evaluation and "
+                                   "checkpoints use the uncompiled module")
+    cuda_graphs: bool = setting(False, "capture the training and evaluation steps as CUDA graphs after a warm-up "
+                                       "(CUDA, one process; elsewhere uncaptured, with a warning naming why)")
+    log_every: int | None = setting(None, "read progress (loss, img/s) from the device every N steps "
+                                          "(none: 4 times per epoch)", check=at_least_one)
+    eval_every: int = setting(1, "evaluate every N epochs (and after the last)", check=at_least_one)
+    pretrained: str | None = setting(None, "pre-training run dir, checkpoint.pt or model.safetensors whose encoder "
+                                           "to load", tasks=("finetune",))
+    notes: str = setting("", "where the preset comes from", cli=False)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        if self.task not in TASKS:
-            raise RecipeError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.model.upper() not in MODEL_SIZES:
-            raise RecipeError(f"model must be one of {MODEL_SIZES}, got {self.model!r}")
-        self.model = self.model.upper()
-        for name in ("epochs", "batch_size", "eval_every"):
-            if int(getattr(self, name)) < 1:
-                raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.warmup_epochs < 0:
-            raise RecipeError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.base_lr <= 0 and self.lr is None:
-            raise RecipeError(f"base_lr must be > 0, got {self.base_lr}")
-        if not 0 < self.layer_decay <= 1:
-            raise RecipeError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.autoaugment not in (None, "cifar10", "svhn"):
-            raise RecipeError(f"autoaugment must be 'cifar10', 'svhn' or none, got {self.autoaugment!r}")
-        for name in ("limit_train", "limit_test", "log_every"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise RecipeError(f"{name} must be >= 1, got {v}")
+        """Raise RecipeError naming the first field whose value is not allowed."""
+        if self.name is None or self.task is None or self.dataset is None:
+            raise RecipeError("a recipe needs a name, a task and a data set")
+        if isinstance(self.model, str):
+            self.model = self.model.upper()
+        if isinstance(self.autoaugment, str) and self.autoaugment.lower() == "none":
+            self.autoaugment = None
+        for f in fields(self):
+            problem = field_problem(f.name, getattr(self, f.name))
+            if problem is not None:
+                raise RecipeError(f"must be {problem}; got {getattr(self, f.name)!r}", f.name)
+        splits = DATASETS[self.dataset].splits
+        if self.eval_split not in splits:
+            raise RecipeError(f"{self.dataset} has no split {self.eval_split!r}; "
+                              f"choose one of {', '.join(s for s in splits if s != 'train')}", "eval_split")
+
+    def warnings(self) -> list[str]:
+        """Settings that are allowed but likely not what was meant."""
+        out = []
+        if self.warmup_epochs >= self.epochs:
+            out.append(f"warmup_epochs {self.warmup_epochs:g} >= epochs {self.epochs}: the lr rises for the whole run "
+                       f"and never reaches its peak {self.peak_lr:.3g} nor decays")
+        if self.min_lr > self.peak_lr:
+            out.append(f"min_lr {self.min_lr:g} is above the peak lr {self.peak_lr:g}: the 'decay' raises the lr")
+        if self.pretrained and self.task != "finetune":
+            out.append(f"pretrained is ignored by a {self.task} run")
+        if self.limit_train is not None and self.limit_train < self.batch_size:
+            out.append(f"limit_train {self.limit_train} is smaller than one batch ({self.batch_size}): no step can run")
+        if self.autoaugment == "svhn" and self.dataset != "svhn" or self.autoaugment == "cifar10" and self.dataset == "svhn":
+            out.append(f"the {self.autoaugment} AutoAugment policy on {self.dataset}")
+        return out
 
     @property
     def peak_lr(self) -> float:
@@ -122,6 +202,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        """A recipe from :meth:`to_dict`'s output (JSON lists become tuples); unknown keys are ignored."""
         known = {f.name for f in fields(cls)}
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         return cls(**d)
@@ -133,8 +214,11 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
+FIELDS = {f.name: f for f in fields(Recipe)}
+
+
 def field_names() -> list[str]:
-    return [f.name for f in fields(Recipe)]
+    return list(FIELDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,32 +326,71 @@ def get_recipe(name: str, model: str | None = None) -> Recipe:
     return BUILDERS[key](size)
 
 
-def parse_value(recipe: Recipe, key: str, text: str) -> Any:
-    """Convert ``text`` to the type of the field ``key`` (for ``--set key=value``)."""
-    types = {f.name: f.type for f in fields(Recipe)}
-    if key not in types:
-        raise RecipeError(f"unknown recipe field {key!r}; fields: {', '.join(field_names())}")
-    current = getattr(recipe, key)
-    t = str(types[key])
-    low = text.strip().lower()
-    if low in ("none", "null") and "None" in t:
+def field_kind(name: str) -> str:
+    """How a field's value is written: "bool", "int", "float", "pair" (two floats) or "str"."""
+    t = str(FIELDS[name].type)
+    for kind, marker in (("bool", "bool"), ("pair", "tuple"), ("float", "float"), ("int", "int")):
+        if marker in t:
+            return kind
+    return "str"
+
+
+_KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "pair": "two numbers a,b",
+               "str": "a string"}
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """None if ``value`` is allowed for the field ``name``, else what is allowed."""
+    f = FIELDS[name]
+    if value is None:
+        return None if "None" in str(f.type) else "set (it cannot be none)"
+    kind = field_kind(name)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    well_typed = {"bool": isinstance(value, bool), "int": number(value) and isinstance(value, int),
+                  "float": number(value), "str": isinstance(value, str),
+                  "pair": isinstance(value, tuple) and all(number(v) for v in value)}[kind]
+    if not well_typed:
+        return _KIND_WORDS[kind]
+    allowed = f.metadata["choices"]
+    if allowed is not None and value not in allowed:
+        return f"one of {', '.join(map(str, allowed + (('none',) if 'None' in str(f.type) else ())))}"
+    check = f.metadata["check"]
+    return check(value) if check is not None else None
+
+
+def parse_field(name: str, text: str) -> Any:
+    """The value of field ``name`` written as ``text`` ("none" for an optional field; booleans as
+    true/false/1/0/yes/no/on/off; pairs as "a,b"). Raises RecipeError naming what is allowed."""
+    if name not in FIELDS:
+        raise RecipeError(f"unknown recipe field {name!r}; fields: {', '.join(field_names())}")
+    if not isinstance(text, str):
+        raise RecipeError(f"expected text, got {text!r}", name)
+    kind, low = field_kind(name), text.strip().lower()
+    if low in ("none", "null") and "None" in str(FIELDS[name].type):
         return None
     try:
-        if "bool" in t:
+        if kind == "bool":
             if low in ("1", "true", "yes", "on"):
                 return True
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError(text)
-        if "tuple" in t:
-            return tuple(float(v) for v in text.replace("(", "").replace(")", "").split(","))
-        if "int" in t and "float" not in t:
-            return int(text)
-        if "float" in t:
-            return float(text)
+        if kind == "pair":
+            value = tuple(float(v) for v in text.replace("(", "").replace(")", "").split(","))
+        elif kind == "int":
+            value = int(text)
+        elif kind == "float":
+            value = float(text)
+        else:
+            value = text.upper() if name == "model" else text
     except ValueError:
-        raise RecipeError(f"bad value {text!r} for {key} (currently {current!r})") from None
-    return text
+        value = text
+        problem = _KIND_WORDS[kind]
+    else:
+        problem = field_problem(name, value)
+    if problem is not None:
+        raise RecipeError(f"must be {problem}; got {value!r}", name)
+    return value
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, Any], settings: list[str] | None = None) -> Recipe:
@@ -277,7 +400,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any], settings: list[st
         if "=" not in item:
             raise RecipeError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        changes[key.strip()] = parse_value(recipe, key.strip(), value)
+        changes[key.strip()] = parse_field(key.strip(), value)
     return recipe.replace(**changes)
 
 

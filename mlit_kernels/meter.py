@@ -34,6 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .tiling import padding, round_up
+
 aten = torch.ops.aten
 
 # aten ops that launch no kernel: allocations and metadata (views are recognised by their schema).
@@ -280,21 +282,18 @@ class LayerCosts:
 
 
 def _padding(records: list[Launch], m: int, d_h: int) -> tuple[float, float]:
+    """The largest padded fraction of m and of d_h over the Triton launches (from their tile constexprs)."""
     pad_m = pad_d = 0.0
     for r in records:
         if r.kind != "triton":
             continue
-        chunks = [r.meta.get(f"M{i}", 0) for i in range(4)]
-        if chunks[0]:
-            covered = sum(chunks)
-            pad_m = max(pad_m, (covered - m) / covered)
+        if r.meta.get("M0"):
+            pad_m = max(pad_m, padding(m, sum(r.meta.get(f"M{i}", 0) for i in range(4))))
+        if r.meta.get("BLOCK_MO"):
+            pad_m = max(pad_m, padding(m, r.meta["BLOCK_MO"]))
         dc = r.meta.get("DC") or r.meta.get("BLOCK_DC")
         if dc:
-            covered = -(-d_h // dc) * dc
-            pad_d = max(pad_d, (covered - d_h) / covered)
-        block_mo = r.meta.get("BLOCK_MO")
-        if block_mo:
-            pad_m = max(pad_m, (block_mo - m) / block_mo)
+            pad_d = max(pad_d, padding(d_h, round_up(d_h, dc)))
     return pad_m, pad_d
 
 

@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, cv_grad, cv_value, gate_grads, gate_probs, gate_tile,
-                     load_probability, load_top_k, select_top_k, selection_key)
+from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, cv_grad, cv_value, gate_from_selection, gate_grads,
+                     gate_probs, gate_tile, load_probability, select_top_k, selection_key, token_tile)
 from .tiling import hidden_chunk, interpreting, width_chunks
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -254,7 +254,7 @@ def _expert_column(mat, cols, e):
 
 
 @triton.jit
-def _keep_mask(seed, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, drop_p):
+def _keep_mask(seed, rows, M, c0: tl.constexpr, W: tl.constexpr, drop_p):
     """Dropout keep decisions of a column chunk: Philox ``rand(seed + stream, row·m + col) ≥ p``."""
     cols = c0 + tl.arange(0, W)
     offs = rows[:, None] * M + cols[None, :]
@@ -271,7 +271,7 @@ def _store_out(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, c0: tl.constex
     y += tl.load(b2_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     offs = rows[:, None].to(tl.int64) * M + cols[None, :]
     if DROPOUT:
-        keep = _keep_mask(seed, rows, row_ok, M, c0, W, drop_p)
+        keep = _keep_mask(seed, rows, M, c0, W, drop_p)
         y = tl.where(keep, y / (1.0 - drop_p), 0.0)
         tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=mask)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -289,33 +289,6 @@ def _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, c0: tl.constexpr, W: tl.co
         keep = tl.load(keep_ptr + offs, mask=mask, other=0)
         dy = tl.where(keep != 0, dy / (1.0 - drop_p), 0.0)
     return dy.to(DTYPE)
-
-
-@triton.jit
-def _token_tile(seed_ptr, N, T, NEEDS_SEED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """This program's token tile: pid, rows, row_ok, the gate columns, col_ok, valid (both), and the
-    Philox seed (read only when something is drawn: the seed tensor is left unset otherwise)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_T)
-    seed = 0
-    if NEEDS_SEED:
-        seed = tl.load(seed_ptr)
-    return pid, rows, rows < N, cols, cols < T, (rows < N)[:, None] & (cols < T)[None, :], seed
-
-
-@triton.jit
-def _gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps,
-                         K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
-    """The gate of a token tile recomputed with the forward's stored selection (so that recomputed
-    logits can never pick other experts): clean, raw, std, ε, h, sel, g, kth, kth_col, nxt, nxt_col."""
-    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
-                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
-    key, taken = selection_key(h, col_ok)
-    taken, kth_col = load_top_k(taken, cols, idx_ptr, rows, row_ok, K)
-    sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
-    return clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col
 
 
 @triton.jit
@@ -388,7 +361,7 @@ def _fused_fwd_kernel(
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    pid, rows, row_ok, cols, col_ok, valid, seed = _token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
+    pid, rows, row_ok, cols, col_ok, valid, seed = token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
                                                                BLOCK_T)
 
     # gate
@@ -458,12 +431,12 @@ def _fused_bwd_tokens_kernel(
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    pid, rows, row_ok, cols, col_ok, valid, seed = _token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
+    pid, rows, row_ok, cols, col_ok, valid, seed = token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
                                                                BLOCK_T)
 
     # the gates, recomputed with the forward's selection (recomputed once more after the experts
     # for the gate's own gradient: cheaper than keeping its tiles live through the d_h loop)
-    _, _, _, _, _, sel, g, _, _, _, _ = _gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows,
+    _, _, _, _, _, sel, g, _, _, _, _ = gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows,
                                                              row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
                                                              NOISE_MODE, BLOCK_N, BLOCK_T)
     d_aux = tl.load(daux_ptr)
@@ -508,7 +481,7 @@ def _fused_bwd_tokens_kernel(
         dx0, dx1, dx2, dx3 = _times_rows_t_chunks(du.to(DTYPE), dx0, dx1, dx2, dx3, v_ptr, D, ds, d_ok, M, M0, M1, M2,
                                                   M3, DTYPE, DOT_F32)
     # the gate's part: through Softmax_k, the noise scale and P(x)
-    clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = _gate_from_selection(
+    clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
         NOISE_MODE, BLOCK_N, BLOCK_T)
     d_load = (w_load * d_aux) * cv_grad(stats_ptr + T, cols, col_ok, T, SQUARED, UNBIASED)

@@ -15,20 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, _noise_kernel, gate_grads, gate_probs, gate_tile,
-                     load_probability, load_top_k, select_top_k, selection_key)
+from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, _noise_kernel, gate_from_selection, gate_grads,
+                     gate_probs, gate_tile, load_probability, select_top_k, selection_key, token_tile)
 from .tiling import interpreting, next_pow2
 
 GATE_BLOCK_N = 16 if interpreting() else 32
-
-
-@triton.jit
-def _seed(seed_ptr, NOISE_MODE: tl.constexpr):
-    """The Philox seed, read only when the noise is drawn (the seed tensor is left unset otherwise)."""
-    seed = 0
-    if NOISE_MODE == 2:
-        seed = tl.load(seed_ptr)
-    return seed
 
 
 @triton.jit
@@ -39,14 +30,9 @@ def _gate_fwd_kernel(
     K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_T)
-    row_ok = rows < N
-    col_ok = cols < T
-    valid = row_ok[:, None] & col_ok[None, :]
-    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, _seed(seed_ptr, NOISE_MODE), rows, row_ok,
-                                        cols, col_ok, M, T, noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+    pid, rows, row_ok, cols, col_ok, valid, seed = token_tile(seed_ptr, N, T, NOISE_MODE == 2, BLOCK_N, BLOCK_T)
+    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
+                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
     key, taken = selection_key(h, col_ok)
     taken, kth_col = select_top_k(key, taken, cols, idx_ptr, rows, row_ok, K, BLOCK_T)
     sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
@@ -71,17 +57,10 @@ def _gate_bwd_kernel(
     K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_T)
-    row_ok = rows < N
-    col_ok = cols < T
-    valid = row_ok[:, None] & col_ok[None, :]
-    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, _seed(seed_ptr, NOISE_MODE), rows, row_ok,
-                                        cols, col_ok, M, T, noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
-    key, taken = selection_key(h, col_ok)
-    taken, kth_col = load_top_k(taken, cols, idx_ptr, rows, row_ok, K)
-    sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
+    pid, rows, row_ok, cols, col_ok, valid, seed = token_tile(seed_ptr, N, T, NOISE_MODE == 2, BLOCK_N, BLOCK_T)
+    clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection(
+        x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
+        NOISE_MODE, BLOCK_N, BLOCK_T)
     # dL/dG: the pair gradients scattered to their columns, plus the importance term (Σ_rows G)
     dg = tl.where(valid, tl.load(dimp_ptr + cols, mask=col_ok, other=0.0)[None, :], 0.0)
     for j in tl.static_range(K):
@@ -90,7 +69,7 @@ def _gate_bwd_kernel(
         dg += tl.where(cols[None, :] == col[:, None], dgj[:, None], 0.0)
     d_load = tl.load(dload_ptr + cols, mask=col_ok, other=0.0)
     dclean, draw = gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, d_load, valid,
-                                 cols, NOISY, LOAD_P)
+                              cols, NOISY, LOAD_P)
     for m0 in range(0, M, BLOCK_M):
         ks = m0 + tl.arange(0, BLOCK_M)
         k_ok = ks < M

@@ -168,6 +168,33 @@ def gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, 
 
 
 @triton.jit
+def token_tile(seed_ptr, N, T, NEEDS_SEED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's token tile: pid, rows, row_ok, the gate columns, col_ok, valid (both), and the
+    Philox seed (read only when something is drawn: the seed tensor is left unset otherwise)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_T)
+    seed = 0
+    if NEEDS_SEED:
+        seed = tl.load(seed_ptr)
+    return pid, rows, rows < N, cols, cols < T, (rows < N)[:, None] & (cols < T)[None, :], seed
+
+
+@triton.jit
+def gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps,
+                         K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
+    """The gate of a token tile recomputed with the forward's stored selection (so that recomputed
+    logits can never pick other experts): clean, raw, std, ε, h, sel, g, kth, kth_col, nxt, nxt_col."""
+    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
+                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+    key, taken = selection_key(h, col_ok)
+    taken, kth_col = load_top_k(taken, cols, idx_ptr, rows, row_ok, K)
+    sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
+    return clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col
+
+
+@triton.jit
 def cv_grad(v_ptr, cols, col_ok, T, SQUARED: tl.constexpr, UNBIASED: tl.constexpr):
     """d CV(v) / d v (BLOCK_T,) of the reference's coefficient of variation of v (T,) fp32:
     cv² = var / (mean² + 1e-10); the plain CV is sqrt(cv² + 1e-20). Zero for T = 1."""
@@ -204,4 +231,4 @@ def _noise_kernel(out_ptr, seed_ptr, total, BLOCK: tl.constexpr):
 
 __all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "selection_key", "select_top_k", "load_top_k",
            "gate_probs", "load_probability", "gate_grads", "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN",
-           "NOISE_PHILOX"]
+           "NOISE_PHILOX", "token_tile", "gate_from_selection"]

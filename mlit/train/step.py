@@ -67,7 +67,8 @@ def build_model(task: str, cfg, num_classes: int | None, recipe: Recipe, backend
 def disable_gate_noise(model: nn.Module) -> int:
     """Make every MoE layer gate without noise in training; returns the count of layers.
 
-    For deterministic comparisons (DDP test); the load term keeps its P(x) form.
+    For deterministic comparisons (DDP test). The load term is then the routing count (no
+    gradient; W_noise unused), as the cited implementation's switch.
     """
     from mlit_kernels import SharedSwiGLUMoE
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, _noise_kernel, gate_from_selection, gate_grads,
-                     gate_probs, gate_tile, load_probability, select_top_k, selection_key, token_tile)
+                     gate_probs, gate_tile, load_probability, pick_next, selection_key, token_tile)
 from .tiling import interpreting, next_pow2
 
 GATE_BLOCK_N = 16 if interpreting() else 32
@@ -34,12 +34,19 @@ def _gate_fwd_kernel(
     clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
     key, taken = selection_key(h, col_ok)
-    taken, kth_col = select_top_k(key, taken, cols, idx_ptr, rows, row_ok, K, BLOCK_T)
+    # the picks stay in registers (rank: the pick order of each selected column, -1 elsewhere): a
+    # load of idx here would race its store, which no barrier orders across the program's threads
+    rank = tl.full(h.shape, -1, tl.int32)
+    kth_col = tl.zeros(rows.shape, dtype=tl.int32)
+    for j in tl.static_range(K):
+        kth_col = pick_next(key, taken, cols, BLOCK_T)
+        tl.store(idx_ptr + rows.to(tl.int64) * K + j, kth_col, mask=row_ok)
+        picked = cols[None, :] == kth_col[:, None]
+        taken = tl.where(picked, 1, taken)
+        rank = tl.where(picked, j, rank)
     sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
     for j in tl.static_range(K):
-        col = tl.load(idx_ptr + rows.to(tl.int64) * K + j, mask=row_ok, other=0)
-        tl.store(gate_ptr + rows.to(tl.int64) * K + j, tl.sum(tl.where(cols[None, :] == col[:, None], g, 0.0), axis=1),
-                 mask=row_ok)
+        tl.store(gate_ptr + rows.to(tl.int64) * K + j, tl.sum(tl.where(rank == j, g, 0.0), axis=1), mask=row_ok)
     tl.store(imp_part_ptr + pid * T + cols, tl.sum(tl.where(valid, g, 0.0), axis=0), mask=col_ok)
     if LOAD_P:
         load = tl.where(valid, load_probability(clean, h, std, kth, nxt), 0.0)
@@ -79,7 +86,7 @@ def _gate_bwd_kernel(
         wg_t = tl.load(wg_ptr + ks[None, :] * T + cols[:, None], mask=wmask_t, other=0.0).to(tl.float32)
         dxb = tl.dot(dclean, wg_t, input_precision="ieee")
         pmask = k_ok[:, None] & col_ok[None, :]
-        part = pid * M * T + ks[:, None] * T + cols[None, :]
+        part = pid.to(tl.int64) * M * T + ks[:, None] * T + cols[None, :]
         tl.store(dwg_part_ptr + part, tl.dot(tl.trans(xb), dclean, input_precision="ieee"), mask=pmask)
         if NOISY:
             wn_t = tl.load(wn_ptr + ks[None, :] * T + cols[:, None], mask=wmask_t, other=0.0).to(tl.float32)

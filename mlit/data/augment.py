@@ -197,13 +197,28 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> tor
 
 
 _DRAWS = 28  # uniforms per image: 10 areas, 10 ratios, 2 offsets, flip, sub-policy, 2 gates, 2 signs
+LOG_RATIO = (math.log(3 / 4), math.log(16 / 9))  # the crop's log aspect ratio: low, span
+#: exp(z) on the log-ratio range |z| <= log(4/3) as its Taylor polynomial of degree 8 (truncation
+#: < 1e-9 relative), evaluated by Horner with every multiply and add rounded (no fused
+#: multiply-add): the torch path and the kernels (augment_kernels._exp_taylor) then compute the
+#: same float on every device, so their crop boxes agree bit for bit. torch.exp and tl.exp (an
+#: approximate instruction on GPUs) differ by an ulp or two, enough to move a box by a pixel.
+EXP_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(9))
+
+
+def exp_taylor(z: torch.Tensor) -> torch.Tensor:
+    """exp(z) for |z| <= log(4/3), fp32 (see ``EXP_TAYLOR``)."""
+    p = z * EXP_TAYLOR[8] + EXP_TAYLOR[7]
+    for c in reversed(EXP_TAYLOR[:7]):
+        p = p * z + c
+    return p
 
 
 def crop_flip_grid(u: torch.Tensor, size: int, crop_scale: tuple[float, float], hflip: float) -> torch.Tensor:
     """(B, size, size, 2) sampling grid of resize -> random resized crop -> flip, from uniforms u (B, 28)."""
     S, (lo, hi) = size, crop_scale
     area = S * S * (lo + (hi - lo) * u[:, 0:10])
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 10:20])
+    ratio = exp_taylor(LOG_RATIO[0] + LOG_RATIO[1] * u[:, 10:20])
     w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
     fits = (w >= 1) & (w <= S) & (h >= 1) & (h <= S)
     tries = torch.arange(10, device=u.device)

@@ -14,7 +14,8 @@ stays the reference these kernels are tested against); here the work is grouped 
 
 Every random choice comes from the uniforms (B, 28) drawn by torch on the device, so the kernels
 are deterministic, seeded by torch's RNG and safe inside a CUDA graph. Arithmetic follows the
-torch path operation by operation (IEEE division and square root), so the
+torch path operation by operation (IEEE division and square root; the crop's aspect ratio
+by the shared polynomial ``augment.exp_taylor``, not an exp, whose rounding differs by device), so the
 two agree exactly where both compute in the same order: the bilinear and nearest-neighbour
 samples use the fused multiply-adds torch's CPU grid_sample compiles to (tl.fma), everything else
 rounds after each operation (no contraction: ``enable_fp_fusion=False`` on GPUs).
@@ -28,11 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .augment import EXP_TAYLOR, LOG_RATIO
+
 # Op indices (mlit.data.augment.OPS; tests/test_augment.py checks they agree), as constexprs: a
 # compiled kernel may read only constexpr globals.
 _SHEAR_X, _SHEAR_Y, _TRANSLATE_X, _TRANSLATE_Y, _ROTATE = (tl.constexpr(i) for i in range(0, 5))
 _BRIGHTNESS, _COLOR, _CONTRAST, _SHARPNESS = (tl.constexpr(i) for i in range(5, 9))
 _POSTERIZE, _SOLARIZE, _AUTOCONTRAST, _EQUALIZE, _INVERT = (tl.constexpr(i) for i in range(9, 14))
+_EXP_C0, _EXP_C1, _EXP_C2, _EXP_C3, _EXP_C4, _EXP_C5, _EXP_C6, _EXP_C7, _EXP_C8 = (tl.constexpr(c) for c in EXP_TAYLOR)
 
 
 @triton.jit
@@ -42,6 +46,19 @@ def _rint(x):
     d = x - f
     even = tl.where(f - 2.0 * tl.floor(f * 0.5) == 0.0, f, f + 1.0)
     return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, even))
+
+
+@triton.jit
+def _exp_taylor(z):
+    """exp(z) for |z| <= log(4/3), rounded as mlit.data.augment.exp_taylor rounds it (no tl.exp)."""
+    p = z * _EXP_C8 + _EXP_C7
+    p = p * z + _EXP_C6
+    p = p * z + _EXP_C5
+    p = p * z + _EXP_C4
+    p = p * z + _EXP_C3
+    p = p * z + _EXP_C2
+    p = p * z + _EXP_C1
+    return p * z + _EXP_C0
 
 
 @triton.jit
@@ -69,7 +86,7 @@ def _crop_kernel(src_ptr, u_ptr, out_ptr, H_in, W_in, scale_lo, scale_span, rati
     t = tl.arange(0, 16)
     tries = t < 10
     area = (S * S) * (scale_lo + scale_span * tl.load(u_row + t, mask=tries, other=0.0))
-    ratio = tl.exp(ratio_lo + ratio_span * tl.load(u_row + 10 + t, mask=tries, other=0.0))
+    ratio = _exp_taylor(ratio_lo + ratio_span * tl.load(u_row + 10 + t, mask=tries, other=0.0))
     w = _rint(tl.sqrt_rn(area * ratio))
     h = _rint(tl.sqrt_rn(tl.div_rn(area, ratio)))
     fits = tries & (w >= 1.0) & (w <= S) & (h >= 1.0) & (h <= S)
@@ -254,7 +271,7 @@ def train_transform(images: torch.Tensor, u: torch.Tensor, size: int, crop_scale
     out = torch.empty(B, 3, size, size, dtype=torch.float32, device=images.device)
     cropped = out if tables is None else torch.empty(B, 3, size, size, dtype=torch.uint8, device=images.device)
     lo, hi = crop_scale
-    _crop_kernel[(B,)](images, u, cropped, H, W, lo, hi - lo, math.log(3 / 4), math.log(16 / 9), hflip,
+    _crop_kernel[(B,)](images, u, cropped, H, W, lo, hi - lo, *LOG_RATIO, hflip,
                        S=size, D=u.shape[1], NORMALISE=tables is None, BLOCK=block, **opts)
     if tables is None:
         return out

@@ -8,7 +8,9 @@ It records the versions (python, torch, triton, CUDA, the device name torch repo
 commit) into DIR, then runs these steps (all of them, in this order, unless --steps names some),
 each as subprocesses with a time limit, their stdout + stderr teed to DIR/<step>.log:
 
-    tests   the kernel, compile, capture and meter tests (compiled and run on the GPU with CUDA)
+    tests   tests/test_gpu_hazards.py first (races, repeatability under tuning, capture on an
+            untuned key, augmentation against the torch path), then the kernel, compile, capture
+            and meter tests (compiled and run on the GPU with CUDA)
     layer   bench/gpu_report.py -> gpu_report.md (correctness per row, timings, roofline);
             bench/meters.py --markdown -> meters.md (CPU-counted launches, syncs, bytes)
     step    bench/bench_train.py -> train.csv (img/s of the training step per mode), one call per
@@ -120,7 +122,9 @@ def build_steps(ctx: Context) -> dict[str, Step]:
     tests = ["tests/test_kernels.py", "tests/test_compile.py", "tests/test_capture.py", "tests/test_meter.py"]
     if smoke:  # the harness is what a smoke run proves; the full files take ~3 min here (CI runs them)
         tests = ["tests/test_meter.py", "tests/test_capture.py", "tests/test_kernels.py::test_zero_and_one_token"]
-    steps = {"tests": Step("tests", [Command([py, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"])])}
+    first = [] if smoke else [  # what only a GPU shows (issue 19), first, with its printed figures (-rA)
+        Command([py, "-m", "pytest", "tests/test_gpu_hazards.py", "-q", "-rA", "-p", "no:cacheprovider"])]
+    steps = {"tests": Step("tests", first + [Command([py, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"])])}
 
     report = [py, "bench/gpu_report.py", str(out / "gpu_report.md")] + (["--smoke"] if smoke else [])
     meters = [py, "bench/meters.py", "--markdown"] + (["--tokens", "1024", "--no-steps"] if smoke else [])

@@ -77,6 +77,8 @@ def _gate_bwd_kernel(
     d_load = tl.load(dload_ptr + cols, mask=col_ok, other=0.0)
     dclean, draw = gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, d_load, valid,
                               cols, NOISY, LOAD_P)
+    dwg_tile = dwg_part_ptr + pid.to(tl.int64) * M * T  # this tile's (M, T) partials
+    dwn_tile = dwn_part_ptr + pid.to(tl.int64) * M * T
     for m0 in range(0, M, BLOCK_M):
         ks = m0 + tl.arange(0, BLOCK_M)
         k_ok = ks < M
@@ -86,12 +88,12 @@ def _gate_bwd_kernel(
         wg_t = tl.load(wg_ptr + ks[None, :] * T + cols[:, None], mask=wmask_t, other=0.0).to(tl.float32)
         dxb = tl.dot(dclean, wg_t, input_precision="ieee")
         pmask = k_ok[:, None] & col_ok[None, :]
-        part = pid.to(tl.int64) * M * T + ks[:, None] * T + cols[None, :]
-        tl.store(dwg_part_ptr + part, tl.dot(tl.trans(xb), dclean, input_precision="ieee"), mask=pmask)
+        part = ks[:, None] * T + cols[None, :]
+        tl.store(dwg_tile + part, tl.dot(tl.trans(xb), dclean, input_precision="ieee"), mask=pmask)
         if NOISY:
             wn_t = tl.load(wn_ptr + ks[None, :] * T + cols[:, None], mask=wmask_t, other=0.0).to(tl.float32)
             dxb += tl.dot(draw, wn_t, input_precision="ieee")
-            tl.store(dwn_part_ptr + part, tl.dot(tl.trans(xb), draw, input_precision="ieee"), mask=pmask)
+            tl.store(dwn_tile + part, tl.dot(tl.trans(xb), draw, input_precision="ieee"), mask=pmask)
         tl.store(dx_ptr + rows[:, None].to(tl.int64) * M + ks[None, :], dxb, mask=row_ok[:, None] & k_ok[None, :])
 
 

@@ -171,11 +171,12 @@ class Shape:
 
 
 GPU_SHAPES = (Shape(4096 + 37, 144, 144, 5, 2, "dense"), Shape(4096 + 37, 108, 81, 32, 2, "dispatch"))
-TINY_SHAPES = (Shape(21, 16, 16, 3, 2, "dense", "float32"), Shape(19, 16, 16, 12, 2, "dispatch", "float32"))
+TINY_SHAPES = (Shape(21, 16, 16, 3, 2, "dense"), Shape(19, 16, 16, 12, 2, "dispatch"))  # fp16, as on the GPU
 
 
 def make_layer(shape: Shape, device):
-    """SharedSwiGLUMoE with random weights (fixed), on the Triton backend, and an input x."""
+    """SharedSwiGLUMoE with random fp32 weights (fixed), on the Triton backend, and an input x in
+    the shape's dtype (the compute dtype of the expert products)."""
     from mlit_kernels import SharedSwiGLUMoE
 
     layer = SharedSwiGLUMoE(shape.m, shape.d_h, shape.t, k=shape.k, backend="triton", triton_variant=shape.variant)
@@ -183,9 +184,8 @@ def make_layer(shape: Shape, device):
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / max(p.shape[-2] if p.ndim > 1 else shape.m, 1) ** 0.5)
-    dtype = getattr(torch, shape.dtype)
-    layer = layer.to(device=device, dtype=dtype)
-    x = torch.randn(shape.n, shape.m, generator=g).to(device=device, dtype=dtype)
+    x = torch.randn(shape.n, shape.m, generator=g).to(device=device, dtype=getattr(torch, shape.dtype))
+    layer = layer.to(device)
     return layer, x
 
 

@@ -61,7 +61,8 @@ def test_tuner_uses_the_default_inside_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     import triton.testing
 
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), {"a": 3.0, "b": 1.0, "c": 2.0}[timed[-1]])[1])
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), times[timed[-1]])[1])
     cuda = torch.device("cuda")
     with pytest.warns(RuntimeWarning, match="inside CUDA-graph capture"):
         assert tuner.choose("key", cuda, timed.append) == "a"

@@ -239,24 +239,18 @@ def _grad_hidden(dy, w2_ptr, ds, d_ok, M, STARTS: tl.constexpr, WIDTHS: tl.const
 
 
 @triton.jit
-def _add_output(y, h, w2_ptr, ds, d_ok, M, STARTS: tl.constexpr, WIDTHS: tl.constexpr, DTYPE: tl.constexpr,
-                DOT_F32: tl.constexpr):
-    """y + h W_2[ds, :] per chunk: h (BLOCK_N, DC), W_2 (D, M) row-major."""
+def _add_product_by_chunk(acc, p, w_ptr, ds, d_ok, M, D, STARTS: tl.constexpr, WIDTHS: tl.constexpr,
+                          W_IS_M_BY_D: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + p B per chunk, p (BLOCK_N, DC) and B the chunk's (DC, width) block of a weight:
+    W (M, D) read transposed, W[chunk, ds]ᵀ (dx + da W_eᵀ, the gradient of x W) when W_IS_M_BY_D,
+    else W (D, M), W[ds, chunk] (y + h W_2)."""
     out = ()
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            out = out + (_times_cols(h, y[i], w2_ptr, M, ds, d_ok, M, STARTS[i], WIDTHS[i], DTYPE, DOT_F32),)
-    return out
-
-
-@triton.jit
-def _add_input_grad(dx, p, w_ptr, ds, d_ok, M, D, STARTS: tl.constexpr, WIDTHS: tl.constexpr, DTYPE: tl.constexpr,
-                    DOT_F32: tl.constexpr):
-    """dx + p W[:, ds]ᵀ per chunk: the gradient p (BLOCK_N, DC) of x W[:, ds], W (M, D) row-major."""
-    out = ()
-    for i in tl.static_range(len(WIDTHS)):
-        if WIDTHS[i] > 0:
-            out = out + (_times_rows_t(p, dx[i], w_ptr, D, ds, d_ok, M, STARTS[i], WIDTHS[i], DTYPE, DOT_F32),)
+            if W_IS_M_BY_D:
+                out = out + (_times_rows_t(p, acc[i], w_ptr, D, ds, d_ok, M, STARTS[i], WIDTHS[i], DTYPE, DOT_F32),)
+            else:
+                out = out + (_times_cols(p, acc[i], w_ptr, M, ds, d_ok, M, STARTS[i], WIDTHS[i], DTYPE, DOT_F32),)
     return out
 
 
@@ -336,7 +330,7 @@ def _fused_fwd_kernel(
                 a = _project(x, w1_ptr + e * M * D, b1_ptr + e * D, ds, d_ok, M, D, STARTS, WIDTHS, BLOCK_N, DC,
                              DTYPE, DOT_F32)
                 c += _expert_column(g, cols, e)[:, None] * (a * tl.sigmoid(a))
-        y = _add_output(y, (c * u).to(DTYPE), w2_ptr, ds, d_ok, M, STARTS, WIDTHS, DTYPE, DOT_F32)
+        y = _add_product_by_chunk(y, (c * u).to(DTYPE), w2_ptr, ds, d_ok, M, D, STARTS, WIDTHS, False, DTYPE, DOT_F32)
     _store_output(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, drop_p, STARTS, WIDTHS, DROPOUT)
 
 
@@ -414,7 +408,8 @@ def _fused_bwd_tokens_kernel(
                 dg += tl.where(cols[None, :] == e, tl.sum(tl.where(d_ok[None, :], dcu * act, 0.0), axis=1)[:, None],
                                0.0)
                 da = (ge[:, None] * dcu * (sig * (1.0 + a * (1.0 - sig)))).to(DTYPE)
-                dx = _add_input_grad(dx, da, w1_ptr + e * M * D, ds, d_ok, M, D, STARTS, WIDTHS, DTYPE, DOT_F32)
+                dx = _add_product_by_chunk(dx, da, w1_ptr + e * M * D, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE,
+                                           DOT_F32)
                 # the pair slot j of tokens that picked e: da (N, K, d_h) for the weight gradients
                 for j in tl.static_range(K):
                     ij = tl.load(idx_ptr + rows.to(tl.int64) * K + j, mask=row_ok, other=-1)
@@ -423,7 +418,7 @@ def _fused_bwd_tokens_kernel(
         du = dh * c
         tl.store(h_ptr + tile, (c * u).to(h_ptr.dtype.element_ty), mask=tile_mask)
         tl.store(du_ptr + tile, du.to(du_ptr.dtype.element_ty), mask=tile_mask)
-        dx = _add_input_grad(dx, du.to(DTYPE), v_ptr, ds, d_ok, M, D, STARTS, WIDTHS, DTYPE, DOT_F32)
+        dx = _add_product_by_chunk(dx, du.to(DTYPE), v_ptr, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE, DOT_F32)
     # the gate's part: through Softmax_k, the noise scale and P(x)
     clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
@@ -488,7 +483,8 @@ def _projection_grad_partial(x_ptr, p_ptr, sel_ptr, e, rows_lo, rows_hi, M, D, d
 def _w2_grad_partial(h_ptr, dy_ptr, keep_ptr, rows_lo, rows_hi, M, D, ds, d_ok, out_ptr, b2_ptr, with_bias, drop_p,
                      c0: tl.constexpr, W: tl.constexpr, DROPOUT: tl.constexpr, DC: tl.constexpr, ROWS: tl.constexpr,
                      DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
-    """The split's partial dW_2[ds, chunk] = Σ_rows h[row, ds]ᵀ dy'[row, chunk]; db_2[chunk] too when ``with_bias``."""
+    """The split's partial dW_2[ds, chunk] = Σ_rows h[row, ds]ᵀ dy'[row, chunk]; db_2[chunk] too when
+    ``with_bias``."""
     acc = tl.zeros((DC, W), dtype=tl.float32)
     bias = tl.zeros((W,), dtype=tl.float32)
     for r0 in range(rows_lo, rows_hi, ROWS):
@@ -507,7 +503,8 @@ def _w2_grad_partial(h_ptr, dy_ptr, keep_ptr, rows_lo, rows_hi, M, D, ds, d_ok, 
 @triton.jit
 def _gate_weight_grad_partial(x_ptr, dgate_ptr, rows_lo, rows_hi, M, T, out_ptr, c0: tl.constexpr, W: tl.constexpr,
                               ROWS: tl.constexpr, BLOCK_T: tl.constexpr, NOISY: tl.constexpr):
-    """The split's partial dW_g[chunk] and dW_noise[chunk] = Σ_rows x[row, chunk]ᵀ (dclean, draw)[row] (fp32 IEEE)."""
+    """The split's partial dW_g[chunk] and dW_noise[chunk] = Σ_rows x[row, chunk]ᵀ (dclean, draw)[row]
+    (fp32 IEEE)."""
     cols = tl.arange(0, BLOCK_T)
     col_ok = cols < T
     acc_g = tl.zeros((W, BLOCK_T), dtype=tl.float32)

@@ -228,36 +228,38 @@ def _compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch, sizes):
 
 
 def _fused_jobs(m, d_h, t, k, dtype, quick):
-    """(kernel, constexprs, warps, stages) of the fused path, every tuning configuration."""
-    from mlit_kernels import fused
-    from mlit_kernels.tiling import hidden_chunk, width_chunks
+    """(kernel, constexprs, warps, stages) of the dense variant, every tuning configuration (the
+    weight-gradient kernel has one fixed configuration)."""
+    from mlit_kernels.common.settings import BLOCK_T, SUM_ROWS, WGRAD_WARPS
+    from mlit_kernels.dense import kernels, launch
 
     jobs = []
-    tl_dtype = fused._TL_DTYPES[dtype]
-    configs = fused.CONFIGS[:1] if quick else fused.CONFIGS
-    m0, m1, m2, m3 = width_chunks(m)
-    common = dict(K=k, M0=m0, M1=m1, M2=m2, M3=m3, DC=hidden_chunk(d_h, largest=16), BLOCK_T=16, DTYPE=tl_dtype,
-                  DOT_F32=dtype == torch.float32)
+    precision = dict(K=k, DTYPE=kernels.TL_DTYPES[dtype], DOT_F32=dtype == torch.float32)
+    configs = launch.CONFIGS[:1] if quick else launch.CONFIGS
     modes = [dict(NOISY=True, NOISE_MODE=2, LOAD_P=k < t, DROPOUT=True)]
     if not quick:
         modes.append(dict(NOISY=False, NOISE_MODE=0, LOAD_P=False, DROPOUT=False))
-    for config in configs:
-        block = dict(common, BLOCK_N=config.block_n)
+    for i, config in enumerate(configs):
+        geo = launch.Geometry(256 * 145, m, d_h, t, config.block_n, config.num_warps)
         for mode in modes:
-            jobs.append((fused._fused_fwd_kernel, {**block, **mode}, config.num_warps, 1))
-            jobs.append((fused._fused_bwd_tokens_kernel, {**block, **mode, "SQUARED": True, "UNBIASED": True},
-                         config.num_warps, 1))
-            nch = sum(c > 0 for c in (m0, m1, m2, m3))
-            jobs.append((fused._fused_bwd_weights_kernel, {**block, "NOISY": mode["NOISY"], "DROPOUT": mode["DROPOUT"],
-                                                           "NCH": nch}, config.num_warps, 1))
-    jobs.append((fused._fused_aux_kernel, dict(SQUARED=True, UNBIASED=True, BLOCK_P=64, BLOCK_T=16), 4, 1))
-    jobs.append((fused._reduce_kernel, dict(BLOCK=1024), 4, 1))
+            jobs.append((kernels._fused_fwd_kernel, {**precision, **geo.token_constexprs(), **mode,
+                                                      "SUM_ROWS": SUM_ROWS}, config.num_warps, 1))
+            jobs.append((kernels._fused_bwd_tokens_kernel, {**precision, **geo.token_constexprs(), **mode,
+                                                             "SQUARED": True, "UNBIASED": True}, config.num_warps, 1))
+            if i == 0:
+                jobs.append((kernels._fused_bwd_weights_kernel, {**precision, **geo.weight_constexprs(),
+                                                                 "NOISY": mode["NOISY"], "DROPOUT": mode["DROPOUT"]},
+                             WGRAD_WARPS, 1))
+    jobs.append((kernels._fused_aux_kernel, dict(SQUARED=True, UNBIASED=True, BLOCK_P=launch.AUX_BLOCK_P,
+                                                 BLOCK_T=BLOCK_T), 4, 1))
+    jobs.append((kernels._reduce_kernel, dict(BLOCK=launch.REDUCE_BLOCK), 4, 1))
     return jobs
 
 
 def _dispatch_jobs(m, d_h, t, k, dtype, quick):
     """(kernel, constexprs, warps, stages) of the dispatch path."""
-    from mlit_kernels import dispatch, gate, gating, swiglu
+    from mlit_kernels import dispatch, gate, swiglu
+    from mlit_kernels.common import gating
 
     block_d = max(16, 1 << (d_h - 1).bit_length())
     block_t = max(16, 1 << (t - 1).bit_length())
@@ -270,7 +272,7 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
                  (gate._gate_bwd_kernel, {**common, "BLOCK_M": min(32, max(16, 1 << (m - 1).bit_length()))}, 4, 3)]
     route_c = dict(BLOCK_P=dispatch.ROUTE_BLOCK_P, BLOCK_T=block_t)
     jobs += [(dispatch._histogram_kernel, route_c, 4, 3), (dispatch._scatter_kernel, route_c, 4, 3),
-             (gating._noise_kernel, dict(BLOCK=1024), 4, 3)]
+             (gating.noise_kernel, dict(BLOCK=1024), 4, 3)]
     chunk = {"BLOCK_DC": swiglu._chunk(d_h)}
     kernels = [(swiglu._grouped_preact_kernel, chunk),
                (swiglu._combine_fwd_kernel, {"K": k, "SAVE": True, **chunk,
@@ -315,7 +317,7 @@ def compile_check(arch=90, quick=False):
             for kernel, constexprs, warps, stages in jobs:
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
-                                  if key in ("BLOCK_N", "BLOCK_R", "NOISY", "DROPOUT", "NORMALISE", "SLOT"))
+                                  if key in ("BLOCK_N", "BLOCK_R", "ROWS", "NOISY", "DROPOUT", "NORMALISE", "SLOT"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024

@@ -119,7 +119,8 @@ class Context:
 def build_steps(ctx: Context) -> dict[str, Step]:
     """The steps' commands for this run (smoke: tiny sizes everywhere)."""
     py, out, smoke = ctx.python, ctx.out, ctx.smoke
-    tests = ["tests/test_kernels.py", "tests/test_compile.py", "tests/test_capture.py", "tests/test_meter.py"]
+    tests = ["tests/test_kernels.py", "tests/test_dense_tuning.py", "tests/test_compile.py", "tests/test_capture.py",
+             "tests/test_meter.py"]
     if smoke:  # the harness is what a smoke run proves; the full files take ~3 min here (CI runs them)
         tests = ["tests/test_meter.py", "tests/test_capture.py", "tests/test_kernels.py::test_zero_and_one_token"]
     first = [] if smoke else [  # what only a GPU shows (issue 19), first, with its printed figures (-rA)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from mlit_kernels.common.settings import DEFAULT_SHARED
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -25,7 +27,7 @@ class TransformerConfig:
     experts_per_stage: tuple[int, ...] = (3, 4, 5)
     top_k: int = 2
     dropout: float = 0.1
-    shared: tuple[str, ...] = ("v", "w2")
+    shared: tuple[str, ...] = DEFAULT_SHARED
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:

@@ -7,6 +7,17 @@ The Triton modules are imported lazily, on first use of ``moe_triton`` / ``gate_
 or of ``backend="triton"``: Triton decides at kernel-definition time whether to compile or
 interpret, so ``TRITON_INTERPRET=1`` (for CPU runs) only has to be set before that first use, not
 before ``import mlit_kernels``.
+
+Layout: :mod:`.reference` (plain PyTorch), :mod:`.layer` (the nn.Module), :mod:`.functional`
+(``moe_triton``: checks, then the variant), :mod:`.variants` (which variant runs; name →
+implementation), :mod:`.common` (what every variant shares: settings, options, gate math, tiling,
+seed, tuner), one folder or module per variant (:mod:`.dense`; the dispatch path:
+:mod:`.dispatch_ops` over :mod:`.gate`, :mod:`.dispatch`, :mod:`.swiglu`), :mod:`.ops` (every
+custom op), :mod:`.meter`.
+
+Adding a variant: a folder ``mlit_kernels/<name>/`` with its kernels, launch code, custom ops and a
+function ``fn(x, params, seed, noise, options) -> (y, aux_loss)`` (see :mod:`.variants`), and one
+line ``"<name>": ".<name>.ops:fn"`` in :data:`.variants.IMPLEMENTATIONS`.
 """
 
 import importlib

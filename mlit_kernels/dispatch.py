@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import interpreting, next_pow2
+from .common.tiling import interpreting, next_pow2
 
 
 ROUTE_BLOCK_P = 64 if interpreting() else 256

@@ -1,24 +1,22 @@
 """``moe_triton``: the MoE layer (shared V, W_2) as a function over the Triton kernels, with the
-argument checks and the one place where the expert variant is chosen.
+argument checks; the variant that runs is chosen in :mod:`mlit_kernels.variants`.
 
 Its twin with the same signature is :func:`mlit_kernels.reference.moe_reference`; the layer
 (:class:`mlit_kernels.layer.SharedSwiGLUMoE`) calls one or the other.
-
-The variants (:mod:`mlit_kernels.variants`): ``"dense"`` runs the whole layer in two forward and
-three backward launches (:mod:`mlit_kernels.fused`); ``"dispatch"`` a gate kernel, tokens grouped
-by expert (histogram, prefix sum, scatter) and grouped GEMMs (:mod:`mlit_kernels.gate`,
-:mod:`mlit_kernels.dispatch`, :mod:`mlit_kernels.swiglu`), with the balancing loss and dropout in
-torch.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from . import ops, reference
-from .tiling import interpreting
-from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
+from .common.options import MoEOptions
+from .common.settings import AUX_LOSS_WEIGHT, NOISE_EPS
+from .common.tiling import interpreting
+from .variants import COMPUTE_DTYPES, IMPLEMENTATIONS, compute_dtype, implementation, resolve_variant
+
+# variant -> its function, imported with this module (not while torch.compile traces moe_triton)
+_RUN = {variant: implementation(variant) for variant in IMPLEMENTATIONS}
+
 
 def check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype) -> None:
     """Raise ValueError / TypeError naming the argument for anything the kernels cannot take."""
@@ -61,18 +59,6 @@ def check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype) ->
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
 
 
-def _seed(seed, needed: bool, device) -> torch.Tensor:
-    """The (1,) int64 Philox seed on the device: drawn with torch.randint when needed and not given
-    (graph-safe and reproducible with torch.manual_seed, like dropout's RNG); unset when unused."""
-    if isinstance(seed, torch.Tensor):
-        return seed.to(device=device, dtype=torch.int64).reshape(1)
-    if seed is not None:
-        return torch.tensor([int(seed)], dtype=torch.int64, device=device)
-    if needed:
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-    return torch.empty(1, dtype=torch.int64, device=device)
-
-
 def moe_triton(
     x: torch.Tensor,
     w_gate: torch.Tensor,
@@ -89,10 +75,10 @@ def moe_triton(
     noise: torch.Tensor | None = None,
     seed: int | torch.Tensor | None = None,
     noisy_gating: bool = True,
-    noise_eps: float = reference.NOISE_EPS,
+    noise_eps: float = NOISE_EPS,
     dropout: float = 0.0,
-    w_importance: float = 1e-2,
-    w_load: float = 1e-2,
+    w_importance: float = AUX_LOSS_WEIGHT,
+    w_load: float = AUX_LOSS_WEIGHT,
     squared_cv: bool = True,
     unbiased_cv: bool = True,
     variant: str = "auto",
@@ -115,27 +101,11 @@ def moe_triton(
         check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype)
     training = bool(training)
     noisy = training and bool(noisy_gating)
-    dropout = float(dropout) if training else 0.0
     noise = None if noise is None or not noisy else noise.float().contiguous()
-    x = x.contiguous()
-    params = [p.contiguous() for p in (w_gate, w_noise, w1, b1, v, b_v, w2, b2)]
-    if variant == "dense":
-        seed = _seed(seed, (noisy and noise is None) or dropout > 0, x.device)
-        y, aux, _, _, _ = ops.fused_moe(x, *params, seed, noise, k, training, noisy, dropout, float(noise_eps),
-                                        float(w_importance), float(w_load), bool(squared_cv), bool(unbiased_cv), dtype)
-        return y, aux
-    seed = _seed(seed, noisy and noise is None, x.device)
-    gate, importance, load, idx = ops.gate_fwd(x, params[0], params[1], noise, seed, k, training, noisy,
-                                               float(noise_eps))
-    aux = w_importance * reference.coefficient_of_variation(importance, squared_cv, unbiased_cv) + (
-        w_load * reference.coefficient_of_variation(load, squared_cv, unbiased_cv))
-    # Triton 3.9's interpreter computes tl.dot on bfloat16 operands wrongly: there, run the
-    # grouped kernels on fp32 copies of the bf16-rounded values.
-    work = torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
-    experts = [p.to(dtype).to(work) for p in (x, *params[2:])]
-    save = torch.is_grad_enabled() and any(p.requires_grad for p in (x, gate, *params[2:]))
-    y = ops.experts_fwd(experts[0], idx, gate, *experts[1:], save)[0].to(x.dtype)
-    return F.dropout(y, dropout, training), aux
+    params = tuple(p.contiguous() for p in (w_gate, w_noise, w1, b1, v, b_v, w2, b2))
+    options = MoEOptions(k, training, noisy, float(dropout) if training else 0.0, float(noise_eps),
+                         float(w_importance), float(w_load), bool(squared_cv), bool(unbiased_cv), dtype)
+    return _RUN[variant](x.contiguous(), params, seed, noise, options)
 
 
 __all__ = ["moe_triton", "check_inputs"]

@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, _noise_kernel, gate_from_selection, gate_grads,
-                     gate_probs, gate_tile, load_probability, pick_next, selection_key, token_tile)
-from .tiling import interpreting, next_pow2
+from .common.gating import (NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX, gate_from_selection, gate_grads, gate_probs,
+                            gate_tile, load_probability, pick_next, selection_key, token_tile)
+from .common.gating import noise_kernel as _noise_kernel
+from .common.tiling import interpreting, next_pow2
 
 GATE_BLOCK_N = 16 if interpreting() else 32
 

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 
 from . import reference
+from .common.settings import DEFAULT_SHARED
 from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
 
 PROJECTIONS = ("w1", "v", "w2")
 BACKENDS = ("reference", "triton", "auto")
-DEFAULT_SHARED = ("v", "w2")
 
 
 class SharedSwiGLUMoE(nn.Module):

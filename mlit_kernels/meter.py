@@ -34,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .tiling import padding, round_up
+from .common.tiling import padding, round_up
 
 aten = torch.ops.aten
 

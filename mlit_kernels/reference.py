@@ -24,8 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-NOISE_EPS = 1e-2
-CV_EPS = 1e-10
+from .common.settings import AUX_LOSS_WEIGHT, CV_EPS, NOISE_EPS
 
 
 def top_k_lowest_index(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +100,7 @@ def max_row_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:
 
 
 def coefficient_of_variation(v: torch.Tensor, squared: bool = True, unbiased: bool = True) -> torch.Tensor:
-    """CV of a vector (t,): ``var / (mean² + 1e-10)`` when squared, its square root otherwise.
+    """CV of a vector (t,): ``var / (mean² + CV_EPS)`` (CV_EPS = 1e-10) when squared, its square root otherwise.
 
     unbiased divides the variance by t − 1 (torch's default, as the cited implementation did);
     a single expert has no variation (0).
@@ -151,8 +150,8 @@ def noisy_top_k_gating(
 def auxiliary_loss(
     gates: torch.Tensor,
     load: torch.Tensor,
-    w_importance: float = 1e-2,
-    w_load: float = 1e-2,
+    w_importance: float = AUX_LOSS_WEIGHT,
+    w_load: float = AUX_LOSS_WEIGHT,
     squared_cv: bool = True,
     unbiased: bool = True,
 ) -> torch.Tensor:
@@ -221,8 +220,8 @@ def moe_reference(
     noisy_gating: bool = True,
     noise_eps: float = NOISE_EPS,
     dropout: float = 0.0,
-    w_importance: float = 1e-2,
-    w_load: float = 1e-2,
+    w_importance: float = AUX_LOSS_WEIGHT,
+    w_load: float = AUX_LOSS_WEIGHT,
     squared_cv: bool = True,
     unbiased_cv: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:

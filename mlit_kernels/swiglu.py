@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import Routing, route
-from .tiling import interpreting, next_pow2
+from .common.tiling import interpreting, next_pow2
 
 _KEY = ["M", "D", "T", "K"]
 

@@ -1,21 +1,35 @@
-"""Which Triton path runs, and in which dtype: the one place these are decided (Triton-free, so the
-layer can ask before any kernel is defined).
+"""Which Triton variant runs, and in which dtype: the one place these are decided, and the map from
+a variant's name to its implementation (Triton-free: the layer can ask before any kernel is
+defined; an implementation's module is imported on first use).
 
-* ``"dense"`` — few experts (t ≤ :data:`DENSE_LIMIT`): the fused kernels of
-  :mod:`mlit_kernels.fused`; every expert a token tile routes to is computed for the tile and
-  masked by the gates, no routing.
-* ``"dispatch"`` — many experts: a gate kernel, tokens grouped by expert, grouped GEMMs.
+* ``"dense"`` — few experts (t ≤ :data:`DENSE_LIMIT`): :mod:`mlit_kernels.dense`; every expert a
+  token tile routes to is computed for the tile and masked by the gates, no routing.
+* ``"dispatch"`` — many experts: a gate kernel, tokens grouped by expert, grouped GEMMs
+  (:mod:`mlit_kernels.dispatch_ops`).
 * ``"auto"`` — dense up to :data:`DENSE_AUTO_MAX` experts, dispatch above: a fixed rule, so no
   timing runs inside a training step.
+
+An implementation is ``fn(x, params, seed, noise, options) -> (y, aux_loss)``: x (N, m) and the
+eight parameters contiguous, noise fp32 or None, seed as the caller gave it (None, an int or a
+(1,) int64 tensor), options a :class:`mlit_kernels.common.options.MoEOptions`.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Callable
+
 import torch
 
-VARIANTS = ("auto", "dense", "dispatch")
+from .common.settings import BLOCK_T
+
+IMPLEMENTATIONS = {  # variant -> "module:function", relative to this package
+    "dense": ".dense.ops:moe_dense",
+    "dispatch": ".dispatch_ops:moe_dispatch",
+}
+VARIANTS = ("auto", *IMPLEMENTATIONS)
 DENSE_AUTO_MAX = 8
-DENSE_LIMIT = 16  # the fused kernels hold the gate in one 16-column tile
+DENSE_LIMIT = BLOCK_T  # the dense kernels hold the gate in one BLOCK_T-column tile
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -30,6 +44,12 @@ def resolve_variant(variant: str, num_experts: int) -> str:
     return variant
 
 
+def implementation(variant: str) -> Callable:
+    """The function that runs a resolved ``variant`` (imports its module: defines its Triton kernels)."""
+    module, name = IMPLEMENTATIONS[variant].split(":")
+    return getattr(importlib.import_module(module, __package__), name)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the expert products run in: autocast's when it is on for x's device, else x's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -37,4 +57,5 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-__all__ = ["VARIANTS", "DENSE_AUTO_MAX", "DENSE_LIMIT", "COMPUTE_DTYPES", "resolve_variant", "compute_dtype"]
+__all__ = ["VARIANTS", "IMPLEMENTATIONS", "DENSE_AUTO_MAX", "DENSE_LIMIT", "COMPUTE_DTYPES", "resolve_variant",
+           "implementation", "compute_dtype"]

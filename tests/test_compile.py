@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from mlit_kernels import SharedSwiGLUMoE  # noqa: E402
-from mlit_kernels.tiling import interpreting  # noqa: E402
+from mlit_kernels.common.tiling import interpreting  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():

@@ -23,7 +23,7 @@ import torch
 
 from mlit_kernels import SharedSwiGLUMoE, reference
 from mlit_kernels.reference import max_row_error as row_error
-from mlit_kernels.tiling import interpreting
+from mlit_kernels.common.tiling import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():
@@ -32,7 +32,7 @@ if DEVICE == "cpu" and not interpreting():
 from mlit_kernels import ops  # noqa: E402
 from mlit_kernels.dispatch import route  # noqa: E402
 from mlit_kernels.functional import moe_triton  # noqa: E402
-from mlit_kernels.fused import CONFIGS, force_config  # noqa: E402
+from mlit_kernels.dense import CONFIGS, force_config  # noqa: E402
 from mlit_kernels.gate import gate_forward, gate_noise  # noqa: E402
 
 # Worst per-row relative error against float64 (see the module docstring). Measured on the

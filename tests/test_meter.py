@@ -75,7 +75,7 @@ def test_fused_layer_budgets(m, d_h, t):
     rounding m and d_h up to multiples of 16 — at N = 256 × 145 tokens."""
     from mlit_kernels import SharedSwiGLUMoE
     from mlit_kernels.meter import measure_layer
-    from mlit_kernels.tiling import round_up
+    from mlit_kernels.common.tiling import round_up
 
     layer = SharedSwiGLUMoE(m, d_h, t, k=2, backend="triton")
     costs = measure_layer(layer, 256 * 145)

@@ -25,9 +25,10 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..config import ENCODERS
 from ..data.datasets import DATASETS
 
-MODEL_SIZES = ("S", "XS", "XXS")
+MODEL_SIZES = tuple(ENCODERS)  # "S", "XS", "XXS"
 TASKS = ("pretrain", "finetune", "train")
 AUTOAUGMENT_POLICIES = ("cifar10", "svhn")
 

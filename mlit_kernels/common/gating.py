@@ -1,6 +1,6 @@
-"""The noisy top-k gate's math as Triton device functions (SPEC §5, Eq. 2-9), shared by the fused
-layer kernels (:mod:`mlit_kernels.fused`) and the stand-alone gate of the dispatch path
-(:mod:`mlit_kernels.gate`).
+"""The noisy top-k gate's math as Triton device functions (SPEC §5, Eq. 2-10), the token tile and
+the Philox noise kernel, shared by the dense variant's kernels (:mod:`mlit_kernels.dense`) and
+the stand-alone gate of the dispatch path (:mod:`mlit_kernels.gate`).
 
 All gate arithmetic is fp32 with IEEE products, whatever the activation dtype: the top-k choice
 is discontinuous, and fp16 or tf32 logits would pick other experts than the reference for near
@@ -17,7 +17,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
+from .settings import CV_EPS, NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX
+
+_CV_EPS = tl.constexpr(CV_EPS)
+_CV_EPS_SQUARED = tl.constexpr(CV_EPS * CV_EPS)
 GATE_BLOCK_K = tl.constexpr(16)  # K chunk of the fp32 gate products: the whole m in registers spills on sm_90
 
 
@@ -197,17 +200,17 @@ def gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, r
 @triton.jit
 def cv_grad(v_ptr, cols, col_ok, T, SQUARED: tl.constexpr, UNBIASED: tl.constexpr):
     """d CV(v) / d v (BLOCK_T,) of the reference's coefficient of variation of v (T,) fp32:
-    cv² = var / (mean² + 1e-10); the plain CV is sqrt(cv² + 1e-20). Zero for T = 1."""
+    cv² = var / (mean² + CV_EPS); the plain CV is sqrt(cv² + CV_EPS²). Zero for T = 1."""
     v = tl.load(v_ptr + cols, mask=col_ok, other=0.0)
     mean = tl.sum(v, axis=0) / T
     dev = tl.where(col_ok, v - mean, 0.0)
     ddof = 1 if UNBIASED else 0
     var = tl.sum(dev * dev, axis=0) / tl.maximum(T - ddof, 1)
-    denom = mean * mean + 1e-10
+    denom = mean * mean + _CV_EPS
     dvar = 2.0 * dev / tl.maximum(T - ddof, 1)
     grad = (dvar * denom - var * 2.0 * mean / T) / (denom * denom)
     if not SQUARED:
-        grad = grad / (2.0 * tl.sqrt(var / denom + 1e-20))
+        grad = grad / (2.0 * tl.sqrt(var / denom + _CV_EPS_SQUARED))
     return tl.where(col_ok & (T > 1), grad, 0.0)
 
 
@@ -217,18 +220,19 @@ def cv_value(v, col_ok, T, SQUARED: tl.constexpr, UNBIASED: tl.constexpr):
     mean = tl.sum(tl.where(col_ok, v, 0.0), axis=0) / T
     dev = tl.where(col_ok, v - mean, 0.0)
     ddof = 1 if UNBIASED else 0
-    cv2 = tl.sum(dev * dev, axis=0) / tl.maximum(T - ddof, 1) / (mean * mean + 1e-10)
+    cv2 = tl.sum(dev * dev, axis=0) / tl.maximum(T - ddof, 1) / (mean * mean + _CV_EPS)
     if not SQUARED:
-        cv2 = tl.sqrt(cv2 + 1e-20)
+        cv2 = tl.sqrt(cv2 + _CV_EPS_SQUARED)
     return tl.where(T > 1, cv2, 0.0)
 
 
 @triton.jit
-def _noise_kernel(out_ptr, seed_ptr, total, BLOCK: tl.constexpr):
+def noise_kernel(out_ptr, seed_ptr, total, BLOCK: tl.constexpr):
+    """out[i] = Philox randn(seed, i) for i < total: the gate noise the kernels draw, as a tensor."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < total)
 
 
 __all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "selection_key", "select_top_k", "load_top_k",
            "gate_probs", "load_probability", "gate_grads", "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN",
-           "NOISE_PHILOX", "token_tile", "gate_from_selection"]
+           "NOISE_PHILOX", "token_tile", "gate_from_selection", "noise_kernel"]

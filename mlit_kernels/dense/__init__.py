@@ -1,0 +1,12 @@
+"""The dense variant (few experts, t ≤ 16): the whole MoE layer in two forward and three backward
+launches, every expert a token tile routes to computed for the tile and masked by the gates.
+
+:mod:`.kernels` (Triton), :mod:`.launch` (shapes, tuning, buffers, the forward and backward
+launchers), :mod:`.ops` (the custom ops ``mlit::fused_moe`` / ``mlit::fused_moe_backward`` and
+:func:`~.ops.moe_dense`, this variant's entry in :data:`mlit_kernels.variants.IMPLEMENTATIONS`).
+"""
+
+from .launch import CONFIGS, TUNER, Config, force_config
+from .ops import fused_moe, fused_moe_backward, moe_dense
+
+__all__ = ["CONFIGS", "TUNER", "Config", "force_config", "fused_moe", "fused_moe_backward", "moe_dense"]

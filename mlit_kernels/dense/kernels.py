@@ -1,0 +1,590 @@
+"""The dense variant's Triton kernels: the whole MoE layer for few experts, two forward and three
+backward kernels (the launch code is :mod:`mlit_kernels.dense.launch`).
+
+Per token n, with gates g (zero off the token's top k) and shared V, W_2 (SPEC §5):
+
+    a_e = x W_e + b_e   (every expert a tile routes to; t ≤ 16)     u = x V + b_V
+    c   = Σ_e g_e silu(a_e)          h = c ⊙ u          y = dropout(h W_2 + b_2)
+
+Forward
+  1. ``_fused_fwd_kernel``, one program per BLOCK_N-token tile: gate logits (fp32), noise (Philox
+     from a device seed) and noise scale, top-k (:mod:`mlit_kernels.common.gating`'s rule),
+     Softmax_k, P(x); the partial sums of G (importance) and of P(x) or the routing counts (load)
+     per group of SUM_ROWS tokens; then, looping over d_h chunks: u, every routed expert's a_e, c,
+     h, and y accumulated in registers over the chunks; b_2 and dropout in the epilogue. Writes y,
+     the top-k indices (N, k) int32, the partial sums and (with dropout) the keep mask (N, m) uint8.
+  2. ``_fused_aux_kernel``, one program: sums the partials in group order and writes importance,
+     load and the auxiliary loss (no chain of torch ops over two (t,) vectors).
+
+Backward
+  3. ``_fused_bwd_tokens_kernel``, per token tile: recomputes the gate (with the forward's stored
+     selection) and u, a_e, c; dh = dy W_2ᵀ; writes dx = du Vᵀ + Σ_e da_e W_eᵀ + the gate's part,
+     and the fp16/bf16 intermediates of the weight gradients: da (N, k, d_h) per (token, pick),
+     du = dh ⊙ c, h = c ⊙ u (N, d_h), and dclean / draw (N, 2, t) fp32.
+  4. ``_fused_bwd_weights_kernel``: one program per (weight tile, N split): W_e[:, chunk],
+     V[:, chunk], W_2[chunk, :] (+ their biases) and W_g / W_noise, each summing its split's
+     tokens in registers, ROWS at a time; writes per-split partials.
+  5. ``_reduce_kernel``: sums the splits in a fixed order into the gradients (parameter dtype).
+
+Nothing uses float atomics, and every sum over tokens has boundaries fixed by the shape
+(:mod:`mlit_kernels.common.settings`: SUM_ROWS, the splits, ROWS), not by the tuned BLOCK_N: every
+configuration gives the same bits. Widths m are covered by up to four power-of-two chunks
+(:func:`mlit_kernels.common.tiling.width_chunks`: 144 = 128 + 16, no padding) held as a tuple of
+register tiles, d_h by a loop of DC-wide chunks. x, the weights and dy are read in the dtype they
+are stored in and converted in registers (fp32 masters under autocast need no cast kernels).
+Expert products run on the activation dtype (fp16/bf16 tensor cores, fp32 accumulation; fp32
+activations use IEEE fp32); the gate is fp32 throughout.
+
+Width chunks: a kernel takes their widths M0 ≥ M1 ≥ M2 ≥ M3 (0 = absent) as constexprs and makes
+``WIDTHS = (M0, M1, M2, M3)`` and ``STARTS`` (their first columns); a helper loops over them with
+``tl.static_range`` and keeps one register tile per present chunk in a tuple.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common.gating import (cv_grad, cv_value, gate_from_selection, gate_grads, gate_probs, gate_tile,
+                             load_probability, select_top_k, selection_key, token_tile)
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_DROPOUT_STREAM = tl.constexpr(0x5EED)  # Philox key offset of the dropout draws (the gate noise uses the seed itself)
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers: one column chunk
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. DOT_F32 (fp32 operands, IEEE) is for fp32 activations,
+    and for bf16 under the interpreter, whose tl.dot mishandles bfloat16 (the values are the same
+    bf16-rounded numbers; only the product hardware differs)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_cols(ptr, rows, row_ok, ld, c0: tl.constexpr, W: tl.constexpr, ncols, DTYPE: tl.constexpr):
+    """Columns [c0, c0 + W) of rows ``rows`` of a row-major (·, ld) matrix, zero-padded past
+    ``ncols``, converted to DTYPE."""
+    cols = c0 + tl.arange(0, W)
+    mask = row_ok[:, None] & (cols < ncols)[None, :]
+    return tl.load(ptr + rows[:, None].to(tl.int64) * ld + cols[None, :], mask=mask, other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _times_rows(x, acc, w_ptr, ld, ds, d_ok, M, c0: tl.constexpr, W: tl.constexpr, DTYPE: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    """acc + x @ W[c0:c0+W, ds]: a column chunk x (BLOCK_N, W) times the matching rows of W (M, ld)."""
+    r = c0 + tl.arange(0, W)
+    w = tl.load(w_ptr + r[:, None] * ld + ds[None, :], mask=(r < M)[:, None] & d_ok[None, :], other=0.0)
+    return _mma(x, w.to(DTYPE), acc, DOT_F32)
+
+
+@triton.jit
+def _times_rows_t(p, acc, w_ptr, ld, ds, d_ok, M, c0: tl.constexpr, W: tl.constexpr, DTYPE: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    """acc + p @ W[c0:c0+W, ds]ᵀ: p (BLOCK_N, DC) times the transposed rows of W (M, ld)."""
+    r = c0 + tl.arange(0, W)
+    wt = tl.load(w_ptr + r[None, :] * ld + ds[:, None], mask=d_ok[:, None] & (r < M)[None, :], other=0.0)
+    return _mma(p, wt.to(DTYPE), acc, DOT_F32)
+
+
+@triton.jit
+def _times_cols(p, acc, w_ptr, ld, ds, d_ok, M, c0: tl.constexpr, W: tl.constexpr, DTYPE: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    """acc + p @ W[ds, c0:c0+W]: p (BLOCK_N, DC) times rows ds of W (D, ld = M), columns chunk."""
+    c = c0 + tl.arange(0, W)
+    w = tl.load(w_ptr + ds[:, None] * ld + c[None, :], mask=d_ok[:, None] & (c < M)[None, :], other=0.0)
+    return _mma(p, w.to(DTYPE), acc, DOT_F32)
+
+
+@triton.jit
+def _times_cols_t(p, acc, w_ptr, ld, ds, d_ok, M, c0: tl.constexpr, W: tl.constexpr, DTYPE: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    """acc + p @ W[ds, c0:c0+W]ᵀ: p (BLOCK_N, W) times the transposed columns chunk of W (D, ld = M)."""
+    c = c0 + tl.arange(0, W)
+    wt = tl.load(w_ptr + ds[None, :] * ld + c[:, None], mask=(c < M)[:, None] & d_ok[None, :], other=0.0)
+    return _mma(p, wt.to(DTYPE), acc, DOT_F32)
+
+
+@triton.jit
+def _gate_dx(dx, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, c0: tl.constexpr, W: tl.constexpr,
+             NOISY: tl.constexpr):
+    """dx[:, chunk] += dclean W_g[chunk]ᵀ (+ draw W_noise[chunk]ᵀ), fp32 IEEE."""
+    r = c0 + tl.arange(0, W)
+    mask = col_ok[:, None] & (r < M)[None, :]
+    wg_t = tl.load(wg_ptr + r[None, :] * T + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+    dx = tl.dot(dclean, wg_t, dx, input_precision="ieee")
+    if NOISY:
+        wn_t = tl.load(wn_ptr + r[None, :] * T + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+        dx = tl.dot(draw, wn_t, dx, input_precision="ieee")
+    return dx
+
+
+@triton.jit
+def _store_rows(ptr, val, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr):
+    cols = c0 + tl.arange(0, W)
+    tl.store(ptr + rows[:, None].to(tl.int64) * M + cols[None, :], val.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < M)[None, :])
+
+
+@triton.jit
+def _expert_column(mat, cols, e):
+    """Column e of a (BLOCK_N, BLOCK_T) tile, as (BLOCK_N,)."""
+    return tl.sum(tl.where(cols[None, :] == e, mat, 0), axis=1)
+
+
+@triton.jit
+def _keep_mask(seed, rows, M, c0: tl.constexpr, W: tl.constexpr, drop_p):
+    """Dropout keep decisions of a column chunk: Philox ``rand(seed + stream, row·m + col) ≥ p``."""
+    cols = c0 + tl.arange(0, W)
+    offs = rows[:, None] * M + cols[None, :]
+    return tl.rand(seed + _DROPOUT_STREAM, offs) >= drop_p
+
+
+@triton.jit
+def _store_out(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, drop_p,
+               DROPOUT: tl.constexpr):
+    """y + b_2 for a column chunk, dropout (keep mask stored as uint8), stored in y's dtype."""
+    cols = c0 + tl.arange(0, W)
+    col_ok = cols < M
+    mask = row_ok[:, None] & col_ok[None, :]
+    y += tl.load(b2_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    offs = rows[:, None].to(tl.int64) * M + cols[None, :]
+    if DROPOUT:
+        keep = _keep_mask(seed, rows, M, c0, W, drop_p)
+        y = tl.where(keep, y / (1.0 - drop_p), 0.0)
+        tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=mask)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, drop_p,
+                   DROPOUT: tl.constexpr, DTYPE: tl.constexpr):
+    """dL/d(h W_2 + b_2) for a column chunk: dy through the stored dropout mask, in DTYPE."""
+    cols = c0 + tl.arange(0, W)
+    mask = row_ok[:, None] & (cols < M)[None, :]
+    offs = rows[:, None].to(tl.int64) * M + cols[None, :]
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:
+        keep = tl.load(keep_ptr + offs, mask=mask, other=0)
+        dy = tl.where(keep != 0, dy / (1.0 - drop_p), 0.0)
+    return dy.to(DTYPE)
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers: a whole width m, as a tuple of register tiles (one per present chunk)
+
+
+@triton.jit
+def _zeros_by_chunk(R: tl.constexpr, WIDTHS: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """fp32 accumulators (R, width) per chunk, or (width, R) when TRANSPOSED."""
+    out = ()
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            if TRANSPOSED:
+                out = out + (tl.zeros((WIDTHS[i], R), dtype=tl.float32),)
+            else:
+                out = out + (tl.zeros((R, WIDTHS[i]), dtype=tl.float32),)
+    return out
+
+
+@triton.jit
+def _rows_by_chunk(ptr, rows, row_ok, M, STARTS: tl.constexpr, WIDTHS: tl.constexpr, DTYPE: tl.constexpr):
+    """Rows ``rows`` of a row-major (N, M) matrix, per chunk, in DTYPE."""
+    out = ()
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            out = out + (_load_cols(ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], M, DTYPE),)
+    return out
+
+
+@triton.jit
+def _grad_out_by_chunk(dy_ptr, keep_ptr, rows, row_ok, M, drop_p, STARTS: tl.constexpr, WIDTHS: tl.constexpr,
+                       DROPOUT: tl.constexpr, DTYPE: tl.constexpr):
+    """:func:`_load_grad_out` per chunk."""
+    out = ()
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            out = out + (_load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], drop_p, DROPOUT,
+                                        DTYPE),)
+    return out
+
+
+@triton.jit
+def _project(x, w_ptr, b_ptr, ds, d_ok, M, D, STARTS: tl.constexpr, WIDTHS: tl.constexpr, BLOCK_N: tl.constexpr,
+             DC: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """x W[:, ds] + b[ds] (fp32, (BLOCK_N, DC)) from the chunks of x; W (M, D) row-major."""
+    acc = tl.zeros((BLOCK_N, DC), dtype=tl.float32)
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            acc = _times_rows(x[i], acc, w_ptr, D, ds, d_ok, M, STARTS[i], WIDTHS[i], DTYPE, DOT_F32)
+    return acc + tl.load(b_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _grad_hidden(dy, w2_ptr, ds, d_ok, M, STARTS: tl.constexpr, WIDTHS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DC: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """dh[:, ds] = dy W_2[ds, :]ᵀ (fp32, (BLOCK_N, DC)) from the chunks of dy; W_2 (D, M) row-major."""
+    acc = tl.zeros((BLOCK_N, DC), dtype=tl.float32)
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            acc = _times_cols_t(dy[i], acc, w2_ptr, M, ds, d_ok, M, STARTS[i], WIDTHS[i], DTYPE, DOT_F32)
+    return acc
+
+
+@triton.jit
+def _add_product_by_chunk(acc, p, w_ptr, ds, d_ok, M, D, STARTS: tl.constexpr, WIDTHS: tl.constexpr,
+                          W_IS_M_BY_D: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + p B per chunk, p (BLOCK_N, DC) and B the chunk's (DC, width) block of a weight:
+    W (M, D) read transposed, W[chunk, ds]ᵀ (dx + da W_eᵀ, the gradient of x W) when W_IS_M_BY_D,
+    else W (D, M), W[ds, chunk] (y + h W_2)."""
+    out = ()
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            if W_IS_M_BY_D:
+                out = out + (_times_rows_t(p, acc[i], w_ptr, D, ds, d_ok, M, STARTS[i], WIDTHS[i], DTYPE, DOT_F32),)
+            else:
+                out = out + (_times_cols(p, acc[i], w_ptr, M, ds, d_ok, M, STARTS[i], WIDTHS[i], DTYPE, DOT_F32),)
+    return out
+
+
+@triton.jit
+def _store_output(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, drop_p, STARTS: tl.constexpr,
+                  WIDTHS: tl.constexpr, DROPOUT: tl.constexpr):
+    """:func:`_store_out` per chunk."""
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            _store_out(y[i], b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, STARTS[i], WIDTHS[i], drop_p, DROPOUT)
+
+
+@triton.jit
+def _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T,
+                      STARTS: tl.constexpr, WIDTHS: tl.constexpr, NOISY: tl.constexpr):
+    """dx + the gate's part (dclean W_gᵀ + draw W_noiseᵀ) per chunk, stored in dx's dtype."""
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            _store_rows(dx_ptr, _gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, STARTS[i],
+                                         WIDTHS[i], NOISY), rows, row_ok, M, STARTS[i], WIDTHS[i])
+
+
+@triton.jit
+def _store_group_sums(part_ptr, vals, rows, cols, col_ok, N, T, pid, SUM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """part[group, :T] = Σ of vals (BLOCK_N, BLOCK_T; zero on invalid rows) over each SUM_ROWS-token
+    group of the tile: boundaries fixed by N alone, whatever BLOCK_N. part rows are 2T apart."""
+    for j in tl.static_range(BLOCK_N // SUM_ROWS):
+        group = pid * (BLOCK_N // SUM_ROWS) + j
+        in_group = (rows >= group * SUM_ROWS) & (rows < group * SUM_ROWS + SUM_ROWS)
+        total = tl.sum(tl.where(in_group[:, None], vals, 0.0), axis=0)
+        first_row = group * SUM_ROWS + 0 * cols  # as a block: the interpreter's masks cannot mix in a scalar
+        tl.store(part_ptr + group * 2 * T + cols, total, mask=col_ok & (first_row < N))
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    x_ptr, wg_ptr, wn_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, b2_ptr, noise_ptr, seed_ptr,
+    y_ptr, idx_ptr, part_ptr, keep_ptr,
+    N, M, D, T, noise_eps, drop_p,
+    K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr, DROPOUT: tl.constexpr,
+    M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SUM_ROWS: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    WIDTHS: tl.constexpr = (M0, M1, M2, M3)
+    STARTS: tl.constexpr = (0, M0, M0 + M1, M0 + M1 + M2)
+    pid, rows, row_ok, cols, col_ok, valid, seed = token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
+                                                               BLOCK_T)
+
+    # gate
+    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
+                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+    key, taken = selection_key(h, col_ok)
+    taken, kth_col = select_top_k(key, taken, cols, idx_ptr, rows, row_ok, K, BLOCK_T)
+    sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
+    _store_group_sums(part_ptr, tl.where(valid, g, 0.0), rows, cols, col_ok, N, T, pid, SUM_ROWS, BLOCK_N)
+    if LOAD_P:
+        load = tl.where(valid, load_probability(clean, h, std, kth, nxt), 0.0)
+    else:
+        load = tl.where(valid & (sel != 0), 1.0, 0.0)
+    _store_group_sums(part_ptr + T, load, rows, cols, col_ok, N, T, pid, SUM_ROWS, BLOCK_N)
+
+    # experts
+    x = _rows_by_chunk(x_ptr, rows, row_ok, M, STARTS, WIDTHS, DTYPE)
+    y = _zeros_by_chunk(BLOCK_N, WIDTHS)
+    routed = tl.sum(tl.where(row_ok[:, None], sel, 0), axis=0)  # (BLOCK_T,) tokens of the tile per expert
+    for d0 in range(0, D, DC):
+        ds = d0 + tl.arange(0, DC)
+        d_ok = ds < D
+        u = _project(x, v_ptr, bv_ptr, ds, d_ok, M, D, STARTS, WIDTHS, BLOCK_N, DC, DTYPE, DOT_F32)
+        c = tl.zeros((BLOCK_N, DC), dtype=tl.float32)
+        for e in range(T):
+            if tl.sum(tl.where(cols == e, routed, 0), axis=0) > 0:  # an expert no token of the tile picked is skipped
+                a = _project(x, w1_ptr + e * M * D, b1_ptr + e * D, ds, d_ok, M, D, STARTS, WIDTHS, BLOCK_N, DC,
+                             DTYPE, DOT_F32)
+                c += _expert_column(g, cols, e)[:, None] * (a * tl.sigmoid(a))
+        y = _add_product_by_chunk(y, (c * u).to(DTYPE), w2_ptr, ds, d_ok, M, D, STARTS, WIDTHS, False, DTYPE, DOT_F32)
+    _store_output(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, drop_p, STARTS, WIDTHS, DROPOUT)
+
+
+@triton.jit
+def _fused_aux_kernel(part_ptr, stats_ptr, aux_ptr, groups, T, w_importance, w_load,
+                      SQUARED: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+    """importance, load (2, T) = the groups' partial sums in group order; aux = w_i CV(imp) + w_l CV(load)."""
+    cols = tl.arange(0, BLOCK_T)
+    col_ok = cols < T
+    imp = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    load = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for p0 in range(0, groups, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps < groups)[:, None] & col_ok[None, :]
+        base = part_ptr + ps[:, None] * 2 * T + cols[None, :]
+        imp += tl.sum(tl.load(base, mask=mask, other=0.0), axis=0)
+        load += tl.sum(tl.load(base + T, mask=mask, other=0.0), axis=0)
+    tl.store(stats_ptr + cols, imp, mask=col_ok)
+    tl.store(stats_ptr + T + cols, load, mask=col_ok)
+    aux = w_importance * cv_value(imp, col_ok, T, SQUARED, UNBIASED) + w_load * cv_value(load, col_ok, T, SQUARED,
+                                                                                           UNBIASED)
+    tl.store(aux_ptr, aux)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _fused_bwd_tokens_kernel(
+    dy_ptr, daux_ptr, x_ptr, wg_ptr, wn_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, noise_ptr, seed_ptr,
+    idx_ptr, stats_ptr, keep_ptr,
+    dx_ptr, da_ptr, du_ptr, h_ptr, dgate_ptr,
+    N, M, D, T, noise_eps, drop_p, w_importance, w_load,
+    K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr, DROPOUT: tl.constexpr,
+    SQUARED: tl.constexpr, UNBIASED: tl.constexpr,
+    M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    WIDTHS: tl.constexpr = (M0, M1, M2, M3)
+    STARTS: tl.constexpr = (0, M0, M0 + M1, M0 + M1 + M2)
+    pid, rows, row_ok, cols, col_ok, valid, seed = token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
+                                                               BLOCK_T)
+
+    # the gates, recomputed with the forward's selection (recomputed once more after the experts
+    # for the gate's own gradient: cheaper than keeping its tiles live through the d_h loop)
+    _, _, _, _, _, sel, g, _, _, _, _ = gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows,
+                                                             row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
+                                                             NOISE_MODE, BLOCK_N, BLOCK_T)
+    d_aux = tl.load(daux_ptr)
+    dg = tl.where(valid, (w_importance * d_aux) * cv_grad(stats_ptr, cols, col_ok, T, SQUARED, UNBIASED)[None, :], 0.0)
+
+    # experts
+    x = _rows_by_chunk(x_ptr, rows, row_ok, M, STARTS, WIDTHS, DTYPE)
+    dy = _grad_out_by_chunk(dy_ptr, keep_ptr, rows, row_ok, M, drop_p, STARTS, WIDTHS, DROPOUT, DTYPE)
+    dx = _zeros_by_chunk(BLOCK_N, WIDTHS)
+    routed = tl.sum(tl.where(row_ok[:, None], sel, 0), axis=0)
+    for d0 in range(0, D, DC):
+        ds = d0 + tl.arange(0, DC)
+        d_ok = ds < D
+        tile_mask = row_ok[:, None] & d_ok[None, :]
+        tile = rows[:, None].to(tl.int64) * D + ds[None, :]
+        dh = _grad_hidden(dy, w2_ptr, ds, d_ok, M, STARTS, WIDTHS, BLOCK_N, DC, DTYPE, DOT_F32)
+        u = _project(x, v_ptr, bv_ptr, ds, d_ok, M, D, STARTS, WIDTHS, BLOCK_N, DC, DTYPE, DOT_F32)
+        dcu = dh * u  # dL/dc
+        c = tl.zeros((BLOCK_N, DC), dtype=tl.float32)
+        for e in range(T):
+            if tl.sum(tl.where(cols == e, routed, 0), axis=0) > 0:
+                a = _project(x, w1_ptr + e * M * D, b1_ptr + e * D, ds, d_ok, M, D, STARTS, WIDTHS, BLOCK_N, DC,
+                             DTYPE, DOT_F32)
+                sig = tl.sigmoid(a)
+                act = a * sig
+                ge = _expert_column(g, cols, e)
+                c += ge[:, None] * act
+                dg += tl.where(cols[None, :] == e, tl.sum(tl.where(d_ok[None, :], dcu * act, 0.0), axis=1)[:, None],
+                               0.0)
+                da = (ge[:, None] * dcu * (sig * (1.0 + a * (1.0 - sig)))).to(DTYPE)
+                dx = _add_product_by_chunk(dx, da, w1_ptr + e * M * D, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE,
+                                           DOT_F32)
+                # the pair slot j of tokens that picked e: da (N, K, d_h) for the weight gradients
+                for j in tl.static_range(K):
+                    ij = tl.load(idx_ptr + rows.to(tl.int64) * K + j, mask=row_ok, other=-1)
+                    slot = (rows[:, None].to(tl.int64) * K + j) * D + ds[None, :]
+                    tl.store(da_ptr + slot, da, mask=tile_mask & (ij == e)[:, None])
+        du = dh * c
+        tl.store(h_ptr + tile, (c * u).to(h_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(du_ptr + tile, du.to(du_ptr.dtype.element_ty), mask=tile_mask)
+        dx = _add_product_by_chunk(dx, du.to(DTYPE), v_ptr, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE, DOT_F32)
+    # the gate's part: through Softmax_k, the noise scale and P(x)
+    clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection(
+        x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
+        NOISE_MODE, BLOCK_N, BLOCK_T)
+    d_load = (w_load * d_aux) * cv_grad(stats_ptr + T, cols, col_ok, T, SQUARED, UNBIASED)
+    dclean, draw = gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, d_load, valid,
+                              cols, NOISY, LOAD_P)
+    gslot = rows[:, None].to(tl.int64) * 2 * T + cols[None, :]
+    tl.store(dgate_ptr + gslot, dclean, mask=valid)
+    tl.store(dgate_ptr + gslot + T, draw, mask=valid)
+    _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T, STARTS, WIDTHS,
+                      NOISY)
+
+
+@triton.jit
+def _store_part(ptr, acc, ld, c0: tl.constexpr, W: tl.constexpr, M, ds, d_ok):
+    """acc (W, DC) into rows [c0, c0+W) (< M), columns ds of a row-major (M, ld) partial."""
+    r = c0 + tl.arange(0, W)
+    tl.store(ptr + r[:, None] * ld + ds[None, :], acc, mask=(r < M)[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _projection_grad_partial(x_ptr, p_ptr, sel_ptr, e, rows_lo, rows_hi, M, D, ds, d_ok, out_ptr, bias_ptr,
+                             K: tl.constexpr, STARTS: tl.constexpr, WIDTHS: tl.constexpr, DC: tl.constexpr,
+                             ROWS: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+                             PER_PICK: tl.constexpr):
+    """The split's partial gradient of a projection x W[:, ds] + b[ds] from its output gradient p:
+    dW = Σ over rows [lo, hi) of x_rowᵀ p_row (M, DC), stored to out (M, D); db = Σ p_row (DC,) to bias.
+
+    p is (N, d_h) (V's du), or with PER_PICK da (N, K, d_h) of expert e: p_row = Σ_j [idx_j == e]
+    da[row, j] (the token's pick of expert e, if any)."""
+    acc = _zeros_by_chunk(DC, WIDTHS, True)
+    bias = tl.zeros((DC,), dtype=tl.float32)
+    for r0 in range(rows_lo, rows_hi, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_ok = rows < rows_hi
+        mask = row_ok[:, None] & d_ok[None, :]
+        if PER_PICK:
+            p = tl.zeros((ROWS, DC), dtype=tl.float32)
+            for j in tl.static_range(K):
+                ij = tl.load(sel_ptr + rows.to(tl.int64) * K + j, mask=row_ok, other=-1)
+                pj = tl.load(p_ptr + (rows[:, None].to(tl.int64) * K + j) * D + ds[None, :],
+                             mask=mask & (ij == e)[:, None], other=0.0)
+                p += pj.to(tl.float32)
+            p = p.to(DTYPE)
+        else:
+            p = tl.load(p_ptr + rows[:, None].to(tl.int64) * D + ds[None, :], mask=mask, other=0.0).to(DTYPE)
+        bias += tl.sum(p.to(tl.float32), axis=0)
+        updated = ()
+        for i in tl.static_range(len(WIDTHS)):
+            if WIDTHS[i] > 0:
+                xi = _load_cols(x_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], M, DTYPE)
+                updated = updated + (_mma(tl.trans(xi), p, acc[i], DOT_F32),)
+        acc = updated
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            _store_part(out_ptr, acc[i], D, STARTS[i], WIDTHS[i], M, ds, d_ok)
+    tl.store(bias_ptr + ds, bias, mask=d_ok)
+
+
+@triton.jit
+def _w2_grad_partial(h_ptr, dy_ptr, keep_ptr, rows_lo, rows_hi, M, D, ds, d_ok, out_ptr, b2_ptr, with_bias, drop_p,
+                     c0: tl.constexpr, W: tl.constexpr, DROPOUT: tl.constexpr, DC: tl.constexpr, ROWS: tl.constexpr,
+                     DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """The split's partial dW_2[ds, chunk] = Σ_rows h[row, ds]ᵀ dy'[row, chunk]; db_2[chunk] too when
+    ``with_bias``."""
+    acc = tl.zeros((DC, W), dtype=tl.float32)
+    bias = tl.zeros((W,), dtype=tl.float32)
+    for r0 in range(rows_lo, rows_hi, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_ok = rows < rows_hi
+        hb = tl.load(h_ptr + rows[:, None].to(tl.int64) * D + ds[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(DTYPE)
+        gy = _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, c0, W, drop_p, DROPOUT, DTYPE)
+        acc = _mma(tl.trans(hb), gy, acc, DOT_F32)
+        bias += tl.sum(gy.to(tl.float32), axis=0)
+    cols = c0 + tl.arange(0, W)
+    tl.store(out_ptr + ds[:, None] * M + cols[None, :], acc, mask=d_ok[:, None] & (cols < M)[None, :])
+    tl.store(b2_ptr + cols, bias, mask=(cols < M) & ((cols * 0 + with_bias) != 0))
+
+
+@triton.jit
+def _gate_weight_grad_partial(x_ptr, dgate_ptr, rows_lo, rows_hi, M, T, out_ptr, c0: tl.constexpr, W: tl.constexpr,
+                              ROWS: tl.constexpr, BLOCK_T: tl.constexpr, NOISY: tl.constexpr):
+    """The split's partial dW_g[chunk] and dW_noise[chunk] = Σ_rows x[row, chunk]ᵀ (dclean, draw)[row]
+    (fp32 IEEE)."""
+    cols = tl.arange(0, BLOCK_T)
+    col_ok = cols < T
+    acc_g = tl.zeros((W, BLOCK_T), dtype=tl.float32)
+    acc_n = tl.zeros((W, BLOCK_T), dtype=tl.float32)
+    for r0 in range(rows_lo, rows_hi, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_ok = rows < rows_hi
+        xt = tl.trans(_load_cols(x_ptr, rows, row_ok, M, c0, W, M, tl.float32))
+        slot = dgate_ptr + rows[:, None].to(tl.int64) * 2 * T + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        acc_g = tl.dot(xt, tl.load(slot, mask=mask, other=0.0), acc_g, input_precision="ieee")
+        if NOISY:
+            acc_n = tl.dot(xt, tl.load(slot + T, mask=mask, other=0.0), acc_n, input_precision="ieee")
+    r = c0 + tl.arange(0, W)
+    omask = (r < M)[:, None] & col_ok[None, :]
+    tl.store(out_ptr + r[:, None] * T + cols[None, :], acc_g, mask=omask)
+    tl.store(out_ptr + M * T + r[:, None] * T + cols[None, :], acc_n, mask=omask)
+
+
+@triton.jit
+def _fused_bwd_weights_kernel(
+    x_ptr, dy_ptr, keep_ptr, idx_ptr, da_ptr, du_ptr, h_ptr, dgate_ptr, part_ptr,
+    N, M, D, T, drop_p, rows_per_split, part_ld,
+    K: tl.constexpr, NOISY: tl.constexpr, DROPOUT: tl.constexpr,
+    M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, NCH: tl.constexpr, DC: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Program (w, s) computes weight tile w's partial gradient over the tokens of split s, ROWS at a time.
+
+    Tiles, in order: (expert e, d_h chunk) of W_e and b_e; d_h chunks of V, b_V; (d_h chunk,
+    m chunk) of W_2 (b_2 with the first d_h chunk); the m chunks of W_g and W_noise. The partial
+    row of split s is laid out as the flat gradient: [W_g, W_noise, W_1, b_1, V, b_V, W_2, b_2]."""
+    WIDTHS: tl.constexpr = (M0, M1, M2, M3)
+    STARTS: tl.constexpr = (0, M0, M0 + M1, M0 + M1 + M2)
+    w = tl.program_id(0)
+    split = tl.program_id(1)
+    lo = split * rows_per_split
+    hi = tl.minimum(lo + rows_per_split, N)
+    out = part_ptr + split.to(tl.int64) * part_ld
+    o_w1 = 2 * M * T
+    o_b1 = o_w1 + T * M * D
+    o_v = o_b1 + T * D
+    o_bv = o_v + M * D
+    o_w2 = o_bv + D
+    o_b2 = o_w2 + D * M
+    nd = tl.cdiv(D, DC)
+    ds = (w % nd) * DC + tl.arange(0, DC)
+    d_ok = ds < D
+    if w < T * nd:  # W_e[:, chunk], b_e[chunk]
+        e = w // nd
+        _projection_grad_partial(x_ptr, da_ptr, idx_ptr, e, lo, hi, M, D, ds, d_ok, out + o_w1 + e * M * D,
+                                 out + o_b1 + e * D, K, STARTS, WIDTHS, DC, ROWS, DTYPE, DOT_F32, True)
+    elif w < (T + 1) * nd:  # V[:, chunk], b_V[chunk]
+        _projection_grad_partial(x_ptr, du_ptr, idx_ptr, 0, lo, hi, M, D, ds, d_ok, out + o_v, out + o_bv,
+                                 K, STARTS, WIDTHS, DC, ROWS, DTYPE, DOT_F32, False)
+    elif w < (T + 1 + NCH) * nd:  # W_2[chunk, m chunk c]; b_2[m chunk c] with the first d_h chunk
+        c = (w - (T + 1) * nd) // nd
+        first = ((w % nd) == 0).to(tl.int32)
+        for i in tl.static_range(len(WIDTHS)):
+            if WIDTHS[i] > 0:
+                if c == i:
+                    _w2_grad_partial(h_ptr, dy_ptr, keep_ptr, lo, hi, M, D, ds, d_ok, out + o_w2, out + o_b2, first,
+                                     drop_p, STARTS[i], WIDTHS[i], DROPOUT, DC, ROWS, DTYPE, DOT_F32)
+    else:  # W_g, W_noise: m chunk c
+        c = w - (T + 1 + NCH) * nd
+        for i in tl.static_range(len(WIDTHS)):
+            if WIDTHS[i] > 0:
+                if c == i:
+                    _gate_weight_grad_partial(x_ptr, dgate_ptr, lo, hi, M, T, out, STARTS[i], WIDTHS[i], ROWS,
+                                              BLOCK_T, NOISY)
+
+
+@triton.jit
+def _reduce_kernel(part_ptr, out_ptr, splits, total, BLOCK: tl.constexpr):
+    """out[p] = Σ_s part[s, p], s in order (fp32), stored in out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = part_ptr + offs.to(tl.int64)
+    for _ in range(splits):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += total
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)

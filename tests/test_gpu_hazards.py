@@ -8,7 +8,7 @@ timing), and approximate ``exp``. On a CUDA device this module checks:
 * the dispatch path's gate (``mlit_kernels.ops.gate_fwd``) at N = 4096 + 37 tokens, t = 32 and
   64, k = 2, 200 repetitions: every repetition bitwise the first, gates equal to a torch softmax
   of the logits at the chosen indices, which are a top k, rows summing to 1;
-* for each forced configuration (every ``force_config`` / ``triton.autotune`` of the package, the
+* for each forced configuration (every ``LaunchTuner`` / ``triton.autotune`` of the package, the
   i-th candidate of each at once), the layer's forward and backward run twice bitwise equal;
   two fresh processes (each tuning by timing) give bitwise equal gradients;
 * a CUDA graph captured on a tuning key never met (no warm-up at that key) runs and replays the
@@ -121,35 +121,35 @@ def test_helpers_gate_under_the_interpreter():
 
 def tuning_mechanisms() -> tuple[list, list]:
     """Every way the package picks a kernel configuration, found by walking ``mlit_kernels``:
-    (module, force_config, CONFIGS) triples and the ``triton.autotune`` wrappers."""
+    its :class:`~mlit_kernels.common.tuning.LaunchTuner` objects and any ``triton.autotune`` wrappers."""
     import mlit_kernels
+    from mlit_kernels.common.tuning import LaunchTuner
     from triton.runtime.autotuner import Autotuner
 
-    forcers, tuners = [], {}
+    launch_tuners, autotuners = {}, {}
     for info in pkgutil.walk_packages(mlit_kernels.__path__, "mlit_kernels."):
         module = importlib.import_module(info.name)
-        force = getattr(module, "force_config", None)
-        if force is not None and getattr(force, "__module__", None) == module.__name__ and hasattr(module, "CONFIGS"):
-            forcers.append((module, force, tuple(module.CONFIGS)))
         for obj in vars(module).values():
-            if isinstance(obj, Autotuner):
-                tuners[id(obj)] = obj
-    return forcers, list(tuners.values())
+            if isinstance(obj, LaunchTuner):
+                launch_tuners[id(obj)] = obj
+            elif isinstance(obj, Autotuner):
+                autotuners[id(obj)] = obj
+    return list(launch_tuners.values()), list(autotuners.values())
 
 
 def configuration_count() -> int:
-    forcers, tuners = tuning_mechanisms()
-    return max([len(c) for _, _, c in forcers] + [len(t.configs) for t in tuners] + [1])
+    launch_tuners, autotuners = tuning_mechanisms()
+    return max([len(t.candidates) for t in launch_tuners] + [len(t.configs) for t in autotuners] + [1])
 
 
 @contextlib.contextmanager
 def forced(i: int):
     """Every configuration mechanism set to its i-th candidate (modulo its count); no tuning."""
-    forcers, tuners = tuning_mechanisms()
+    launch_tuners, tuners = tuning_mechanisms()
     saved = [list(t.configs) for t in tuners]
     with contextlib.ExitStack() as stack:
-        for _, force, configs in forcers:
-            stack.enter_context(force(configs[i % len(configs)]))
+        for tuner in launch_tuners:
+            stack.enter_context(tuner.force(tuner.candidates[i % len(tuner.candidates)]))
         for tuner, configs in zip(tuners, saved):
             tuner.configs = [configs[i % len(configs)]]
         try:
@@ -247,8 +247,10 @@ def test_two_fresh_processes_agree(shape, tmp_path):
 
 @interpreted
 def test_helpers_configurations_under_the_interpreter(tmp_path):
-    forcers, tuners = tuning_mechanisms()
-    assert forcers and tuners  # the fused path's force_config, the dispatch path's autotuned kernels
+    from mlit_kernels.dense import TUNER
+
+    launch_tuners, _ = tuning_mechanisms()
+    assert TUNER in launch_tuners  # the walk finds the dense variant's tuner
     dense, dispatch = TINY_SHAPES  # a few configurations (all of them take ~45 s here): the
     assert not any(forced_repeatability(dense, "cpu", [0, configuration_count() - 1]).values())
     assert not any(forced_repeatability(dispatch, "cpu", [0]).values())  # interpreter: one autotune config

@@ -14,13 +14,13 @@ import importlib
 from . import reference
 from .layer import SharedSwiGLUMoE, collect_aux_loss
 
-_LAZY = {"moe_triton": ".functional", "gate_noise": ".gate"}
+_LAZY = {"moe_triton": ".functional", "gate_noise": ".gating"}
 
 __all__ = ["SharedSwiGLUMoE", "collect_aux_loss", "gate_noise", "moe_triton", "ops", "reference"]
 
 
 def __getattr__(name):
-    if name == "ops":  # the torch.library custom ops mlit::fused_moe, gate_fwd, experts_fwd, ...
+    if name == "ops":  # the torch.library custom ops mlit::fused_moe, dispatch_moe, ...
         return importlib.import_module(".ops", __name__)
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)

@@ -1,24 +1,25 @@
-"""``moe_triton``: the MoE layer (shared V, W_2) as a function over the Triton kernels, with the
+"""``moe_triton``: the MoE layer as a function over the Triton kernels, with the
 argument checks and the one place where the expert variant is chosen.
 
 Its twin with the same signature is :func:`mlit_kernels.reference.moe_reference`; the layer
 (:class:`mlit_kernels.layer.SharedSwiGLUMoE`) calls one or the other.
 
 The variants (:mod:`mlit_kernels.variants`): ``"dense"`` runs the whole layer in two forward and
-three backward launches (:mod:`mlit_kernels.fused`); ``"dispatch"`` a gate kernel, tokens grouped
-by expert (histogram, prefix sum, scatter) and grouped GEMMs (:mod:`mlit_kernels.gate`,
-:mod:`mlit_kernels.dispatch`, :mod:`mlit_kernels.swiglu`), with the balancing loss and dropout in
-torch.
+three backward launches (:mod:`mlit_kernels.fused`); ``"dispatch"`` (many experts, and per-expert
+V / W_2) three forward and three backward launches over tokens grouped per expert in-kernel
+(:mod:`mlit_kernels.dispatch`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import ops, reference
+from .dispatch import moe_dispatch
+from .dispatch.moe import device_seed
 from .tiling import interpreting
 from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
+
 
 def check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype) -> None:
     """Raise ValueError / TypeError naming the argument for anything the kernels cannot take."""
@@ -31,15 +32,17 @@ def check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype) ->
     if w1.dim() != 3:
         raise ValueError(
             f"w1 must have shape (t, m, d_h) (one W_i per expert); the Triton backend supports shared=('v', 'w2') "
-            f"only, got w1 of shape {tuple(w1.shape)}")
+            f"or shared=() only, got w1 of shape {tuple(w1.shape)}")
     d = w1.shape[2]
+    lead = (t,) if v.dim() == 3 else ()  # V, W_2 shared, or one per expert (dispatch variant)
     expected = {
-        "w_noise": (w_noise, (m, t)), "w1": (w1, (t, m, d)), "b1": (b1, (t, d)), "v": (v, (m, d)),
-        "b_v": (b_v, (d,)), "w2": (w2, (d, m)), "b2": (b2, (m,)),
+        "w_noise": (w_noise, (m, t)), "w1": (w1, (t, m, d)), "b1": (b1, (t, d)), "v": (v, (*lead, m, d)),
+        "b_v": (b_v, (*lead, d)), "w2": (w2, (*lead, d, m)), "b2": (b2, (*lead, m)),
     }
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
-            hint = " (the Triton backend supports shared=('v', 'w2') only)" if name in ("v", "b_v", "w2", "b2") else ""
+            hint = (" (the Triton backend supports shared=('v', 'w2') or shared=() only)"
+                    if name in ("v", "b_v", "w2", "b2") else "")
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}{hint}")
     if not isinstance(k, int) or not 1 <= k <= t:
         raise ValueError(f"k must be an int with 1 <= k <= t={t}, got k={k!r}")
@@ -59,18 +62,6 @@ def check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype) ->
                              "(or TRITON_INTERPRET=1 set before the first Triton kernel is defined, for CPU tests)")
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
-
-
-def _seed(seed, needed: bool, device) -> torch.Tensor:
-    """The (1,) int64 Philox seed on the device: drawn with torch.randint when needed and not given
-    (graph-safe and reproducible with torch.manual_seed, like dropout's RNG); unset when unused."""
-    if isinstance(seed, torch.Tensor):
-        return seed.to(device=device, dtype=torch.int64).reshape(1)
-    if seed is not None:
-        return torch.tensor([int(seed)], dtype=torch.int64, device=device)
-    if needed:
-        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-    return torch.empty(1, dtype=torch.int64, device=device)
 
 
 def moe_triton(
@@ -109,33 +100,28 @@ def moe_triton(
     ``torch.manual_seed``); :func:`mlit_kernels.gate_noise` gives the exact draws. ``dropout``
     applies to y in training (fused into the kernel on the dense variant).
     """
-    variant = resolve_variant(variant, w_gate.shape[1] if w_gate.dim() == 2 else 0)
+    requested, variant = variant, resolve_variant(variant, w_gate.shape[1] if w_gate.dim() == 2 else 0)
+    if v.dim() == 3 or w2.dim() == 3:  # one V / W_2 per expert (shared=()): the dispatch variant's only
+        if requested == "dense":
+            raise ValueError("variant 'dense' needs V and W2 shared (shared=('v', 'w2')); use 'dispatch'")
+        variant = "dispatch"
     dtype = compute_dtype(x)
     if not torch.compiler.is_compiling():
         check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype)
+    if variant == "dispatch":
+        return moe_dispatch(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, training, noise=noise, seed=seed,
+                            noisy_gating=noisy_gating, noise_eps=noise_eps, dropout=dropout,
+                            w_importance=w_importance, w_load=w_load, squared_cv=squared_cv, unbiased_cv=unbiased_cv)
     training = bool(training)
     noisy = training and bool(noisy_gating)
     dropout = float(dropout) if training else 0.0
     noise = None if noise is None or not noisy else noise.float().contiguous()
     x = x.contiguous()
     params = [p.contiguous() for p in (w_gate, w_noise, w1, b1, v, b_v, w2, b2)]
-    if variant == "dense":
-        seed = _seed(seed, (noisy and noise is None) or dropout > 0, x.device)
-        y, aux, _, _, _ = ops.fused_moe(x, *params, seed, noise, k, training, noisy, dropout, float(noise_eps),
-                                        float(w_importance), float(w_load), bool(squared_cv), bool(unbiased_cv), dtype)
-        return y, aux
-    seed = _seed(seed, noisy and noise is None, x.device)
-    gate, importance, load, idx = ops.gate_fwd(x, params[0], params[1], noise, seed, k, training, noisy,
-                                               float(noise_eps))
-    aux = w_importance * reference.coefficient_of_variation(importance, squared_cv, unbiased_cv) + (
-        w_load * reference.coefficient_of_variation(load, squared_cv, unbiased_cv))
-    # Triton 3.9's interpreter computes tl.dot on bfloat16 operands wrongly: there, run the
-    # grouped kernels on fp32 copies of the bf16-rounded values.
-    work = torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
-    experts = [p.to(dtype).to(work) for p in (x, *params[2:])]
-    save = torch.is_grad_enabled() and any(p.requires_grad for p in (x, gate, *params[2:]))
-    y = ops.experts_fwd(experts[0], idx, gate, *experts[1:], save)[0].to(x.dtype)
-    return F.dropout(y, dropout, training), aux
+    seed = device_seed(seed, (noisy and noise is None) or dropout > 0, x.device)
+    y, aux, _, _, _ = ops.fused_moe(x, *params, seed, noise, k, training, noisy, dropout, float(noise_eps),
+                                    float(w_importance), float(w_load), bool(squared_cv), bool(unbiased_cv), dtype)
+    return y, aux
 
 
 __all__ = ["moe_triton", "check_inputs"]

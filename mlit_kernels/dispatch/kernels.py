@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..fused import (_DROPOUT_STREAM, _fused_aux_kernel, _mma, _store_rows, _times_cols_chunks, _zero_chunks)
+from ..fused import (_DROPOUT_STREAM, _fused_aux_kernel, _mma, _store_rows, _times_cols_chunks, _times_rows_t_chunks,
+                     _zero_chunks)
 from ..gating import (cv_grad, gate_from_selection, gate_grads, gate_probs, gate_tile, load_probability, pick_next,
                       selection_key)
 
@@ -42,8 +43,8 @@ BLOCK_K = 16  # K chunk of the products over m (not tuned)
 @triton.jit
 def _expert_rows(route_ptr, local_ptr, e, sc, r0, tiles, T, K: tl.constexpr, BR: tl.constexpr,
                  SUPER: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows [r0, r0 + BR) of expert e's pairs in super-chunk sc (token order): the pair ids (BR,),
-    which rows exist, and how many pairs the expert has in the super-chunk."""
+    """Rows [r0, r0 + BR) of expert e's pairs in super-chunk sc (token order): the pair ids (BR,)
+    and which rows exist."""
     ts = sc * SUPER + tl.arange(0, SUPER)
     t_ok = ts < tiles
     count = tl.load(route_ptr + ts * 2 * T + e, mask=t_ok, other=0)
@@ -57,8 +58,7 @@ def _expert_rows(route_ptr, local_ptr, e, sc, r0, tiles, T, K: tl.constexpr, BR:
     skip = tl.sum(tl.where(at, upto - count, 0), axis=1)
     start = tl.sum(tl.where(at, first, 0), axis=1)
     slot = (sc * SUPER + tile).to(tl.int64) * (BLOCK_N * K) + start + rows - skip
-    pair = tl.load(local_ptr + slot, mask=row_ok, other=0)
-    return pair, row_ok, total
+    return tl.load(local_ptr + slot, mask=row_ok, other=0), row_ok
 
 
 @triton.jit
@@ -116,11 +116,25 @@ def _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_ptr, ds, d_ok, M, drop_p, B
 
 
 @triton.jit
-def _store_pair_out(acc, b2_ptr, o_ptr, pair, row_ok, M, c0: tl.constexpr, W: tl.constexpr):
-    """acc + b2[chunk] into rows ``pair`` of o (N·k, M) fp32, columns [c0, c0 + W)."""
-    cols = c0 + tl.arange(0, W)
-    acc += tl.load(b2_ptr + cols, mask=cols < M, other=0.0).to(tl.float32)[None, :]
-    _store_rows(o_ptr, acc, pair, row_ok, M, c0, W)
+def _store_chunk(acc, b_ptr, ptr, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, BIAS: tl.constexpr):
+    """acc (+ b[chunk] with BIAS) into rows ``rows`` of a (·, M) matrix, columns [c0, c0 + W)."""
+    if BIAS:
+        cols = c0 + tl.arange(0, W)
+        acc += tl.load(b_ptr + cols, mask=cols < M, other=0.0).to(tl.float32)[None, :]
+    _store_rows(ptr, acc, rows, row_ok, M, c0, W)
+
+
+@triton.jit
+def _store_row_chunks(y0, y1, y2, y3, b_ptr, ptr, rows, row_ok, M, M0: tl.constexpr, M1: tl.constexpr,
+                      M2: tl.constexpr, M3: tl.constexpr, BIAS: tl.constexpr):
+    """The width chunks of a row block (see :func:`mlit_kernels.tiling.width_chunks`), stored."""
+    _store_chunk(y0, b_ptr, ptr, rows, row_ok, M, 0, M0, BIAS)
+    if M1 > 0:
+        _store_chunk(y1, b_ptr, ptr, rows, row_ok, M, M0, M1, BIAS)
+    if M2 > 0:
+        _store_chunk(y2, b_ptr, ptr, rows, row_ok, M, M0 + M1, M2, BIAS)
+    if M3 > 0:
+        _store_chunk(y3, b_ptr, ptr, rows, row_ok, M, M0 + M1 + M2, M3, BIAS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,10 +200,10 @@ def _experts_fwd_kernel(
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
     BR: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Program (row tile r, expert e, super-chunk s): o[p] = E_p(x_n) (fp32) for its pairs."""
+    """Program (row tile r, expert e, super-chunk s): o[p] = E_p(x_n) (o's dtype) for its pairs."""
     r, e, sc = _grouped_tile(tl.program_id(0), T, RT)
-    pair, row_ok, total = _expert_rows(route_ptr, local_ptr, e, sc, r * BR, tiles, T, K, BR, SUPER, BLOCK_N)
-    if r * BR < total:
+    if r * BR < _expert_count(route_ptr, e, sc, tiles, T, SUPER):
+        pair, row_ok = _expert_rows(route_ptr, local_ptr, e, sc, r * BR, tiles, T, K, BR, SUPER, BLOCK_N)
         tok = pair // K
         e64 = e.to(tl.int64)
         w1_e = w1_ptr + SEP_W1 * e64 * M * D
@@ -206,13 +220,7 @@ def _experts_fwd_kernel(
             u = _x_times(x_ptr, tok, row_ok, v_e, bv_e, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
             hc = (a * tl.sigmoid(a) * u).to(DTYPE)
             y0, y1, y2, y3 = _times_cols_chunks(hc, y0, y1, y2, y3, w2_e, ds, d_ok, M, M0, M1, M2, M3, DTYPE, DOT_F32)
-        _store_pair_out(y0, b2_e, o_ptr, pair, row_ok, M, 0, M0)
-        if M1 > 0:
-            _store_pair_out(y1, b2_e, o_ptr, pair, row_ok, M, M0, M1)
-        if M2 > 0:
-            _store_pair_out(y2, b2_e, o_ptr, pair, row_ok, M, M0 + M1, M2)
-        if M3 > 0:
-            _store_pair_out(y3, b2_e, o_ptr, pair, row_ok, M, M0 + M1 + M2, M3)
+        _store_row_chunks(y0, y1, y2, y3, b2_e, o_ptr, pair, row_ok, M, M0, M1, M2, M3, True)
 
 
 @triton.jit
@@ -241,7 +249,7 @@ def _combine_kernel(
             for j in range(K):
                 p = rows.to(tl.int64) * K + j
                 gj = tl.load(gates_ptr + p, mask=row_ok, other=0.0)
-                acc += gj[:, None] * tl.load(o_ptr + p[:, None] * M + cols[None, :], mask=mask, other=0.0)
+                acc += gj[:, None] * tl.load(o_ptr + p[:, None] * M + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             offs = rows[:, None].to(tl.int64) * M + cols[None, :]
             if DROPOUT:
                 keep = tl.rand(seed + _DROPOUT_STREAM, rows[:, None] * M + cols[None, :]) >= drop_p
@@ -252,45 +260,6 @@ def _combine_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # backward
-
-
-@triton.jit
-def _experts_bwd_kernel(
-    x_ptr, dy_ptr, keep_ptr, gates_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, route_ptr, local_ptr,
-    da_ptr, du_ptr, hc_ptr,
-    M, D, T, tiles, RT, drop_p,
-    K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr, DROPOUT: tl.constexpr,
-    DC: tl.constexpr, BR: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    """Program (row tile, expert, super-chunk): for its pairs, recomputes a = x W1_e + b1,
-    u = x V_e + bV, dh = g dy' W2_eᵀ; writes da = dh ⊙ u ⊙ silu'(a), du = dh ⊙ silu(a) and
-    hc = silu(a) ⊙ u (N·k, d_h) in the compute dtype."""
-    r, e, sc = _grouped_tile(tl.program_id(0), T, RT)
-    pair, row_ok, total = _expert_rows(route_ptr, local_ptr, e, sc, r * BR, tiles, T, K, BR, SUPER, BLOCK_N)
-    if r * BR < total:
-        tok = pair // K
-        g = tl.load(gates_ptr + pair, mask=row_ok, other=0.0)
-        e64 = e.to(tl.int64)
-        w1_e = w1_ptr + SEP_W1 * e64 * M * D
-        b1_e = b1_ptr + SEP_W1 * e64 * D
-        v_e = v_ptr + SEP_V * e64 * M * D
-        bv_e = bv_ptr + SEP_V * e64 * D
-        w2_e = w2_ptr + SEP_W2 * e64 * D * M
-        for d0 in range(0, D, DC):
-            ds = d0 + tl.arange(0, DC)
-            d_ok = ds < D
-            a = _x_times(x_ptr, tok, row_ok, w1_e, b1_e, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
-            u = _x_times(x_ptr, tok, row_ok, v_e, bv_e, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
-            dh = _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_e, ds, d_ok, M, drop_p, BR, DC, DROPOUT, DTYPE,
-                             DOT_F32)
-            sig = tl.sigmoid(a)
-            act = a * sig
-            offs = pair[:, None].to(tl.int64) * D + ds[None, :]
-            mask = row_ok[:, None] & d_ok[None, :]
-            tl.store(hc_ptr + offs, (act * u).to(hc_ptr.dtype.element_ty), mask=mask)
-            tl.store(da_ptr + offs, (dh * u * (sig * (1.0 + a * (1.0 - sig)))).to(da_ptr.dtype.element_ty), mask=mask)
-            tl.store(du_ptr + offs, (dh * act).to(du_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -322,7 +291,8 @@ def _gate_bwd_tile(tile, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_
             cm = c0 + tl.arange(0, BLOCK_M)
             cm_ok = cm < M
             gy = _grad_out(dy_ptr, keep_ptr, rows, row_ok, cm, cm_ok, M, drop_p, DROPOUT)
-            o = tl.load(o_ptr + p[:, None] * M + cm[None, :], mask=row_ok[:, None] & cm_ok[None, :], other=0.0)
+            o = tl.load(o_ptr + p[:, None] * M + cm[None, :], mask=row_ok[:, None] & cm_ok[None, :],
+                        other=0.0).to(tl.float32)
             dot += tl.sum(gy * o, axis=1)
         ej = tl.load(idx_ptr + p, mask=row_ok, other=-1)
         dg += tl.where(cols[None, :] == ej[:, None], dot[:, None], 0.0)
@@ -344,44 +314,57 @@ def _gate_bwd_tile(tile, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_
 
 
 @triton.jit
-def _dx_gate_kernel(
-    da_ptr, du_ptr, w1_ptr, v_ptr, route_ptr, local_ptr, dxp_ptr,
-    x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_ptr, dy_ptr, keep_ptr, stats_ptr, daux_ptr,
-    dgate_ptr, dxg_ptr,
+def _experts_bwd_kernel(
+    x_ptr, dy_ptr, keep_ptr, gates_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, route_ptr, local_ptr,
+    wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_ptr, stats_ptr, daux_ptr,
+    da_ptr, du_ptr, hc_ptr, dxp_ptr, dgate_ptr, dxg_ptr,
     N, M, D, T, tiles, RT, noise_eps, drop_p, w_importance, w_load,
-    K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr,
-    LOAD_P: tl.constexpr, DROPOUT: tl.constexpr, SQUARED: tl.constexpr, UNBIASED: tl.constexpr,
-    DC: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+    K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr, NOISY: tl.constexpr,
+    NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr, DROPOUT: tl.constexpr, SQUARED: tl.constexpr,
+    UNBIASED: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr,
+    DC: tl.constexpr, BR: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """Programs [0, grouped): (row tile, expert, super-chunk × m chunk) write dxp[p, chunk] =
-    da_p W1_eᵀ + du_p V_eᵀ (fp32, pair rows); the rest: the gate's backward per token tile."""
+    """Programs [0, grouped) — (row tile, expert, super-chunk) — for their pairs recompute
+    a = x W1_e + b1, u = x V_e + bV, dh = g dy' W2_eᵀ and write da = dh ⊙ u ⊙ silu'(a),
+    du = dh ⊙ silu(a), hc = silu(a) ⊙ u (N·k, d_h, compute dtype) and dxp = da W1_eᵀ + du V_eᵀ
+    (N·k, m, fp32); the remaining programs run the gate's backward per token tile."""
     pid = tl.program_id(0)
-    grouped = RT * T * tl.cdiv(tiles, SUPER) * tl.cdiv(M, BM)
+    grouped = RT * T * tl.cdiv(tiles, SUPER)
     if pid < grouped:
-        r, e, rest = _grouped_tile(pid, T, RT)
-        nm = tl.cdiv(M, BM)
-        sc = rest // nm
-        cm = (rest % nm) * BM + tl.arange(0, BM)
-        cm_ok = cm < M
-        pair, row_ok, total = _expert_rows(route_ptr, local_ptr, e, sc, r * BR, tiles, T, K, BR, SUPER, BLOCK_N)
-        if r * BR < total:
+        r, e, sc = _grouped_tile(pid, T, RT)
+        if r * BR < _expert_count(route_ptr, e, sc, tiles, T, SUPER):
+            pair, row_ok = _expert_rows(route_ptr, local_ptr, e, sc, r * BR, tiles, T, K, BR, SUPER, BLOCK_N)
+            tok = pair // K
+            g = tl.load(gates_ptr + pair, mask=row_ok, other=0.0)
             e64 = e.to(tl.int64)
             w1_e = w1_ptr + SEP_W1 * e64 * M * D
+            b1_e = b1_ptr + SEP_W1 * e64 * D
             v_e = v_ptr + SEP_V * e64 * M * D
-            acc = tl.zeros((BR, BM), dtype=tl.float32)
+            bv_e = bv_ptr + SEP_V * e64 * D
+            w2_e = w2_ptr + SEP_W2 * e64 * D * M
+            dx0, dx1, dx2, dx3 = _zero_chunks(BR, M0, M1, M2, M3)
             for d0 in range(0, D, DC):
                 ds = d0 + tl.arange(0, DC)
                 d_ok = ds < D
+                a = _x_times(x_ptr, tok, row_ok, w1_e, b1_e, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
+                u = _x_times(x_ptr, tok, row_ok, v_e, bv_e, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
+                dh = _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_e, ds, d_ok, M, drop_p, BR, DC, DROPOUT, DTYPE,
+                                 DOT_F32)
+                sig = tl.sigmoid(a)
+                act = a * sig
+                da = (dh * u * (sig * (1.0 + a * (1.0 - sig)))).to(DTYPE)
+                du = (dh * act).to(DTYPE)
                 offs = pair[:, None].to(tl.int64) * D + ds[None, :]
                 mask = row_ok[:, None] & d_ok[None, :]
-                wmask = d_ok[:, None] & cm_ok[None, :]
-                wt = tl.load(w1_e + cm[None, :] * D + ds[:, None], mask=wmask, other=0.0).to(DTYPE)
-                acc = _mma(tl.load(da_ptr + offs, mask=mask, other=0.0).to(DTYPE), wt, acc, DOT_F32)
-                wt = tl.load(v_e + cm[None, :] * D + ds[:, None], mask=wmask, other=0.0).to(DTYPE)
-                acc = _mma(tl.load(du_ptr + offs, mask=mask, other=0.0).to(DTYPE), wt, acc, DOT_F32)
-            tl.store(dxp_ptr + pair[:, None].to(tl.int64) * M + cm[None, :], acc,
-                     mask=row_ok[:, None] & cm_ok[None, :])
+                tl.store(hc_ptr + offs, (act * u).to(hc_ptr.dtype.element_ty), mask=mask)
+                tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=mask)
+                tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+                dx0, dx1, dx2, dx3 = _times_rows_t_chunks(da, dx0, dx1, dx2, dx3, w1_e, D, ds, d_ok, M, M0, M1, M2,
+                                                          M3, DTYPE, DOT_F32)
+                dx0, dx1, dx2, dx3 = _times_rows_t_chunks(du, dx0, dx1, dx2, dx3, v_e, D, ds, d_ok, M, M0, M1, M2,
+                                                          M3, DTYPE, DOT_F32)
+            _store_row_chunks(dx0, dx1, dx2, dx3, b1_e, dxp_ptr, pair, row_ok, M, M0, M1, M2, M3, False)
     else:
         _gate_bwd_tile(pid - grouped, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_ptr, dy_ptr, keep_ptr,
                        stats_ptr, daux_ptr, dgate_ptr, dxg_ptr, N, M, T, noise_eps, drop_p, w_importance, w_load, K,
@@ -426,7 +409,7 @@ def _weight_tile(x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr, route_ptr, l
     if SEP:
         for sc in range(0, tl.cdiv(tiles, SUPER)):
             for r0 in range(0, _expert_count(route_ptr, e, sc, tiles, T, SUPER), WEIGHT_BLOCK_R):
-                pair, row_ok, _ = _expert_rows(route_ptr, local_ptr, e, sc, r0, tiles, T, K, WEIGHT_BLOCK_R, SUPER,
+                pair, row_ok = _expert_rows(route_ptr, local_ptr, e, sc, r0, tiles, T, K, WEIGHT_BLOCK_R, SUPER,
                                                BLOCK_N)
                 tok = pair // K
                 g = tl.load(gates_ptr + pair, mask=row_ok, other=0.0)

@@ -1,10 +1,9 @@
-"""Launch code of the many-expert path: three launches forward, three backward (no host reads).
+"""Launch code of the many-expert path: three launches forward, two backward (no host reads).
 
 Forward: ``_gate_route_kernel`` (gate, partial statistics, per-tile routing), ``_experts_fwd_kernel``
 (every pair's expert output, grouped by expert), ``_combine_kernel`` (y = dropout(Σ_j g o), and the
-importance, load and auxiliary loss). Backward: ``_experts_bwd_kernel`` (da, du, hc per pair),
-``_dx_gate_kernel`` (per-pair dx through W1, V; the gate's backward per token tile),
-``_weights_dx_kernel`` (every weight gradient and dx). See :mod:`mlit_kernels.dispatch.kernels`.
+importance, load and auxiliary loss). Backward: ``_experts_bwd_kernel`` (per pair da, du, hc and dx through W1, V; the gate's backward
+per token tile), ``_weights_dx_kernel`` (every weight gradient and dx). See :mod:`mlit_kernels.dispatch.kernels`.
 
 The grouped kernels' row tile and warps are the tuned configuration (:data:`CONFIGS`); no
 reduction depends on it. Tuning runs once per key on CUDA, never while a CUDA graph is captured
@@ -21,7 +20,7 @@ import triton
 
 from ..fused import _TL_DTYPES, _dot_f32, _flags
 from ..tiling import hidden_chunk, interpreting, next_pow2, width_chunks
-from .kernels import (ROUTE_BLOCK_N, SUPER_TILES, _combine_kernel, _dx_gate_kernel, _experts_bwd_kernel,
+from .kernels import (ROUTE_BLOCK_N, SUPER_TILES, _combine_kernel, _experts_bwd_kernel,
                       _experts_fwd_kernel, _gate_route_kernel, _weights_dx_kernel)
 
 WEIGHT_TILE = 32  # the (m, d_h) tile of a weight-gradient program
@@ -96,8 +95,8 @@ def dispatch_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k:
     (d_h, m) or per expert (t, m, d_h), (t, d_h, m); seed (1,) int64 on x's device; noise (N, t)
     fp32 or None; ``dtype`` the compute dtype of the expert products. Returns y (N, m) x's dtype,
     aux () fp32 and what the backward needs: idx, gates (N, k) int32 / fp32, route
-    (tiles + 1, 2, t) int32, local (route rows · ROUTE_BLOCK_N · k,) int32, o (N·k, m) fp32 (each
-    pair's expert output), stats (2, t) fp32 (importance, load), keep (N, m) uint8 ((0,) without
+    (tiles + 1, 2, t) int32, local (route rows · ROUTE_BLOCK_N · k,) int32, o (N·k, m) in ``dtype``
+    (each pair's expert output), stats (2, t) fp32 (importance, load), keep (N, m) uint8 ((0,) without
     dropout)."""
     n, m = x.shape
     t = w_gate.shape[1]
@@ -111,7 +110,7 @@ def dispatch_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k:
     part = torch.empty(rows, 2, t, device=dev, dtype=torch.float32)
     route = torch.empty(rows, 2, t, device=dev, dtype=torch.int32)
     local = torch.empty(rows * ROUTE_BLOCK_N * k, device=dev, dtype=torch.int32)
-    o = torch.empty(n * k, m, device=dev, dtype=torch.float32)
+    o = torch.empty(n * k, m, device=dev, dtype=dtype)
     y = torch.empty_like(x)
     keep = torch.empty((n, m) if flags["DROPOUT"] else (0,), device=dev, dtype=torch.uint8)
     stats = torch.empty(2, t, device=dev, dtype=torch.float32)
@@ -144,7 +143,7 @@ def dispatch_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k:
 def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, idx, gates, route, local, o,
                       stats, keep, k: int, training: bool, noisy: bool, dropout: float, noise_eps: float,
                       w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool, dtype: torch.dtype):
-    """Gradients of :func:`dispatch_forward` in three launches: (dx in x's dtype, dW_g, dW_noise,
+    """Gradients of :func:`dispatch_forward` in two launches: (dx in x's dtype, dW_g, dW_noise,
     dW1, db1, dV, db_V, dW2, db2 in their parameters' dtypes). dy (N, m) any float dtype, d_aux ()
     fp32; the rest as the forward returned."""
     n, m = x.shape
@@ -167,25 +166,20 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
     common = dict(K=k, SUPER=SUPER_TILES, BLOCK_N=ROUTE_BLOCK_N, DTYPE=_TL_DTYPES[dtype], DOT_F32=_dot_f32(dtype))
     dc = hidden_chunk(d_h)
     n_sc = triton.cdiv(tiles, SUPER_TILES)
+    block_t = max(16, next_pow2(t))
+    m0, m1, m2, m3 = width_chunks(m)
 
     def launch(c: Config):
         rt = _row_tiles(n, c.block_r)
-        _experts_bwd_kernel[(rt * t * n_sc,)](
-            x, dy, keep_arg, gates, w1, b1, v, b_v, w2, route, local, da, du, hc, m, d_h, t, tiles, rt,
-            float(dropout), **sep, DROPOUT=flags["DROPOUT"], DC=dc, BR=c.block_r, **common, num_warps=c.num_warps)
+        _experts_bwd_kernel[(rt * t * n_sc + tiles,)](
+            x, dy, keep_arg, gates, w1, b1, v, b_v, w2, route, local, w_gate, w_noise,
+            noise if noise is not None else stats, seed, idx, o, stats, d_aux, da, du, hc, dxp, dgate, dxg,
+            n, m, d_h, t, tiles, rt, float(noise_eps), float(dropout), float(w_importance), float(w_load), **sep,
+            NOISY=flags["NOISY"], NOISE_MODE=flags["NOISE_MODE"], LOAD_P=flags["LOAD_P"], DROPOUT=flags["DROPOUT"],
+            SQUARED=bool(squared_cv), UNBIASED=bool(unbiased_cv), M0=m0, M1=m1, M2=m2, M3=m3, DC=dc, BR=c.block_r,
+            BLOCK_T=block_t, **common, num_warps=c.num_warps)
 
-    config = _config(("bwd", m, d_h, t, k, dtype, tuple(sep.values())), x, launch)
-    launch(config)
-    rt = _row_tiles(n, config.block_r)
-    bm = min(64, max(16, next_pow2(m)))
-    block_t = max(16, next_pow2(t))
-    _dx_gate_kernel[(rt * t * n_sc * triton.cdiv(m, bm) + tiles,)](
-        da, du, w1, v, route, local, dxp, x, w_gate, w_noise, noise if noise is not None else stats, seed, idx, o, dy,
-        keep_arg, stats, d_aux, dgate, dxg, n, m, d_h, t, tiles, rt, float(noise_eps), float(dropout),
-        float(w_importance), float(w_load), SEP_W1=sep["SEP_W1"], SEP_V=sep["SEP_V"], NOISY=flags["NOISY"],
-        NOISE_MODE=flags["NOISE_MODE"], LOAD_P=flags["LOAD_P"], DROPOUT=flags["DROPOUT"], SQUARED=bool(squared_cv),
-        UNBIASED=bool(unbiased_cv), DC=dc, BR=config.block_r, BM=bm, BLOCK_T=block_t, **common,
-        num_warps=config.num_warps)
+    launch(_config(("bwd", m, d_h, t, k, dtype, tuple(sep.values())), x, launch))
     nm, nd = triton.cdiv(m, WEIGHT_TILE), triton.cdiv(d_h, WEIGHT_TILE)
     weight_tiles = sum((t if s else 1) * nm * nd for s in sep.values())
     dx, dwg, dwn, dw1, db1, dv, dbv, dw2, db2 = grads

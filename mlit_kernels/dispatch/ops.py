@@ -39,7 +39,7 @@ def _dispatch_moe_fake(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, 
     keep_shape = (n, m) if training and dropout > 0 else (0,)
     return (torch.empty_like(x), x.new_empty((), dtype=torch.float32), x.new_empty((n, k), dtype=torch.int32),
             x.new_empty((n, k), dtype=torch.float32), x.new_empty((rows, 2, t), dtype=torch.int32),
-            x.new_empty((rows * ROUTE_BLOCK_N * k,), dtype=torch.int32), x.new_empty((n * k, m), dtype=torch.float32),
+            x.new_empty((rows * ROUTE_BLOCK_N * k,), dtype=torch.int32), x.new_empty((n * k, m), dtype=dtype),
             x.new_empty((2, t), dtype=torch.float32), x.new_empty(keep_shape, dtype=torch.uint8))
 
 

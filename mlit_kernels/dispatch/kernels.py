@@ -32,8 +32,8 @@ from ..gating import (cv_grad, gate_from_selection, gate_grads, gate_probs, gate
 
 ROUTE_BLOCK_N = 32  # tokens per gate program: the routing tile (not tuned)
 SUPER_TILES = 64  # gate tiles per super-chunk of the grouped kernels (ROUTE_BLOCK_N · SUPER_TILES tokens)
-WEIGHT_BLOCK_R = 32  # rows per reduction step of the weight gradients (not tuned: fixes the summation order)
-BLOCK_K = 16  # K chunk of the products over m (not tuned)
+WEIGHT_BLOCK_R = tl.constexpr(32)  # rows per reduction step of the weight gradients (fixes the summation order)
+BLOCK_K = tl.constexpr(16)  # K chunk of the products over m (not tuned)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +150,8 @@ def _gate_route_kernel(
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Per token tile: gate (logits, noise, top-k, Softmax_k, P(x)); writes idx, gates (N, k),
-    the importance/load partials (tiles, 2, t), and the tile's routing (route, local)."""
+    the importance/load partials (tiles, 2, t), and the tile's routing (route, local). The
+    program past the last tile writes the tables' spare row (no pairs)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -188,8 +189,12 @@ def _gate_route_kernel(
     before = tl.cumsum(chosen, 0) - chosen
     tl.store(route_ptr + pid * 2 * T + cols, count, mask=col_ok)
     tl.store(route_ptr + pid * 2 * T + T + cols, first, mask=col_ok)
-    tl.store(local_ptr + pid.to(tl.int64) * (BLOCK_N * K) + first[None, :] + before, rows[:, None] * K + rank,
-             mask=picked)
+    base = local_ptr + pid.to(tl.int64) * (BLOCK_N * K)
+    tl.store(base + first[None, :] + before, rows[:, None] * K + rank, mask=picked)
+    filled = tl.sum(count, 0)
+    for j in range(K):  # the slots of tokens past N (a defined value: the outputs are compared, e.g. by opcheck)
+        q = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(base + q, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=q >= filled)
 
 
 @triton.jit

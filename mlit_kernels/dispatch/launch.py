@@ -35,7 +35,15 @@ class Config:
     num_warps: int
 
 
-CONFIGS = (Config(32, 4), Config(64, 4), Config(16, 4), Config(64, 8))  # the first is the default
+CONFIGS = (Config(32, 4), Config(64, 4), Config(16, 4), Config(64, 8), Config(16, 8), Config(32, 8))
+ACCUMULATORS_PER_THREAD = 64  # the m-wide fp32 row accumulators a configuration may hold per thread
+
+
+def configs_for(m: int) -> tuple[Config, ...]:
+    """The candidates whose m-wide accumulators (row tile × m, fp32) fit ACCUMULATORS_PER_THREAD
+    registers a thread; the first is the default."""
+    width = sum(width_chunks(m))
+    return tuple(c for c in CONFIGS if c.block_r * width <= ACCUMULATORS_PER_THREAD * 32 * c.num_warps)
 _forced: list[Config] = []
 _tuned: dict[tuple, Config] = {}
 
@@ -55,18 +63,19 @@ class force_config:
 
 
 def _config(key: tuple, x: torch.Tensor, launch) -> Config:
-    """Forced, else tuned once per key on CUDA by timing ``launch(config)``, else the default;
-    during CUDA-graph capture an untuned key gets the default (with a warning)."""
+    """Forced, else tuned once per key (its second entry is m) on CUDA by timing ``launch(config)``,
+    else the default; during CUDA-graph capture an untuned key gets the default (with a warning)."""
     if _forced:
         return _forced[-1]
+    candidates = configs_for(key[1])
     if not x.is_cuda or interpreting():
-        return CONFIGS[0]
+        return candidates[0]
     if key not in _tuned:
         if torch.cuda.is_current_stream_capturing():
             warnings.warn(f"mlit dispatch: {key} first met during CUDA-graph capture: default configuration "
                           "(warm up before capturing to tune)", stacklevel=3)
-            return CONFIGS[0]
-        times = {c: triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20) for c in CONFIGS}
+            return candidates[0]
+        times = {c: triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20) for c in candidates}
         _tuned[key] = min(times, key=times.get)
     return _tuned[key]
 
@@ -116,11 +125,11 @@ def dispatch_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k:
     stats = torch.empty(2, t, device=dev, dtype=torch.float32)
     aux = torch.empty((), device=dev, dtype=torch.float32)
     block_t = max(16, next_pow2(t))
+    _gate_route_kernel[(rows,)](
+        x, w_gate, w_noise, noise if noise is not None else part, seed, idx, gates, part, route, local,
+        n, m, t, float(noise_eps), K=k, NOISY=flags["NOISY"], NOISE_MODE=flags["NOISE_MODE"],
+        LOAD_P=flags["LOAD_P"], BLOCK_N=ROUTE_BLOCK_N, BLOCK_T=block_t, num_warps=4)
     if n:
-        _gate_route_kernel[(tiles,)](
-            x, w_gate, w_noise, noise if noise is not None else part, seed, idx, gates, part, route, local,
-            n, m, t, float(noise_eps), K=k, NOISY=flags["NOISY"], NOISE_MODE=flags["NOISE_MODE"],
-            LOAD_P=flags["LOAD_P"], BLOCK_N=ROUTE_BLOCK_N, BLOCK_T=block_t, num_warps=4)
         m0, m1, m2, m3 = width_chunks(m)
         consts = dict(K=k, **_separate(w1, v, w2), M0=m0, M1=m1, M2=m2, M3=m3, DC=hidden_chunk(d_h),
                       SUPER=SUPER_TILES, BLOCK_N=ROUTE_BLOCK_N, DTYPE=_TL_DTYPES[dtype], DOT_F32=_dot_f32(dtype))
@@ -190,4 +199,5 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
     return tuple(grads)
 
 
-__all__ = ["dispatch_forward", "dispatch_backward", "route_tiles", "Config", "CONFIGS", "force_config"]
+__all__ = ["dispatch_forward", "dispatch_backward", "route_tiles", "Config", "CONFIGS", "configs_for",
+           "force_config"]

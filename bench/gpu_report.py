@@ -114,9 +114,9 @@ def device_rates(smoke):
     return flops, bandwidth
 
 
-def make_layer(m, d_h, t, k, backend):
+def make_layer(m, d_h, t, k, backend, shared=("v", "w2")):
     torch.manual_seed(0)
-    layer = SharedSwiGLUMoE(m, d_h, t, k=k).to(DEVICE)
+    layer = SharedSwiGLUMoE(m, d_h, t, k=k, shared=shared).to(DEVICE)
     with torch.no_grad():
         layer.w_gate.normal_(0, m**-0.5)
         layer.w_noise.normal_(0, m**-0.5)

@@ -269,13 +269,12 @@ def _combine_kernel(
 
 @triton.jit
 def _gate_bwd_tile(tile, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_ptr, dy_ptr, keep_ptr, stats_ptr,
-                   daux_ptr, dgate_ptr, dxg_ptr, N, M, T, noise_eps, drop_p, w_importance, w_load,
+                   daux_ptr, dgate_ptr, N, M, T, noise_eps, drop_p, w_importance, w_load,
                    K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr,
                    DROPOUT: tl.constexpr, SQUARED: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
     """The gate's backward for one token tile: dL/dG_p = <dy'_n, o_p> (+ the importance term),
-    through Softmax_k, the noise scale and P(x); writes dgate (N, 2, t) = (d clean, d raw) fp32 and
-    dxg (N, m) fp32 = d clean W_gᵀ + d raw W_noiseᵀ."""
+    through Softmax_k, the noise scale and P(x); writes dgate (N, 2, t) = (d clean, d raw) fp32."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_T)
@@ -307,22 +306,13 @@ def _gate_bwd_tile(tile, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_
     gslot = rows[:, None].to(tl.int64) * 2 * T + cols[None, :]
     tl.store(dgate_ptr + gslot, dclean, mask=valid)
     tl.store(dgate_ptr + gslot + T, draw, mask=valid)
-    for c0 in range(0, M, BLOCK_M):
-        cm = c0 + tl.arange(0, BLOCK_M)
-        wmask = col_ok[:, None] & (cm < M)[None, :]
-        wg_t = tl.load(wg_ptr + cm[None, :] * T + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-        dxg = tl.dot(dclean, wg_t, input_precision="ieee")
-        if NOISY:
-            wn_t = tl.load(wn_ptr + cm[None, :] * T + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
-            dxg = tl.dot(draw, wn_t, dxg, input_precision="ieee")
-        tl.store(dxg_ptr + rows[:, None].to(tl.int64) * M + cm[None, :], dxg, mask=row_ok[:, None] & (cm < M)[None, :])
 
 
 @triton.jit
 def _experts_bwd_kernel(
     x_ptr, dy_ptr, keep_ptr, gates_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, route_ptr, local_ptr,
     wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_ptr, stats_ptr, daux_ptr,
-    da_ptr, du_ptr, hc_ptr, dxp_ptr, dgate_ptr, dxg_ptr,
+    da_ptr, du_ptr, hc_ptr, dxp_ptr, dgate_ptr,
     N, M, D, T, tiles, RT, noise_eps, drop_p, w_importance, w_load,
     K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr, NOISY: tl.constexpr,
     NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr, DROPOUT: tl.constexpr, SQUARED: tl.constexpr,
@@ -332,8 +322,8 @@ def _experts_bwd_kernel(
 ):
     """Programs [0, grouped) — (row tile, expert, super-chunk) — for their pairs recompute
     a = x W1_e + b1, u = x V_e + bV, dh = g dy' W2_eᵀ and write da = dh ⊙ u ⊙ silu'(a),
-    du = dh ⊙ silu(a), hc = silu(a) ⊙ u (N·k, d_h, compute dtype) and dxp = da W1_eᵀ + du V_eᵀ
-    (N·k, m, fp32); the remaining programs run the gate's backward per token tile."""
+    du = dh ⊙ silu(a), hc = silu(a) ⊙ u (N·k, d_h) and dxp = da W1_eᵀ + du V_eᵀ (N·k, m), all in
+    the compute dtype; the remaining programs run the gate's backward per token tile."""
     pid = tl.program_id(0)
     grouped = RT * T * tl.cdiv(tiles, SUPER)
     if pid < grouped:
@@ -372,7 +362,7 @@ def _experts_bwd_kernel(
             _store_row_chunks(dx0, dx1, dx2, dx3, b1_e, dxp_ptr, pair, row_ok, M, M0, M1, M2, M3, False)
     else:
         _gate_bwd_tile(pid - grouped, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_ptr, dy_ptr, keep_ptr,
-                       stats_ptr, daux_ptr, dgate_ptr, dxg_ptr, N, M, T, noise_eps, drop_p, w_importance, w_load, K,
+                       stats_ptr, daux_ptr, dgate_ptr, N, M, T, noise_eps, drop_p, w_importance, w_load, K,
                        NOISY, NOISE_MODE, LOAD_P, DROPOUT, SQUARED, UNBIASED, BLOCK_N, 64, BLOCK_T)
 
 
@@ -444,8 +434,8 @@ def _weight_tile(x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr, route_ptr, l
 
 @triton.jit
 def _weights_dx_kernel(
-    x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, dgate_ptr, dxg_ptr, dxp_ptr, route_ptr, local_ptr,
-    dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, dwg_ptr, dwn_ptr, dx_ptr,
+    x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, dgate_ptr, dxp_ptr, route_ptr, local_ptr, wg_ptr,
+    wn_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, dwg_ptr, dwn_ptr, dx_ptr,
     N, M, D, T, tiles, drop_p,
     K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr, NOISY: tl.constexpr,
     DROPOUT: tl.constexpr, WB: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -454,7 +444,7 @@ def _weights_dx_kernel(
     """Every weight gradient, each element summed by one program in a fixed order, and dx.
 
     Programs, in order: the tiles of dW1 (per expert when SEP_W1), of dV, of dW2 (biases with
-    them), the m chunks of dW_g / dW_noise, then per token tile dx = dxg + Σ_j dxp (x's dtype)."""
+    them), the m chunks of dW_g / dW_noise, then per token tile dx = d clean W_gᵀ + d raw W_noiseᵀ + Σ_j dxp (x's dtype)."""
     pid = tl.program_id(0)
     nm = tl.cdiv(M, WB)
     nd = tl.cdiv(D, WB)
@@ -498,14 +488,23 @@ def _weights_dx_kernel(
     else:  # dx of a token tile
         rows = (pid - n1 - nv - n2 - nm) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        cols = tl.arange(0, BLOCK_T)
+        col_ok = cols < T
+        slot = dgate_ptr + rows[:, None].to(tl.int64) * 2 * T + cols[None, :]
+        dclean = tl.load(slot, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        draw = tl.load(slot + T, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         for c0 in range(0, M, 64):
             cm = c0 + tl.arange(0, 64)
             mask = row_ok[:, None] & (cm < M)[None, :]
-            offs = rows[:, None].to(tl.int64) * M + cm[None, :]
-            acc = tl.load(dxg_ptr + offs, mask=mask, other=0.0)
+            wmask = col_ok[:, None] & (cm < M)[None, :]
+            wg_t = tl.load(wg_ptr + cm[None, :] * T + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
+            acc = tl.dot(dclean, wg_t, input_precision="ieee")
+            if NOISY:
+                wn_t = tl.load(wn_ptr + cm[None, :] * T + cols[:, None], mask=wmask, other=0.0).to(tl.float32)
+                acc = tl.dot(draw, wn_t, acc, input_precision="ieee")
             for j in range(K):
-                acc += tl.load(dxp_ptr + (rows[:, None].to(tl.int64) * K + j) * M + cm[None, :], mask=mask, other=0.0)
-            tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
-
+                acc += tl.load(dxp_ptr + (rows[:, None].to(tl.int64) * K + j) * M + cm[None, :], mask=mask,
+                               other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows[:, None].to(tl.int64) * M + cm[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 __all__ = ["ROUTE_BLOCK_N", "SUPER_TILES", "WEIGHT_BLOCK_R"]

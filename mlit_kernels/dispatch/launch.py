@@ -168,8 +168,7 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
     tiles = triton.cdiv(n, ROUTE_BLOCK_N)
     da, du, hc = (torch.empty(n * k, d_h, device=dev, dtype=dtype) for _ in range(3))
     dgate = torch.empty(n, 2, t, device=dev, dtype=torch.float32)
-    dxg = torch.empty(n, m, device=dev, dtype=torch.float32)
-    dxp = torch.empty(n * k, m, device=dev, dtype=torch.float32)
+    dxp = torch.empty(n * k, m, device=dev, dtype=dtype)
     keep_arg = keep if keep.numel() else stats
     sep = _separate(w1, v, w2)
     common = dict(K=k, SUPER=SUPER_TILES, BLOCK_N=ROUTE_BLOCK_N, DTYPE=_TL_DTYPES[dtype], DOT_F32=_dot_f32(dtype))
@@ -182,7 +181,7 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
         rt = _row_tiles(n, c.block_r)
         _experts_bwd_kernel[(rt * t * n_sc + tiles,)](
             x, dy, keep_arg, gates, w1, b1, v, b_v, w2, route, local, w_gate, w_noise,
-            noise if noise is not None else stats, seed, idx, o, stats, d_aux, da, du, hc, dxp, dgate, dxg,
+            noise if noise is not None else stats, seed, idx, o, stats, d_aux, da, du, hc, dxp, dgate,
             n, m, d_h, t, tiles, rt, float(noise_eps), float(dropout), float(w_importance), float(w_load), **sep,
             NOISY=flags["NOISY"], NOISE_MODE=flags["NOISE_MODE"], LOAD_P=flags["LOAD_P"], DROPOUT=flags["DROPOUT"],
             SQUARED=bool(squared_cv), UNBIASED=bool(unbiased_cv), M0=m0, M1=m1, M2=m2, M3=m3, DC=dc, BR=c.block_r,
@@ -193,7 +192,8 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
     weight_tiles = sum((t if s else 1) * nm * nd for s in sep.values())
     dx, dwg, dwn, dw1, db1, dv, dbv, dw2, db2 = grads
     _weights_dx_kernel[(weight_tiles + nm + tiles,)](
-        x, dy, keep_arg, gates, da, du, hc, dgate, dxg, dxp, route, local, dw1, db1, dv, dbv, dw2, db2, dwg, dwn, dx,
+        x, dy, keep_arg, gates, da, du, hc, dgate, dxp, route, local, w_gate, w_noise, dw1, db1, dv, dbv, dw2, db2,
+        dwg, dwn, dx,
         n, m, d_h, t, tiles, float(dropout), **sep, NOISY=flags["NOISY"], DROPOUT=flags["DROPOUT"], WB=WEIGHT_TILE,
         BLOCK_T=block_t, **common, num_warps=4)
     return tuple(grads)

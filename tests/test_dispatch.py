@@ -21,6 +21,7 @@ if DEVICE == "cpu" and not interpreting():
 
 from mlit_kernels import ops  # noqa: E402
 from mlit_kernels.dispatch import launch, moe_dispatch  # noqa: E402
+from mlit_kernels.functional import moe_triton  # noqa: E402
 from mlit_kernels.meter import measure_layer  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -204,3 +205,21 @@ def test_layer_budgets(m, d_h, t, k, shared):
     assert costs.launches <= 10 and costs.launches_eval <= 3, costs.kernels
     assert costs.syncs == 0 and costs.syncs_eval == 0
     assert costs.bytes <= 3 * costs.min_bytes and costs.bytes_eval <= 3 * costs.min_bytes_eval
+
+
+def test_layer_with_separate_experts():
+    """shared=() on the Triton backend: the dispatch variant runs whatever t (here t = 4, where
+    "auto" would pick dense for shared V/W2), forward in eval against the reference."""
+    torch.manual_seed(0)
+    ref = SharedSwiGLUMoE(16, 16, 4, k=2, shared=(), dropout=0.0).eval()
+    with torch.no_grad():
+        ref.w_gate.normal_(0, 0.5)
+    tri = SharedSwiGLUMoE(16, 16, 4, k=2, shared=(), dropout=0.0, backend="triton").eval()
+    tri.load_state_dict(ref.state_dict())
+    assert tri.resolved_variant == "dispatch"
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        assert row_error(tri.to(DEVICE)(x.to(DEVICE))[0], ref(x)[0]) < TOL[torch.float32]
+    with pytest.raises(ValueError, match="variant 'dense' needs V and W2 shared"):
+        moe_triton(x.reshape(-1, 16).to(DEVICE), *(p.detach().to(DEVICE) for p in tri.parameters()), 2, False,
+                   variant="dense")

@@ -69,9 +69,30 @@ def _expert_count(route_ptr, e, sc, tiles, T, SUPER: tl.constexpr):
 
 
 @triton.jit
+def _token_tile(tile, seed_ptr, N, T, NEEDS_SEED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Token tile ``tile`` of the gate: rows, row_ok, the expert columns, col_ok, valid (both), and
+    the Philox seed (read only when drawn)."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_T)
+    seed = 0
+    if NEEDS_SEED:
+        seed = tl.load(seed_ptr)
+    return rows, rows < N, cols, cols < T, (rows < N)[:, None] & (cols < T)[None, :], seed
+
+
+@triton.jit
 def _grouped_tile(pid, T, RT):
     """(row tile, expert, rest) of program ``pid`` of a grouped launch (row tiles fastest)."""
     return pid % RT, (pid // RT) % T, pid // (RT * T)
+
+
+@triton.jit
+def _expert_weights(e, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, b2_ptr, M, D, SEP_W1: tl.constexpr, SEP_V: tl.constexpr,
+                    SEP_W2: tl.constexpr):
+    """Expert e's W1, b1, V, bV, W2, b2 (a shared projection: the one weight, SEP_* = 0)."""
+    e64 = e.to(tl.int64)
+    return (w1_ptr + SEP_W1 * e64 * M * D, b1_ptr + SEP_W1 * e64 * D, v_ptr + SEP_V * e64 * M * D,
+            bv_ptr + SEP_V * e64 * D, w2_ptr + SEP_W2 * e64 * D * M, b2_ptr + SEP_W2 * e64 * M)
 
 
 @triton.jit
@@ -87,6 +108,16 @@ def _x_times(x_ptr, tok, row_ok, w_ptr, b_ptr, ds, d_ok, M, D, BR: tl.constexpr,
         w = tl.load(w_ptr + ks[:, None] * D + ds[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(DTYPE)
         acc = _mma(xa, w, acc, DOT_F32)
     return acc + tl.load(b_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _preacts(x_ptr, tok, row_ok, w1_ptr, b1_ptr, v_ptr, bv_ptr, d0, M, D, BR: tl.constexpr, DC: tl.constexpr,
+             DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """The d_h chunk [d0, d0 + DC): its columns, which exist, a = x W1 + b1 and u = x V + bV (fp32)."""
+    ds = d0 + tl.arange(0, DC)
+    d_ok = ds < D
+    a = _x_times(x_ptr, tok, row_ok, w1_ptr, b1_ptr, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
+    return ds, d_ok, a, _x_times(x_ptr, tok, row_ok, v_ptr, bv_ptr, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
 
 
 @triton.jit
@@ -153,14 +184,7 @@ def _gate_route_kernel(
     the importance/load partials (tiles, 2, t), and the tile's routing (route, local). The
     program past the last tile writes the tables' spare row (no pairs)."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = tl.arange(0, BLOCK_T)
-    col_ok = cols < T
-    valid = row_ok[:, None] & col_ok[None, :]
-    seed = 0
-    if NOISE_MODE == 2:
-        seed = tl.load(seed_ptr)
+    rows, row_ok, cols, col_ok, valid, seed = _token_tile(pid, seed_ptr, N, T, NOISE_MODE == 2, BLOCK_N, BLOCK_T)
     clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
     key, taken = selection_key(h, col_ok)
@@ -210,19 +234,11 @@ def _experts_fwd_kernel(
     if r * BR < _expert_count(route_ptr, e, sc, tiles, T, SUPER):
         pair, row_ok = _expert_rows(route_ptr, local_ptr, e, sc, r * BR, tiles, T, K, BR, SUPER, BLOCK_N)
         tok = pair // K
-        e64 = e.to(tl.int64)
-        w1_e = w1_ptr + SEP_W1 * e64 * M * D
-        b1_e = b1_ptr + SEP_W1 * e64 * D
-        v_e = v_ptr + SEP_V * e64 * M * D
-        bv_e = bv_ptr + SEP_V * e64 * D
-        w2_e = w2_ptr + SEP_W2 * e64 * D * M
-        b2_e = b2_ptr + SEP_W2 * e64 * M
+        w1_e, b1_e, v_e, bv_e, w2_e, b2_e = _expert_weights(e, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, b2_ptr, M, D,
+                                                            SEP_W1, SEP_V, SEP_W2)
         y0, y1, y2, y3 = _zero_chunks(BR, M0, M1, M2, M3)
         for d0 in range(0, D, DC):
-            ds = d0 + tl.arange(0, DC)
-            d_ok = ds < D
-            a = _x_times(x_ptr, tok, row_ok, w1_e, b1_e, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
-            u = _x_times(x_ptr, tok, row_ok, v_e, bv_e, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
+            ds, d_ok, a, u = _preacts(x_ptr, tok, row_ok, w1_e, b1_e, v_e, bv_e, d0, M, D, BR, DC, DTYPE, DOT_F32)
             hc = (a * tl.sigmoid(a) * u).to(DTYPE)
             y0, y1, y2, y3 = _times_cols_chunks(hc, y0, y1, y2, y3, w2_e, ds, d_ok, M, M0, M1, M2, M3, DTYPE, DOT_F32)
         _store_row_chunks(y0, y1, y2, y3, b2_e, o_ptr, pair, row_ok, M, M0, M1, M2, M3, True)
@@ -275,14 +291,7 @@ def _gate_bwd_tile(tile, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_
                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
     """The gate's backward for one token tile: dL/dG_p = <dy'_n, o_p> (+ the importance term),
     through Softmax_k, the noise scale and P(x); writes dgate (N, 2, t) = (d clean, d raw) fp32."""
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = tl.arange(0, BLOCK_T)
-    col_ok = cols < T
-    valid = row_ok[:, None] & col_ok[None, :]
-    seed = 0
-    if NOISE_MODE == 2:
-        seed = tl.load(seed_ptr)
+    rows, row_ok, cols, col_ok, valid, seed = _token_tile(tile, seed_ptr, N, T, NOISE_MODE == 2, BLOCK_N, BLOCK_T)
     clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
         NOISE_MODE, BLOCK_N, BLOCK_T)
@@ -332,18 +341,11 @@ def _experts_bwd_kernel(
             pair, row_ok = _expert_rows(route_ptr, local_ptr, e, sc, r * BR, tiles, T, K, BR, SUPER, BLOCK_N)
             tok = pair // K
             g = tl.load(gates_ptr + pair, mask=row_ok, other=0.0)
-            e64 = e.to(tl.int64)
-            w1_e = w1_ptr + SEP_W1 * e64 * M * D
-            b1_e = b1_ptr + SEP_W1 * e64 * D
-            v_e = v_ptr + SEP_V * e64 * M * D
-            bv_e = bv_ptr + SEP_V * e64 * D
-            w2_e = w2_ptr + SEP_W2 * e64 * D * M
+            w1_e, b1_e, v_e, bv_e, w2_e, _ = _expert_weights(e, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, w2_ptr, M, D,
+                                                             SEP_W1, SEP_V, SEP_W2)
             dx0, dx1, dx2, dx3 = _zero_chunks(BR, M0, M1, M2, M3)
             for d0 in range(0, D, DC):
-                ds = d0 + tl.arange(0, DC)
-                d_ok = ds < D
-                a = _x_times(x_ptr, tok, row_ok, w1_e, b1_e, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
-                u = _x_times(x_ptr, tok, row_ok, v_e, bv_e, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
+                ds, d_ok, a, u = _preacts(x_ptr, tok, row_ok, w1_e, b1_e, v_e, bv_e, d0, M, D, BR, DC, DTYPE, DOT_F32)
                 dh = _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_e, ds, d_ok, M, drop_p, BR, DC, DROPOUT, DTYPE,
                                  DOT_F32)
                 sig = tl.sigmoid(a)
@@ -383,6 +385,20 @@ def _acc_rows_t(acc, bias, a_ptr, a_rows, a_ld, a_cols, a_ok, b_ptr, b_rows, b_l
 
 
 @triton.jit
+def _acc_pairs(acc, bias, pair, row_ok, x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr, ri, ri_ok, cj, cj_ok, M, D,
+               drop_p, IS_W2: tl.constexpr, K: tl.constexpr, DROPOUT: tl.constexpr, DTYPE: tl.constexpr,
+               DOT_F32: tl.constexpr):
+    """A block of pairs' contribution to a weight-gradient tile: x_nᵀ p_p (W1, V) or hc_pᵀ g_p dy'_n (W2)."""
+    tok = pair // K
+    g = tl.load(gates_ptr + pair, mask=row_ok, other=0.0)
+    if IS_W2:
+        return _acc_rows_t(acc, bias, hc_ptr, pair, D, ri, ri_ok, p_ptr, tok, M, cj, cj_ok, row_ok, g, dy_ptr,
+                           keep_ptr, drop_p, M, True, DROPOUT, DTYPE, DOT_F32)
+    return _acc_rows_t(acc, bias, x_ptr, tok, M, ri, ri_ok, p_ptr, pair, D, cj, cj_ok, row_ok, g, dy_ptr, keep_ptr,
+                       drop_p, M, False, DROPOUT, DTYPE, DOT_F32)
+
+
+@triton.jit
 def _weight_tile(x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr, route_ptr, local_ptr, w_ptr, b_ptr, e, ti, tj,
                  N, M, D, T, tiles, drop_p, SEP: tl.constexpr, IS_W2: tl.constexpr, K: tl.constexpr,
                  DROPOUT: tl.constexpr, WB: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -405,27 +421,14 @@ def _weight_tile(x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr, route_ptr, l
         for sc in range(0, tl.cdiv(tiles, SUPER)):
             for r0 in range(0, _expert_count(route_ptr, e, sc, tiles, T, SUPER), WEIGHT_BLOCK_R):
                 pair, row_ok = _expert_rows(route_ptr, local_ptr, e, sc, r0, tiles, T, K, WEIGHT_BLOCK_R, SUPER,
-                                               BLOCK_N)
-                tok = pair // K
-                g = tl.load(gates_ptr + pair, mask=row_ok, other=0.0)
-                if IS_W2:
-                    acc, bias = _acc_rows_t(acc, bias, hc_ptr, pair, D, ri, ri_ok, p_ptr, tok, M, cj, cj_ok, row_ok,
-                                            g, dy_ptr, keep_ptr, drop_p, M, True, DROPOUT, DTYPE, DOT_F32)
-                else:
-                    acc, bias = _acc_rows_t(acc, bias, x_ptr, tok, M, ri, ri_ok, p_ptr, pair, D, cj, cj_ok, row_ok,
-                                            g, dy_ptr, keep_ptr, drop_p, M, False, DROPOUT, DTYPE, DOT_F32)
+                                            BLOCK_N)
+                acc, bias = _acc_pairs(acc, bias, pair, row_ok, x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr, ri,
+                                       ri_ok, cj, cj_ok, M, D, drop_p, IS_W2, K, DROPOUT, DTYPE, DOT_F32)
     else:
         for p0 in range(0, N * K, WEIGHT_BLOCK_R):
             pair = p0 + tl.arange(0, WEIGHT_BLOCK_R)
-            row_ok = pair < N * K
-            tok = pair // K
-            g = tl.load(gates_ptr + pair, mask=row_ok, other=0.0)
-            if IS_W2:
-                acc, bias = _acc_rows_t(acc, bias, hc_ptr, pair, D, ri, ri_ok, p_ptr, tok, M, cj, cj_ok, row_ok,
-                                        g, dy_ptr, keep_ptr, drop_p, M, True, DROPOUT, DTYPE, DOT_F32)
-            else:
-                acc, bias = _acc_rows_t(acc, bias, x_ptr, tok, M, ri, ri_ok, p_ptr, pair, D, cj, cj_ok, row_ok,
-                                        g, dy_ptr, keep_ptr, drop_p, M, False, DROPOUT, DTYPE, DOT_F32)
+            acc, bias = _acc_pairs(acc, bias, pair, pair < N * K, x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr,
+                                   ri, ri_ok, cj, cj_ok, M, D, drop_p, IS_W2, K, DROPOUT, DTYPE, DOT_F32)
     ld = M if IS_W2 else D
     w_e = w_ptr + SEP * e.to(tl.int64) * M * D
     tl.store(w_e + ri[:, None] * ld + cj[None, :], acc.to(w_ptr.dtype.element_ty), mask=ri_ok[:, None] & cj_ok[None, :])

@@ -27,7 +27,8 @@ def moe_dispatch(x: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, w
                  noisy_gating: bool = True, noise_eps: float = reference.NOISE_EPS, dropout: float = 0.0,
                  w_importance: float = 1e-2, w_load: float = 1e-2, squared_cv: bool = True,
                  unbiased_cv: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y (N, m) in x's dtype, aux_loss () fp32) of the MoE layer: three launches forward, two backward (+ the seed draw).
+    """(y (N, m) in x's dtype, aux_loss () fp32) of the MoE layer: three launches forward, two
+    backward (plus the seed draw when one is drawn).
 
     x (N, m); w_gate, w_noise (m, t); w1 (t, m, d_h), b1 (t, d_h); v, b_v, w2, b2 shared ((m, d_h),
     (d_h,), (d_h, m), (m,)) or per expert (a leading t). ``seed``: the Philox key of the gate noise

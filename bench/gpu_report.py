@@ -321,7 +321,8 @@ def compile_check(arch=90, quick=False):
             for kernel, constexprs, warps, stages in jobs:
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
-                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "SEP_V", "NOISY", "DROPOUT", "NORMALISE", "SLOT"))
+                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "SEP_V", "NOISY", "DROPOUT", "NORMALISE",
+                                             "SLOT"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024

@@ -270,7 +270,8 @@ def _combine_kernel(
             for j in range(K):
                 p = rows.to(tl.int64) * K + j
                 gj = tl.load(gates_ptr + p, mask=row_ok, other=0.0)
-                acc += gj[:, None] * tl.load(o_ptr + p[:, None] * M + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                oj = tl.load(o_ptr + p[:, None] * M + cols[None, :], mask=mask, other=0.0)
+                acc += gj[:, None] * oj.to(tl.float32)
             offs = rows[:, None].to(tl.int64) * M + cols[None, :]
             if DROPOUT:
                 keep = tl.rand(seed + _DROPOUT_STREAM, rows[:, None] * M + cols[None, :]) >= drop_p
@@ -447,7 +448,8 @@ def _weights_dx_kernel(
     """Every weight gradient, each element summed by one program in a fixed order, and dx.
 
     Programs, in order: the tiles of dW1 (per expert when SEP_W1), of dV, of dW2 (biases with
-    them), the m chunks of dW_g / dW_noise, then per token tile dx = d clean W_gᵀ + d raw W_noiseᵀ + Σ_j dxp (x's dtype)."""
+    them), the m chunks of dW_g / dW_noise, then per token tile
+    dx = d clean W_gᵀ + d raw W_noiseᵀ + Σ_j dxp (x's dtype)."""
     pid = tl.program_id(0)
     nm = tl.cdiv(M, WB)
     nd = tl.cdiv(D, WB)

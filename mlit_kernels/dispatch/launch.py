@@ -2,11 +2,12 @@
 
 Forward: ``_gate_route_kernel`` (gate, partial statistics, per-tile routing), ``_experts_fwd_kernel``
 (every pair's expert output, grouped by expert), ``_combine_kernel`` (y = dropout(Σ_j g o), and the
-importance, load and auxiliary loss). Backward: ``_experts_bwd_kernel`` (per pair da, du, hc and dx through W1, V; the gate's backward
-per token tile), ``_weights_dx_kernel`` (every weight gradient and dx). See :mod:`mlit_kernels.dispatch.kernels`.
+importance, load and auxiliary loss). Backward: ``_experts_bwd_kernel`` (per pair da, du, hc and
+dx through W1, V; the gate's backward per token tile), ``_weights_dx_kernel`` (every weight
+gradient, and dx). See :mod:`mlit_kernels.dispatch.kernels`.
 
-The grouped kernels' row tile and warps are the tuned configuration (:data:`CONFIGS`); no
-reduction depends on it. Tuning runs once per key on CUDA, never while a CUDA graph is captured
+The grouped kernels' row tile and warps are the tuned configuration (:data:`CONFIGS`, those
+:func:`configs_for` m allows); no reduction depends on it. Tuning runs once per key on CUDA, never while a CUDA graph is captured
 (the default configuration is used then).
 """
 

@@ -7,8 +7,8 @@ dx through W1, V; the gate's backward per token tile), ``_weights_dx_kernel`` (e
 gradient, and dx). See :mod:`mlit_kernels.dispatch.kernels`.
 
 The grouped kernels' row tile and warps are the tuned configuration (:data:`CONFIGS`, those
-:func:`configs_for` m allows); no reduction depends on it. Tuning runs once per key on CUDA, never while a CUDA graph is captured
-(the default configuration is used then).
+:func:`configs_for` m allows); no reduction depends on it. Tuning runs once per key on CUDA,
+never while a CUDA graph is captured (the default configuration is used then).
 """
 
 from __future__ import annotations

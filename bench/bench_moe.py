@@ -7,6 +7,10 @@ t = 5), k = 2, for N = 256 × 145 tokens (a classifier batch) and 1280 × 37 (th
 visible tokens). Backends: reference eager, torch.compile(reference), Triton dispatch and
 Triton dense; forward, and forward + backward, in training mode under fp16 autocast.
 
+Many experts (``test_many_experts``): t = 16, 32, 64 with k = 1, 2, 4, m 192-1024, d_h
+768-4096, shared V/W2 and separate experts (shared=()), N = 8192 tokens: reference,
+torch.compile(reference) and the Triton dispatch variant.
+
 On CUDA the timings synchronise the device. Without CUDA the Triton cases skip (they need a GPU;
 the interpreter is for correctness, not speed) and the reference cases run in fp32 on a reduced
 N so that the whole file takes under a minute; torch.compile on CPU is skipped unless
@@ -28,6 +32,18 @@ SHAPES = {"S-layer0": (144, 144, 3), "XXS-last": (108, 27, 5)}
 TOKENS = {"cls-256x145": 256 * 145, "mae-1280x37": 1280 * 37}
 CPU_TOKENS = 512
 BACKENDS = ("reference", "compile", "triton-dispatch", "triton-dense")
+MANY = {  # (m, d_h, t, k, shared)
+    "t16k2-192-768": (192, 768, 16, 2, ("v", "w2")), "t64k2-384-1536": (384, 1536, 64, 2, ("v", "w2")),
+    "t64k1-384-1536-sep": (384, 1536, 64, 1, ()), "t32k4-1024-4096-sep": (1024, 4096, 32, 4, ()),
+}
+MANY_TOKENS = 8192
+
+
+def _skip_without_cuda(backend):
+    if backend.startswith("triton") and not CUDA:
+        pytest.skip("Triton backend timings need a CUDA GPU (the CPU interpreter is for correctness only)")
+    if backend == "compile" and not CUDA and os.environ.get("MLIT_BENCH_COMPILE_CPU") != "1":
+        pytest.skip("torch.compile on CPU skipped (compile time dominates); set MLIT_BENCH_COMPILE_CPU=1")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -35,15 +51,26 @@ BACKENDS = ("reference", "compile", "triton-dispatch", "triton-dense")
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_moe_layer(benchmark, mode, shape, tokens, backend):
-    if backend.startswith("triton") and not CUDA:
-        pytest.skip("Triton backend timings need a CUDA GPU (the CPU interpreter is for correctness only)")
-    if backend == "compile" and not CUDA and os.environ.get("MLIT_BENCH_COMPILE_CPU") != "1":
-        pytest.skip("torch.compile on CPU skipped (compile time dominates); set MLIT_BENCH_COMPILE_CPU=1")
+    _skip_without_cuda(backend)
     if not CUDA and tokens != list(TOKENS)[0]:
         pytest.skip(f"without CUDA only one reduced N ({CPU_TOKENS}) runs")
     m, d_h, t = SHAPES[shape]
-    fn = make_layer(m, d_h, t, 2, backend)
-    n = TOKENS[tokens] if CUDA else CPU_TOKENS
+    _run(benchmark, mode, make_layer(m, d_h, t, 2, backend), m, TOKENS[tokens] if CUDA else CPU_TOKENS)
+
+
+@pytest.mark.parametrize("backend", ("reference", "compile", "triton-dispatch"))
+@pytest.mark.parametrize("shape", list(MANY))
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_many_experts(benchmark, mode, shape, backend):
+    _skip_without_cuda(backend)
+    m, d_h, t, k, shared = MANY[shape]
+    if not CUDA and m * d_h * t > 192 * 768 * 16:
+        pytest.skip("without CUDA only the smallest many-expert shape runs")
+    _run(benchmark, mode, make_layer(m, d_h, t, k, backend, shared), m, MANY_TOKENS if CUDA else CPU_TOKENS)
+
+
+def _run(benchmark, mode, fn, m, n):
+    """Time one forward (no grad) or forward + backward of ``fn`` on n tokens under fp16 autocast."""
     x = torch.randn(n, m, device=DEVICE, requires_grad=(mode == "fwd+bwd"))
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else "cpu", n_tokens=n)
 

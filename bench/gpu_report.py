@@ -114,9 +114,9 @@ def device_rates(smoke):
     return flops, bandwidth
 
 
-def make_layer(m, d_h, t, k, backend):
+def make_layer(m, d_h, t, k, backend, shared=("v", "w2")):
     torch.manual_seed(0)
-    layer = SharedSwiGLUMoE(m, d_h, t, k=k).to(DEVICE)
+    layer = SharedSwiGLUMoE(m, d_h, t, k=k, shared=shared).to(DEVICE)
     with torch.no_grad():
         layer.w_gate.normal_(0, m**-0.5)
         layer.w_noise.normal_(0, m**-0.5)
@@ -157,11 +157,11 @@ _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 # weights fp32: the residual stream and the master weights; the intermediates in the compute dtype).
 _FUSED_PTRS = {"da_ptr": "act", "du_ptr": "act", "h_ptr": "act", "idx_ptr": "i32", "seed_ptr": "i64",
                "keep_ptr": "u8"}
-# ... and of the dispatch path, whose expert kernels take activations in the compute dtype.
-_DISPATCH_FP32 = {"wg_ptr", "wn_ptr", "noise_ptr", "gate_ptr", "imp_part_ptr", "load_part_ptr", "dgate_ptr",
-                  "dimp_ptr", "dload_ptr", "dx_ptr", "dwg_part_ptr", "dwn_part_ptr", "dxp_ptr", "dw_part_ptr",
-                  "db_part_ptr"}
-_DISPATCH_I32 = {"idx_ptr", "sorted_ptr", "off_ptr", "expert_ptr", "hist_ptr", "base_ptr", "pos_ptr"}
+# ... and of the dispatch path (the per-pair intermediates in the compute dtype, the routing int32).
+_DISPATCH_PTRS = {"da_ptr": "act", "du_ptr": "act", "hc_ptr": "act", "o_ptr": "act", "idx_ptr": "i32",
+                  "route_ptr": "i32", "local_ptr": "i32", "seed_ptr": "i64", "keep_ptr": "u8"}
+_DISPATCH_KERNELS = {"_gate_route_kernel", "_experts_fwd_kernel", "_combine_kernel", "_experts_bwd_kernel",
+                     "_weights_dx_kernel"}
 _FLOAT_SCALARS = {"noise_eps", "drop_p", "w_importance", "w_load", "scale_lo", "scale_span", "ratio_lo", "ratio_span",
                   "hflip"}
 # ... and of the augmentation kernels (uint8 images, float uniforms and tables; the output uint8
@@ -177,11 +177,10 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
     if kernel_name.startswith("_fused") or kernel_name == "_reduce_kernel":
         kind = _FUSED_PTRS.get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
-    if name == "seed_ptr":
-        return "i64"
-    if name == "out_ptr":  # gate_noise's draws
-        return "fp32"
-    return "fp32" if name in _DISPATCH_FP32 else "i32" if name in _DISPATCH_I32 else _TRITON_TYPES[dtype]
+    if kernel_name in _DISPATCH_KERNELS:
+        kind = _DISPATCH_PTRS.get(name, "fp32")
+        return _TRITON_TYPES[dtype] if kind == "act" else kind
+    return "i64" if name == "seed_ptr" else "fp32"  # gate_noise's kernel
 
 
 def _compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch, sizes):
@@ -257,33 +256,36 @@ def _fused_jobs(m, d_h, t, k, dtype, quick):
 
 
 def _dispatch_jobs(m, d_h, t, k, dtype, quick):
-    """(kernel, constexprs, warps, stages) of the dispatch path."""
-    from mlit_kernels import dispatch, gate, swiglu
+    """(kernel, constexprs, warps, stages) of the dispatch path: shared V/W2 and separate experts,
+    every tuning configuration of the grouped kernels (the first with --quick)."""
     from mlit_kernels.common import gating
+    from mlit_kernels.common.tiling import hidden_chunk, width_chunks
+    from mlit_kernels.dense.kernels import TL_DTYPES
+    from mlit_kernels.dispatch import kernels, launch
 
-    block_d = max(16, 1 << (d_h - 1).bit_length())
+    m0, m1, m2, m3 = width_chunks(m)
     block_t = max(16, 1 << (t - 1).bit_length())
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    jobs = []
+    base = dict(K=k, SUPER=kernels.SUPER_TILES, BLOCK_N=kernels.ROUTE_BLOCK_N, DTYPE=TL_DTYPES[dtype],
+                DOT_F32=dtype == torch.float32)
+    chunks = dict(M0=m0, M1=m1, M2=m2, M3=m3, DC=hidden_chunk(d_h))
+    jobs = [(gating.noise_kernel, dict(BLOCK=1024), 4, 3)]
     for noisy in (True, False):
-        common = dict(K=k, NOISY=noisy, NOISE_MODE=2 if noisy else 0, LOAD_P=noisy and k < t,
-                      BLOCK_N=gate.GATE_BLOCK_N, BLOCK_T=block_t)
-        jobs += [(gate._gate_fwd_kernel, common, 4, 3),
-                 (gate._gate_bwd_kernel, {**common, "BLOCK_M": min(32, max(16, 1 << (m - 1).bit_length()))}, 4, 3)]
-    route_c = dict(BLOCK_P=dispatch.ROUTE_BLOCK_P, BLOCK_T=block_t)
-    jobs += [(dispatch._histogram_kernel, route_c, 4, 3), (dispatch._scatter_kernel, route_c, 4, 3),
-             (gating.noise_kernel, dict(BLOCK=1024), 4, 3)]
-    chunk = {"BLOCK_DC": swiglu._chunk(d_h)}
-    kernels = [(swiglu._grouped_preact_kernel, chunk),
-               (swiglu._combine_fwd_kernel, {"K": k, "SAVE": True, **chunk,
-                                             "BLOCK_MO": max(16, 1 << (m - 1).bit_length())}),
-               (swiglu._combine_bwd_kernel, {"K": k, "BLOCK_K": max(2, 1 << (k - 1).bit_length()), **chunk}),
-               (swiglu._grouped_dx_kernel, {"BLOCK_D": block_d}),
-               (swiglu._dx_kernel, {"K": k, **chunk}),
-               (swiglu._grouped_dw_kernel, {"SPLIT": swiglu._DW_SPLIT, "BLOCK_D": block_d})]
-    for kernel, extra in kernels:
-        for config in (kernel.configs[:1] if quick else kernel.configs):
-            jobs.append((kernel, {**extra, "PREC": prec, **config.kwargs}, config.num_warps, config.num_stages))
+        mode = dict(NOISY=noisy, NOISE_MODE=2 if noisy else 0, LOAD_P=noisy and k < t)
+        jobs.append((kernels._gate_route_kernel, dict(K=k, **mode, BLOCK_N=kernels.ROUTE_BLOCK_N, BLOCK_T=block_t),
+                     4, 3))
+        jobs.append((kernels._combine_kernel, dict(K=k, DROPOUT=noisy, SQUARED=True, UNBIASED=True,
+                                                   BLOCK_N=kernels.ROUTE_BLOCK_N, BLOCK_M=launch.COMBINE_BLOCK_M,
+                                                   BLOCK_T=block_t), 4, 3))
+    for sep in (0, 1):
+        seps = dict(SEP_W1=1, SEP_V=sep, SEP_W2=sep)
+        for config in launch.configs_for(m)[:1] if quick else launch.configs_for(m):
+            grouped = dict(base, **seps, **chunks, BR=config.block_r)
+            jobs.append((kernels._experts_fwd_kernel, grouped, config.num_warps, 1))
+            jobs.append((kernels._experts_bwd_kernel, dict(grouped, NOISY=True, NOISE_MODE=2, LOAD_P=k < t,
+                                                           DROPOUT=True, SQUARED=True, UNBIASED=True,
+                                                           BLOCK_T=block_t), config.num_warps, 1))
+        jobs.append((kernels._weights_dx_kernel, dict(base, **seps, NOISY=True, DROPOUT=True, WB=launch.WEIGHT_TILE,
+                                                      BLOCK_T=block_t), 4, 1))
     return jobs
 
 
@@ -303,21 +305,25 @@ def compile_check(arch=90, quick=False):
     """Compile every kernel for sm_<arch> at the paper's shapes; returns markdown rows and failures."""
     shapes_ = [(144, 144, 3, 2), (144, 72, 5, 2), (108, 81, 3, 2), (108, 27, 5, 2)] if not quick else [
         (144, 144, 3, 2), (108, 27, 5, 2)]
+    # the dispatch path at the many-expert shapes (t > 8; m 192-1024, d_h 256-4096)
+    many = [(192, 768, 16, 2), (384, 1536, 64, 2), (1024, 4096, 64, 4)] if not quick else [(1024, 4096, 64, 2)]
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if not quick else [torch.float16]
     rows, failures = [], 0
-    shapes_ = [("augment", None, None, None)] + shapes_
+    shapes_ = [("augment", None, None, None)] + shapes_ + many
     for m, d_h, t, k in shapes_:
         sizes = dict(M=m, D=d_h, T=t, N=256 * 145, H_in=32, W_in=32)
         for dtype in dtypes if m != "augment" else [torch.float32]:
             if m == "augment":
                 jobs = _augment_jobs()
+            elif (m, d_h, t, k) in many:
+                jobs = _dispatch_jobs(m, d_h, t, k, dtype, quick)
             else:
-                jobs = _fused_jobs(m, d_h, t, k, dtype, quick) + (_dispatch_jobs(m, d_h, t, k, dtype, quick)
-                                                                   if not quick or (m, d_h) == (108, 27) else [])
+                jobs = _fused_jobs(m, d_h, t, k, dtype, quick)
             for kernel, constexprs, warps, stages in jobs:
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
-                                  if key in ("BLOCK_N", "BLOCK_R", "ROWS", "NOISY", "DROPOUT", "NORMALISE", "SLOT"))
+                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT", "NORMALISE",
+                                             "SLOT"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024

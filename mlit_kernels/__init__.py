@@ -11,13 +11,12 @@ before ``import mlit_kernels``.
 Layout: :mod:`.reference` (plain PyTorch), :mod:`.layer` (the nn.Module), :mod:`.functional`
 (``moe_triton``: checks, then the variant), :mod:`.variants` (which variant runs; name →
 implementation), :mod:`.common` (what every variant shares: settings, options, gate math, tiling,
-seed, tuner), one folder or module per variant (:mod:`.dense`; the dispatch path:
-:mod:`.dispatch_ops` over :mod:`.gate`, :mod:`.dispatch`, :mod:`.swiglu`), :mod:`.ops` (every
+seed, tuner), one folder per variant (:mod:`.dense`, :mod:`.dispatch`), :mod:`.ops` (every
 custom op), :mod:`.meter`.
 
 Adding a variant: a folder ``mlit_kernels/<name>/`` with its kernels, launch code, custom ops and a
 function ``fn(x, params, seed, noise, options) -> (y, aux_loss)`` (see :mod:`.variants`), and one
-line ``"<name>": ".<name>.ops:fn"`` in :data:`.variants.IMPLEMENTATIONS`.
+line ``"<name>": ".<name>.module:fn"`` in :data:`.variants.IMPLEMENTATIONS`.
 """
 
 import importlib
@@ -25,13 +24,13 @@ import importlib
 from . import reference
 from .layer import SharedSwiGLUMoE, collect_aux_loss
 
-_LAZY = {"moe_triton": ".functional", "gate_noise": ".gate"}
+_LAZY = {"moe_triton": ".functional", "gate_noise": ".common.gating"}
 
 __all__ = ["SharedSwiGLUMoE", "collect_aux_loss", "gate_noise", "moe_triton", "ops", "reference"]
 
 
 def __getattr__(name):
-    if name == "ops":  # the torch.library custom ops mlit::fused_moe, gate_fwd, experts_fwd, ...
+    if name == "ops":  # the torch.library custom ops mlit::fused_moe, dispatch_moe, ...
         return importlib.import_module(".ops", __name__)
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)

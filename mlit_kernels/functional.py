@@ -1,8 +1,13 @@
-"""``moe_triton``: the MoE layer (shared V, W_2) as a function over the Triton kernels, with the
+"""``moe_triton``: the MoE layer as a function over the Triton kernels, with the
 argument checks; the variant that runs is chosen in :mod:`mlit_kernels.variants`.
 
 Its twin with the same signature is :func:`mlit_kernels.reference.moe_reference`; the layer
 (:class:`mlit_kernels.layer.SharedSwiGLUMoE`) calls one or the other.
+
+The variants (:mod:`mlit_kernels.variants`): ``"dense"`` runs the whole layer in two forward and
+three backward launches (:mod:`mlit_kernels.dense`); ``"dispatch"`` (many experts, and per-expert
+V / W_2) three forward and two backward launches over tokens grouped per expert in-kernel
+(:mod:`mlit_kernels.dispatch`).
 """
 
 from __future__ import annotations
@@ -29,15 +34,17 @@ def check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype) ->
     if w1.dim() != 3:
         raise ValueError(
             f"w1 must have shape (t, m, d_h) (one W_i per expert); the Triton backend supports shared=('v', 'w2') "
-            f"only, got w1 of shape {tuple(w1.shape)}")
+            f"or shared=() only, got w1 of shape {tuple(w1.shape)}")
     d = w1.shape[2]
+    lead = (t,) if v.dim() == 3 else ()  # V, W_2 shared, or one per expert (dispatch variant)
     expected = {
-        "w_noise": (w_noise, (m, t)), "w1": (w1, (t, m, d)), "b1": (b1, (t, d)), "v": (v, (m, d)),
-        "b_v": (b_v, (d,)), "w2": (w2, (d, m)), "b2": (b2, (m,)),
+        "w_noise": (w_noise, (m, t)), "w1": (w1, (t, m, d)), "b1": (b1, (t, d)), "v": (v, (*lead, m, d)),
+        "b_v": (b_v, (*lead, d)), "w2": (w2, (*lead, d, m)), "b2": (b2, (*lead, m)),
     }
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
-            hint = " (the Triton backend supports shared=('v', 'w2') only)" if name in ("v", "b_v", "w2", "b2") else ""
+            hint = (" (the Triton backend supports shared=('v', 'w2') or shared=() only)"
+                    if name in ("v", "b_v", "w2", "b2") else "")
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}{hint}")
     if not isinstance(k, int) or not 1 <= k <= t:
         raise ValueError(f"k must be an int with 1 <= k <= t={t}, got k={k!r}")
@@ -95,7 +102,8 @@ def moe_triton(
     ``torch.manual_seed``); :func:`mlit_kernels.gate_noise` gives the exact draws. ``dropout``
     applies to y in training (fused into the kernel on the dense variant).
     """
-    variant = resolve_variant(variant, w_gate.shape[1] if w_gate.dim() == 2 else 0)
+    variant = resolve_variant(variant, w_gate.shape[1] if w_gate.dim() == 2 else 0,
+                              per_expert=v.dim() == 3 or w2.dim() == 3)
     dtype = compute_dtype(x)
     if not torch.compiler.is_compiling():
         check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype)

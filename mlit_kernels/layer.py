@@ -15,6 +15,7 @@ from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
 
 PROJECTIONS = ("w1", "v", "w2")
 BACKENDS = ("reference", "triton", "auto")
+TRITON_SHARED = (DEFAULT_SHARED, ())  # the sharings the Triton backend runs (() on the dispatch variant)
 
 
 class SharedSwiGLUMoE(nn.Module):
@@ -37,9 +38,10 @@ class SharedSwiGLUMoE(nn.Module):
             implementation) or the plain CV (the paper's wording).
         unbiased_cv: variance divided by t − 1 (default, torch's ``var``) or by t.
         backend: "reference" (plain PyTorch, :func:`mlit_kernels.reference.moe_reference`),
-            "triton" (:func:`mlit_kernels.moe_triton`; default sharing ("v", "w2") only; CUDA
-            tensors, or any device under TRITON_INTERPRET=1) or "auto" (Triton for CUDA tensors
-            of a supported dtype with the default sharing, the reference otherwise).
+            "triton" (:func:`mlit_kernels.moe_triton`; sharing ("v", "w2") or () — separate experts
+            run the dispatch variant; CUDA tensors, or any device under TRITON_INTERPRET=1) or
+            "auto" (Triton for CUDA tensors of a supported dtype with one of those sharings, the
+            reference otherwise).
         triton_variant: "auto" (dense up to 8 experts, dispatch above), "dense" (the fused
             kernels: every expert a token tile routes to, masked by the gates) or "dispatch"
             (tokens grouped by expert); :attr:`resolved_variant` tells which runs.
@@ -152,10 +154,10 @@ class SharedSwiGLUMoE(nn.Module):
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        if value == "triton" and self.shared != DEFAULT_SHARED:
+        if value == "triton" and self.shared not in TRITON_SHARED:
             raise ValueError(
-                f"backend='triton' supports only shared={DEFAULT_SHARED} (shared V and W2, one W_i per expert), "
-                f"got shared={self.shared}; use backend='reference'")
+                f"backend='triton' supports only shared={DEFAULT_SHARED} (shared V and W2, one W_i per expert) or "
+                f"shared=() (separate experts), got shared={self.shared}; use backend='reference'")
         self._backend = value
 
     @property
@@ -173,14 +175,14 @@ class SharedSwiGLUMoE(nn.Module):
     @property
     def resolved_variant(self) -> str:
         """The Triton variant ("dense" or "dispatch") this layer runs with backend="triton"."""
-        return resolve_variant(self.triton_variant, self.num_experts)
+        return resolve_variant(self.triton_variant, self.num_experts, per_expert=self.shared == ())
 
     def uses_triton(self, x: torch.Tensor) -> bool:
         """Whether a call on x runs the Triton kernels (backend, sharing, device and dtype)."""
         if self.backend == "triton":
             return True
         if self.backend == "auto":
-            return x.is_cuda and self.shared == DEFAULT_SHARED and compute_dtype(x) in COMPUTE_DTYPES
+            return x.is_cuda and self.shared in TRITON_SHARED and compute_dtype(x) in COMPUTE_DTYPES
         return False
 
     def extra_repr(self) -> str:

@@ -2,8 +2,7 @@
 kernels), gathered in one namespace: ``mlit_kernels.ops.fused_moe`` is ``torch.ops.mlit.fused_moe``.
 
 * dense variant (:mod:`mlit_kernels.dense.ops`): ``fused_moe``, ``fused_moe_backward``;
-* dispatch variant (:mod:`mlit_kernels.dispatch_ops`): ``gate_fwd``, ``gate_bwd``, ``experts_fwd``,
-  ``experts_bwd``.
+* dispatch variant (:mod:`mlit_kernels.dispatch.ops`): ``dispatch_moe``, ``dispatch_moe_backward``.
 
 Each has a fake (meta) implementation with exact output shapes and dtypes and the forward ops
 their autograd, so ``torch.compile`` traces a model through them without graph breaks and CUDA
@@ -12,6 +11,6 @@ Limitation: no double backward (the backward ops have no autograd).
 """
 
 from .dense.ops import fused_moe, fused_moe_backward
-from .dispatch_ops import experts_bwd, experts_fwd, gate_bwd, gate_fwd
+from .dispatch.ops import dispatch_moe, dispatch_moe_backward
 
-__all__ = ["fused_moe", "fused_moe_backward", "gate_fwd", "gate_bwd", "experts_fwd", "experts_bwd"]
+__all__ = ["fused_moe", "fused_moe_backward", "dispatch_moe", "dispatch_moe_backward"]

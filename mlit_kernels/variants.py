@@ -4,8 +4,9 @@ defined; an implementation's module is imported on first use).
 
 * ``"dense"`` — few experts (t ≤ :data:`DENSE_LIMIT`): :mod:`mlit_kernels.dense`; every expert a
   token tile routes to is computed for the tile and masked by the gates, no routing.
-* ``"dispatch"`` — many experts: a gate kernel, tokens grouped by expert, grouped GEMMs
-  (:mod:`mlit_kernels.dispatch_ops`).
+* ``"dispatch"`` — many experts, and per-expert V / W_2 (shared=()): a gate that routes in its
+  token tile, experts over tokens grouped per expert and gathered in-kernel, a combine
+  (:mod:`mlit_kernels.dispatch`).
 * ``"auto"`` — dense up to :data:`DENSE_AUTO_MAX` experts, dispatch above: a fixed rule, so no
   timing runs inside a training step.
 
@@ -25,7 +26,7 @@ from .common.settings import BLOCK_T
 
 IMPLEMENTATIONS = {  # variant -> "module:function", relative to this package
     "dense": ".dense.ops:moe_dense",
-    "dispatch": ".dispatch_ops:moe_dispatch",
+    "dispatch": ".dispatch.moe:moe_dispatch",
 }
 VARIANTS = ("auto", *IMPLEMENTATIONS)
 DENSE_AUTO_MAX = 8
@@ -33,10 +34,15 @@ DENSE_LIMIT = BLOCK_T  # the dense kernels hold the gate in one BLOCK_T-column t
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def resolve_variant(variant: str, num_experts: int) -> str:
-    """The variant that runs for ``variant`` ("auto", "dense" or "dispatch") at t experts."""
+def resolve_variant(variant: str, num_experts: int, per_expert: bool = False) -> str:
+    """The variant that runs for ``variant`` ("auto", "dense" or "dispatch") at t experts;
+    ``per_expert``: V / W_2 have one matrix per expert (shared=()), which only "dispatch" runs."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if per_expert:
+        if variant == "dense":
+            raise ValueError("variant 'dense' needs V and W2 shared (shared=('v', 'w2')); use 'dispatch'")
+        return "dispatch"
     if variant == "auto":
         return "dense" if num_experts <= DENSE_AUTO_MAX else "dispatch"
     if variant == "dense" and num_experts > DENSE_LIMIT:

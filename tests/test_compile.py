@@ -64,37 +64,24 @@ def test_opcheck_fused(training, noise_mode, dropout):
     torch.library.opcheck(ops.fused_moe_backward, bwd, test_utils=OPCHECK)
 
 
-@pytest.mark.parametrize("training,noise_mode", [(True, "seed"), (True, "tensor"), (False, None)])
-def test_opcheck_gate(training, noise_mode):
-    n, m, t, k = 19, 16, 5, 2
-    p = _params(m, 8, t)
+@pytest.mark.parametrize("training,noise_mode,dropout,separate", [(True, "seed", 0.2, False), (True, "tensor", 0.0, True),
+                                                                 (False, None, 0.0, False)])
+def test_opcheck_dispatch(training, noise_mode, dropout, separate):
+    n, m, d_h, t, k = 37, 16, 16, 9, 2
+    p = _params(m, d_h, t)
+    if separate:  # one V, W2 per expert
+        p.update({name: torch.randn(t, *p[name].shape, device=DEVICE, requires_grad=True)
+                  for name in ("v", "b_v", "w2", "b2")})
     x = torch.randn(n, m, device=DEVICE, requires_grad=True)
     noise = torch.randn(n, t, device=DEVICE) if noise_mode == "tensor" else None
-    args = (x, p["w_gate"], p["w_noise"], noise, _seed(7), k, training, True, 1e-2)
-    torch.library.opcheck(ops.gate_fwd, args, test_utils=OPCHECK)
+    options = (k, training, True, dropout, 1e-2, 1e-2, 1e-2, True, True, torch.float32)
+    args = (x, *p.values(), _seed(7), noise, *options)
+    torch.library.opcheck(ops.dispatch_moe, args, test_utils=OPCHECK)
     with torch.no_grad():
-        idx = ops.gate_fwd(*args)[3]
-    d = (torch.randn(n, k, device=DEVICE), torch.randn(t, device=DEVICE), torch.randn(t, device=DEVICE))
-    torch.library.opcheck(ops.gate_bwd, tuple(a.detach() for a in args[:3]) + (noise, _seed(7), idx) + args[5:] + d,
-                          test_utils=OPCHECK)
-
-
-@pytest.mark.parametrize("save", [True, False])
-def test_opcheck_experts(save):
-    n, m, d_h, t, k = 21, 16, 27, 5, 2
-    p = _params(m, d_h, t, requires_grad=save)
-    x = torch.randn(n, m, device=DEVICE, requires_grad=save)
-    idx = torch.stack([torch.randperm(t)[:k] for _ in range(n)]).to(DEVICE, torch.int32)
-    gate = torch.softmax(torch.randn(n, k, device=DEVICE), 1).requires_grad_(save)
-    weights = [p[name] for name in ("w1", "b1", "v", "b_v", "w2", "b2")]
-    args = (x, idx, gate, *weights, save)
-    torch.library.opcheck(ops.experts_fwd, args, test_utils=OPCHECK)
-    if save:
-        with torch.no_grad():
-            _, a, u, sorted_pairs, offsets = ops.experts_fwd(*args)
-        bwd = (torch.randn(n, m, device=DEVICE), x.detach(), idx, gate.detach(), p["w1"].detach(), p["v"].detach(),
-               p["w2"].detach(), a, u, sorted_pairs, offsets)
-        torch.library.opcheck(ops.experts_bwd, bwd, test_utils=OPCHECK)
+        saved = ops.dispatch_moe(*args)[2:]
+    bwd = (torch.randn(n, m, device=DEVICE), torch.tensor(3.0, device=DEVICE), *(a.detach() for a in (x, *p.values())),
+           _seed(7), noise, *saved, *options)
+    torch.library.opcheck(ops.dispatch_moe_backward, bwd, test_utils=OPCHECK)
 
 
 def _grads(module, x):
@@ -160,7 +147,7 @@ def test_compiled_moe_triton_in_kernel_noise(variant):
     p = _params(16, 27, 5, seed=4)
     x = torch.randn(23, 16, device=DEVICE)
     fn = torch.compile(moe_triton, backend="aot_eager", fullgraph=True)
-    dropout = 0.1 if variant == "dense" else 0.0  # fused dropout draws from the seed too; dispatch's is torch's
+    dropout = 0.1  # fused into the kernels on both variants: drawn from the seed too
     y_eager, aux_eager = moe_triton(x, *p.values(), 2, True, seed=99, variant=variant, dropout=dropout)
     y, aux = fn(x, *p.values(), 2, True, seed=_seed(99), variant=variant, dropout=dropout)
     assert torch.equal(y, y_eager) and torch.equal(aux, aux_eager)

@@ -29,11 +29,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():
     pytest.skip("no CUDA and Triton kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
-from mlit_kernels import ops  # noqa: E402
-from mlit_kernels.dispatch import route  # noqa: E402
+from mlit_kernels import gate_noise, ops  # noqa: E402
 from mlit_kernels.functional import moe_triton  # noqa: E402
 from mlit_kernels.dense import CONFIGS, force_config  # noqa: E402
-from mlit_kernels.gate import gate_forward, gate_noise  # noqa: E402
 
 # Worst per-row relative error against float64 (see the module docstring). Measured on the
 # interpreter over CASES: fp32 2.1e-5 (dW_noise, a sum over tokens), fp16 2.1e-3, bf16 1.3e-2
@@ -51,6 +49,13 @@ def make_params(m, d_h, t, seed=0, gate_scale=0.5):
         "v": r(m, d_h) / m**0.5, "b_v": r(d_h) * 0.1,
         "w2": r(d_h, m) / d_h**0.5, "b2": r(m) * 0.1,
     }
+
+
+def dispatch_gate(x, params, seed, k, train):
+    """The dispatch path's gate on x: (idx (N, k) int32, gates (N, k) fp32, stats (2, t))."""
+    out = ops.dispatch_moe(x, *(params[n] for n in NAMES), seed, None, k, train, train, 0.0, 1e-2, 1e-2, 1e-2, True,
+                           True, x.dtype)
+    return out[2], out[3], out[7]
 
 
 def reference_run(x, params, k, train, noise, noisy=True):
@@ -167,7 +172,7 @@ def test_bad_token_stays_in_its_row(variant, bad, train):
         y_bad, _ = moe_triton(x_bad, *params.values(), k, train, seed=seed, variant=variant)
         y_ref, _ = reference.moe_reference(x_bad.cpu().double(), *(p.cpu().double() for p in params.values()), k,
                                            train, noise=gate_noise(seed, n, t, DEVICE).cpu().double())
-        _, _, _, idx = ops.gate_fwd(x_bad, params["w_gate"], params["w_noise"], None, seed, k, train, True, 1e-2)
+        idx = dispatch_gate(x_bad, params, seed, k, train)[0]
         _, _, fused_idx, _, _ = ops.fused_moe(x_bad, *params.values(), seed, None, k, train, True, 0.0, 1e-2, 1e-2,
                                               1e-2, True, True, torch.float32)
     others = torch.arange(n, device=DEVICE) != 7
@@ -188,8 +193,8 @@ def test_ties_pick_the_lowest_index(variant):
     x = torch.randn(33, 27, device=DEVICE)
     with torch.no_grad():
         _, top, _ = reference.noisy_top_k_gating(x, layer.w_gate, layer.w_noise, 2, train=False)
-        _, _, _, idx = ops.gate_fwd(x, layer.w_gate, layer.w_noise, None, torch.zeros(1, dtype=torch.int64,
-                                    device=DEVICE), 2, False, True, 1e-2)
+        idx = dispatch_gate(x, dict(layer.named_parameters()), torch.zeros(1, dtype=torch.int64, device=DEVICE), 2,
+                            False)[0]
         y_ref, _ = layer(x)
         y_tri, _ = tri(x)
     assert torch.equal(top.cpu(), torch.tensor([[0, 1]] * 33)) and torch.equal(idx.long().cpu(), top.cpu())
@@ -299,37 +304,14 @@ def test_softmax_k_worked_example():
     x[:, :3] = torch.eye(3)
     w_gate = torch.zeros(m, 4)
     w_gate[:3] = h
-    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    idx, gate, importance, load = gate_forward(x.to(DEVICE), w_gate.to(DEVICE), torch.zeros_like(w_gate).to(DEVICE),
-                                               2, False, True, None, seed, 1e-2)
+    params = {name: p.float() for name, p in make_params(m, 8, 4).items()}
+    params["w_gate"], params["w_noise"] = w_gate, torch.zeros_like(w_gate)
+    idx, gate, (importance, load) = dispatch_gate(x.to(DEVICE), {n: p.to(DEVICE) for n, p in params.items()},
+                                                  torch.zeros(1, dtype=torch.int64, device=DEVICE), 2, False)
     dense = torch.zeros(3, 4).scatter(1, idx.long().cpu(), gate.cpu())
     torch.testing.assert_close(dense, expected, atol=5e-5, rtol=0)
     torch.testing.assert_close(importance.cpu(), expected.sum(0), atol=2e-4, rtol=0)
     torch.testing.assert_close(load.cpu(), torch.tensor([2.0, 2.0, 2.0, 0.0]))
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_routing_and_permutation(train):
-    n, m, t, k = 145, 16, 5, 2
-    params = make_params(m, 16, t, seed=3, gate_scale=1.0)
-    x = torch.randn(n, m, generator=torch.Generator().manual_seed(5))
-    noise = torch.randn(n, t, generator=torch.Generator().manual_seed(6))
-    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    idx, gate, _, _ = gate_forward(x.to(DEVICE), params["w_gate"].float().to(DEVICE),
-                                   params["w_noise"].float().to(DEVICE), k, train, True, noise.to(DEVICE), seed, 1e-2)
-    gates_ref, top_ref, _ = reference.noisy_top_k_gating(x.double(), params["w_gate"], params["w_noise"], k, train,
-                                                         noise.double())
-    assert torch.equal(idx.long().cpu(), top_ref)
-    torch.testing.assert_close(gate.double().cpu(), gates_ref.gather(1, top_ref), atol=1e-6, rtol=1e-5)
-    routing = route(idx, t)
-    sorted_pairs, pair_pos = routing.sorted_pairs.long().cpu(), routing.pair_pos.long().cpu()
-    assert torch.equal(sorted_pairs.sort().values, torch.arange(n * k))  # a true permutation
-    assert torch.equal(pair_pos[sorted_pairs], torch.arange(n * k))  # and its inverse
-    assert torch.equal(sorted_pairs, torch.argsort(idx.reshape(-1).long().cpu(), stable=True))
-    counts = torch.bincount(idx.reshape(-1).long().cpu(), minlength=t)
-    assert torch.equal(routing.counts.long().cpu(), counts)
-    assert torch.equal(routing.expert_offsets.long().cpu(), torch.cat([torch.zeros(1, dtype=torch.long),
-                                                                       counts.cumsum(0)]))
 
 
 @pytest.mark.parametrize("variant", ["dispatch", "dense"])

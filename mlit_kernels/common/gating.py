@@ -1,6 +1,6 @@
-"""The noisy top-k gate's math as Triton device functions (SPEC §5, Eq. 2-10), the token tile and
-the Philox noise kernel, shared by the dense variant's kernels (:mod:`mlit_kernels.dense`) and
-the stand-alone gate of the dispatch path (:mod:`mlit_kernels.gate`).
+"""The noisy top-k gate's math as Triton device functions (SPEC §5, Eq. 2-9), shared by the fused
+layer kernels (:mod:`mlit_kernels.dense`) and the gate of the dispatch path
+(:mod:`mlit_kernels.dispatch`); :func:`gate_noise` gives the gate's Philox draws.
 
 All gate arithmetic is fp32 with IEEE products, whatever the activation dtype: the top-k choice
 is discontinuous, and fp16 or tf32 logits would pick other experts than the reference for near
@@ -14,6 +14,7 @@ logits first, the lowest index among equal ones, NaN counted as -inf, so every i
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -233,6 +234,18 @@ def noise_kernel(out_ptr, seed_ptr, total, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < total)
 
 
+def gate_noise(seed: int | torch.Tensor, n_tokens: int, num_experts: int, device="cpu") -> torch.Tensor:
+    """The exact (N, t) standard-normal draws the gate kernels use for ``seed`` (fp32): an int, or
+    the (1,) int64 seed tensor a layer call drew."""
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
+    out = torch.empty(n_tokens, num_experts, device=device, dtype=torch.float32)
+    total = out.numel()
+    if total:
+        block = 1024
+        noise_kernel[(triton.cdiv(total, block),)](out, seed, total, BLOCK=block)
+    return out
+
+
 __all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "selection_key", "select_top_k", "load_top_k",
            "gate_probs", "load_probability", "gate_grads", "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN",
-           "NOISE_PHILOX", "token_tile", "gate_from_selection", "noise_kernel"]
+           "NOISE_PHILOX", "token_tile", "gate_from_selection", "pick_next", "noise_kernel", "gate_noise"]

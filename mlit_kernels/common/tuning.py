@@ -55,25 +55,28 @@ class LaunchTuner(Generic[C]):
         finally:
             self._forced = previous
 
-    def choose(self, key: Hashable, device: torch.device, run: Callable[[C], None]) -> C:
-        """The configuration for ``key``; ``run(config)`` launches the kernels once (timed when tuning)."""
+    def choose(self, key: Hashable, device: torch.device, run: Callable[[C], None],
+               allowed: Sequence[C] | None = None) -> C:
+        """The configuration for ``key``; ``run(config)`` launches the kernels once (timed when tuning).
+        ``allowed``: the candidates this shape admits (in order, the first its default); all by default."""
+        candidates = tuple(allowed) if allowed else self.candidates
         if self._forced is not None:
             return self._forced
         if device.type != "cuda" or interpreting():
-            return self.default
+            return candidates[0]
         if key in self._chosen:
             return self._chosen[key]
         if torch.cuda.is_current_stream_capturing():
             if key not in self._warned:
                 self._warned.add(key)
                 warnings.warn(f"{self.name}: first call for {key} inside CUDA-graph capture; using the default "
-                              f"configuration {self.default} untimed (warm up eagerly before capturing to tune)",
+                              f"configuration {candidates[0]} untimed (warm up eagerly before capturing to tune)",
                               RuntimeWarning, stacklevel=3)
-            return self.default
+            return candidates[0]
         import triton.testing
 
         times = {config: triton.testing.do_bench(lambda config=config: run(config), warmup=5, rep=20)
-                 for config in self.candidates}
+                 for config in candidates}
         chosen = self._chosen[key] = min(times, key=times.get)
         return chosen
 

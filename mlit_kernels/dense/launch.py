@@ -119,7 +119,7 @@ def _geometry(kind: str, x: torch.Tensor, m: int, d_h: int, t: int, options: MoE
     return geometry(TUNER.choose(key, x.device, lambda config: launch(geometry(config))))
 
 
-def _precision(dtype: torch.dtype) -> dict:
+def precision(dtype: torch.dtype) -> dict:
     """DTYPE of the expert products and DOT_F32 (IEEE fp32 dots: fp32, and bf16 under the interpreter)."""
     return dict(DTYPE=TL_DTYPES[dtype], DOT_F32=dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()))
 
@@ -148,7 +148,7 @@ def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, optio
     aux = torch.empty((), device=dev, dtype=torch.float32)
     noise_arg = noise if noise is not None else stats
     part = torch.empty(max(1, triton.cdiv(n, SUM_ROWS)), 2, t, device=dev, dtype=torch.float32)
-    scalars = dict(K=options.k, SUM_ROWS=SUM_ROWS, **_precision(options.dtype), **flags)
+    scalars = dict(K=options.k, SUM_ROWS=SUM_ROWS, **precision(options.dtype), **flags)
 
     def launch(geo: Geometry):
         _fused_fwd_kernel[(geo.tiles,)](
@@ -186,7 +186,7 @@ def fused_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, nois
     dgate = torch.empty(n, 2, t, device=dev, dtype=torch.float32)
     noise_arg = noise if noise is not None else stats
     keep_arg = keep if keep.numel() else stats
-    scalars = dict(K=options.k, **_precision(dtype))
+    scalars = dict(K=options.k, **precision(dtype))
 
     def launch_tokens(geo: Geometry):
         _fused_bwd_tokens_kernel[(geo.tiles,)](

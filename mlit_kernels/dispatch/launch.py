@@ -1,0 +1,180 @@
+"""Launch code of the many-expert path: three launches forward, two backward (no host reads).
+
+Forward: ``_gate_route_kernel`` (gate, partial statistics, per-tile routing), ``_experts_fwd_kernel``
+(every pair's expert output, grouped by expert), ``_combine_kernel`` (y = dropout(Σ_j g o), and the
+importance, load and auxiliary loss). Backward: ``_experts_bwd_kernel`` (per pair da, du, hc and
+dx through W1, V; the gate's backward per token tile), ``_weights_dx_kernel`` (every weight
+gradient, and dx). See :mod:`mlit_kernels.dispatch.kernels`.
+
+The grouped kernels' row tile and warps are the tuned configuration (:data:`CONFIGS`, those
+:func:`configs_for` m allows); no reduction depends on it. Tuning runs once per key on CUDA,
+never while a CUDA graph is captured (the default configuration is used then).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..common.settings import gate_flags
+from ..common.tiling import hidden_chunk, next_pow2, width_chunks
+from ..common.tuning import LaunchTuner
+from ..dense.launch import precision
+from .kernels import (ROUTE_BLOCK_N, SUPER_TILES, _combine_kernel, _experts_bwd_kernel,
+                      _experts_fwd_kernel, _gate_route_kernel, _weights_dx_kernel)
+
+WEIGHT_TILE = 32  # the (m, d_h) tile of a weight-gradient program
+COMBINE_BLOCK_M = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch configuration of the grouped kernels: row tile (pairs per program) and warps."""
+
+    block_r: int
+    num_warps: int
+
+
+CONFIGS = (Config(32, 4), Config(64, 4), Config(16, 4), Config(64, 8), Config(16, 8), Config(32, 8))
+ACCUMULATORS_PER_THREAD = 64  # the m-wide fp32 row accumulators a configuration may hold per thread
+
+
+def configs_for(m: int) -> tuple[Config, ...]:
+    """The candidates whose m-wide accumulators (row tile × m, fp32) fit ACCUMULATORS_PER_THREAD
+    registers a thread; the first is the default."""
+    width = sum(width_chunks(m))
+    return tuple(c for c in CONFIGS if c.block_r * width <= ACCUMULATORS_PER_THREAD * 32 * c.num_warps)
+
+
+TUNER: LaunchTuner[Config] = LaunchTuner("mlit_kernels.dispatch", CONFIGS)
+force_config = TUNER.force  # ``with force_config(Config(64, 4)):`` runs the grouped kernels with that configuration
+
+
+def _config(key: tuple, x: torch.Tensor, launch) -> Config:
+    """:data:`TUNER`'s configuration for ``key`` (its second entry is m) among those m allows."""
+    return TUNER.choose(key, x.device, launch, configs_for(key[1]))
+
+
+def _separate(w1, v, w2) -> dict:
+    """SEP_* constexprs: 1 where the projection has one weight per expert (a leading t)."""
+    return dict(SEP_W1=int(w1.dim() == 3), SEP_V=int(v.dim() == 3), SEP_W2=int(w2.dim() == 3))
+
+
+def _row_tiles(n: int, block_r: int) -> int:
+    """Row tiles per (expert, super-chunk): a super-chunk's tokens bound any expert's pairs in it."""
+    return triton.cdiv(min(n, SUPER_TILES * ROUTE_BLOCK_N), block_r)
+
+
+def route_tiles(n: int) -> int:
+    """Rows of the routing tables (one per gate tile, plus one so that none is empty)."""
+    return triton.cdiv(n, ROUTE_BLOCK_N) + 1
+
+
+def dispatch_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k: int, training: bool, noisy: bool,
+                     dropout: float, noise_eps: float, w_importance: float, w_load: float, squared_cv: bool,
+                     unbiased_cv: bool, dtype: torch.dtype):
+    """The layer's forward in three launches.
+
+    x (N, m) any float dtype; weights any float dtype, W1 (t, m, d_h) and V, W2 shared (m, d_h),
+    (d_h, m) or per expert (t, m, d_h), (t, d_h, m); seed (1,) int64 on x's device; noise (N, t)
+    fp32 or None; ``dtype`` the compute dtype of the expert products. Returns y (N, m) x's dtype,
+    aux () fp32 and what the backward needs: idx, gates (N, k) int32 / fp32, route
+    (tiles + 1, 2, t) int32, local (route rows · ROUTE_BLOCK_N · k,) int32, o (N·k, m) in ``dtype``
+    (each pair's expert output), stats (2, t) fp32 (importance, load), keep (N, m) uint8 ((0,) without
+    dropout)."""
+    n, m = x.shape
+    t = w_gate.shape[1]
+    d_h = w1.shape[-1]
+    dev = x.device
+    flags = dict(gate_flags(training, noisy, noise is not None, k, t), DROPOUT=bool(training and dropout > 0))
+    tiles = triton.cdiv(n, ROUTE_BLOCK_N)
+    rows = route_tiles(n)
+    idx = torch.empty(n, k, device=dev, dtype=torch.int32)
+    gates = torch.empty(n, k, device=dev, dtype=torch.float32)
+    part = torch.empty(rows, 2, t, device=dev, dtype=torch.float32)
+    route = torch.empty(rows, 2, t, device=dev, dtype=torch.int32)
+    local = torch.empty(rows * ROUTE_BLOCK_N * k, device=dev, dtype=torch.int32)
+    o = torch.empty(n * k, m, device=dev, dtype=dtype)
+    y = torch.empty_like(x)
+    keep = torch.empty((n, m) if flags["DROPOUT"] else (0,), device=dev, dtype=torch.uint8)
+    stats = torch.empty(2, t, device=dev, dtype=torch.float32)
+    aux = torch.empty((), device=dev, dtype=torch.float32)
+    block_t = max(16, next_pow2(t))
+    _gate_route_kernel[(rows,)](
+        x, w_gate, w_noise, noise if noise is not None else part, seed, idx, gates, part, route, local,
+        n, m, t, float(noise_eps), K=k, NOISY=flags["NOISY"], NOISE_MODE=flags["NOISE_MODE"],
+        LOAD_P=flags["LOAD_P"], BLOCK_N=ROUTE_BLOCK_N, BLOCK_T=block_t, num_warps=4)
+    if n:
+        m0, m1, m2, m3 = width_chunks(m)
+        consts = dict(K=k, **_separate(w1, v, w2), M0=m0, M1=m1, M2=m2, M3=m3, DC=hidden_chunk(d_h),
+                      SUPER=SUPER_TILES, BLOCK_N=ROUTE_BLOCK_N, **precision(dtype))
+
+        def launch(c: Config):
+            rt = _row_tiles(n, c.block_r)
+            _experts_fwd_kernel[(rt * t * triton.cdiv(tiles, SUPER_TILES),)](
+                x, w1, b1, v, b_v, w2, b2, route, local, o, m, d_h, t, tiles, rt, BR=c.block_r, **consts,
+                num_warps=c.num_warps)
+
+        launch(_config(("fwd", m, d_h, t, k, dtype, tuple(consts[s] for s in ("SEP_W1", "SEP_V", "SEP_W2"))), x,
+                       launch))
+    _combine_kernel[(tiles + 1,)](
+        o, gates, part, seed, y, keep if keep.numel() else part, stats, aux, n, m, t, tiles, float(dropout),
+        float(w_importance), float(w_load), K=k, DROPOUT=flags["DROPOUT"], SQUARED=bool(squared_cv),
+        UNBIASED=bool(unbiased_cv), BLOCK_N=ROUTE_BLOCK_N, BLOCK_M=COMBINE_BLOCK_M, BLOCK_T=block_t, num_warps=4)
+    return y, aux, idx, gates, route, local, o, stats, keep
+
+
+def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, idx, gates, route, local, o,
+                      stats, keep, k: int, training: bool, noisy: bool, dropout: float, noise_eps: float,
+                      w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool, dtype: torch.dtype):
+    """Gradients of :func:`dispatch_forward` in two launches: (dx in x's dtype, dW_g, dW_noise,
+    dW1, db1, dV, db_V, dW2, db2 in their parameters' dtypes). dy (N, m) any float dtype, d_aux ()
+    fp32; the rest as the forward returned."""
+    n, m = x.shape
+    t = w_gate.shape[1]
+    d_h = w1.shape[-1]
+    dev = x.device
+    flags = dict(gate_flags(training, noisy, noise is not None, k, t), DROPOUT=bool(training and dropout > 0))
+    grads = [torch.empty_like(p) for p in (x, w_gate, w_noise, w1, b1, v, b_v, w2, b2)]
+    if not n:
+        for g in grads[1:]:
+            g.zero_()
+        return tuple(grads)
+    tiles = triton.cdiv(n, ROUTE_BLOCK_N)
+    da, du, hc = (torch.empty(n * k, d_h, device=dev, dtype=dtype) for _ in range(3))
+    dgate = torch.empty(n, 2, t, device=dev, dtype=torch.float32)
+    dxp = torch.empty(n * k, m, device=dev, dtype=dtype)
+    keep_arg = keep if keep.numel() else stats
+    sep = _separate(w1, v, w2)
+    common = dict(K=k, SUPER=SUPER_TILES, BLOCK_N=ROUTE_BLOCK_N, **precision(dtype))
+    dc = hidden_chunk(d_h)
+    n_sc = triton.cdiv(tiles, SUPER_TILES)
+    block_t = max(16, next_pow2(t))
+    m0, m1, m2, m3 = width_chunks(m)
+
+    def launch(c: Config):
+        rt = _row_tiles(n, c.block_r)
+        _experts_bwd_kernel[(rt * t * n_sc + tiles,)](
+            x, dy, keep_arg, gates, w1, b1, v, b_v, w2, route, local, w_gate, w_noise,
+            noise if noise is not None else stats, seed, idx, o, stats, d_aux, da, du, hc, dxp, dgate,
+            n, m, d_h, t, tiles, rt, float(noise_eps), float(dropout), float(w_importance), float(w_load), **sep,
+            NOISY=flags["NOISY"], NOISE_MODE=flags["NOISE_MODE"], LOAD_P=flags["LOAD_P"], DROPOUT=flags["DROPOUT"],
+            SQUARED=bool(squared_cv), UNBIASED=bool(unbiased_cv), M0=m0, M1=m1, M2=m2, M3=m3, DC=dc, BR=c.block_r,
+            BLOCK_T=block_t, **common, num_warps=c.num_warps)
+
+    launch(_config(("bwd", m, d_h, t, k, dtype, tuple(sep.values())), x, launch))
+    nm, nd = triton.cdiv(m, WEIGHT_TILE), triton.cdiv(d_h, WEIGHT_TILE)
+    weight_tiles = sum((t if s else 1) * nm * nd for s in sep.values())
+    dx, dwg, dwn, dw1, db1, dv, dbv, dw2, db2 = grads
+    _weights_dx_kernel[(weight_tiles + nm + tiles,)](
+        x, dy, keep_arg, gates, da, du, hc, dgate, dxp, route, local, w_gate, w_noise, dw1, db1, dv, dbv, dw2, db2,
+        dwg, dwn, dx,
+        n, m, d_h, t, tiles, float(dropout), **sep, NOISY=flags["NOISY"], DROPOUT=flags["DROPOUT"], WB=WEIGHT_TILE,
+        BLOCK_T=block_t, **common, num_warps=4)
+    return tuple(grads)
+
+
+__all__ = ["dispatch_forward", "dispatch_backward", "route_tiles", "Config", "CONFIGS", "configs_for",
+           "force_config"]

@@ -51,6 +51,8 @@ class SharedSwiGLUMoE(nn.Module):
             ``mlp_layer`` keywords. ``out_features`` must be None or ``in_features``;
             ``norm_layer`` None; ``bias`` True (the experts have biases); ``act_layer`` is
             accepted and not used — the experts are SwiGLU (silu), so another activation warns.
+        device, dtype: where and of which floating dtype the parameters are created (torch.nn's
+            factory keywords; ``device="meta"`` allocates nothing).
 
     Parameters (the state_dict every backend shares): w_gate, w_noise (m, t); w1 (t, m, d_h) and
     b1 (t, d_h); v (m, d_h) and b_v (d_h,); w2 (d_h, m) and b2 (m,). A projection that is not
@@ -87,6 +89,8 @@ class SharedSwiGLUMoE(nn.Module):
         norm_layer=None,
         bias: bool = True,
         drop: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         dim = _one_of("dim", dim, "in_features", in_features)
@@ -111,6 +115,8 @@ class SharedSwiGLUMoE(nn.Module):
             raise ValueError(f"shared must name projections among {PROJECTIONS}, got {tuple(shared)!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         self.dim, self.hidden_dim, self.num_experts, self.k = dim, hidden_dim, num_experts, k
         self.shared = tuple(p for p in PROJECTIONS if p in shared)
         self.noisy_gating, self.noise_eps = noisy_gating, noise_eps
@@ -122,17 +128,19 @@ class SharedSwiGLUMoE(nn.Module):
         self.return_aux = return_aux
         self.aux_loss: torch.Tensor | None = None
 
+        factory = dict(device=device, dtype=dtype)
         t = num_experts
-        self.w_gate = nn.Parameter(torch.zeros(dim, t))
-        self.w_noise = nn.Parameter(torch.zeros(dim, t))
-        self.w1, self.b1 = self._projection("w1", dim, hidden_dim)
-        self.v, self.b_v = self._projection("v", dim, hidden_dim)
-        self.w2, self.b2 = self._projection("w2", hidden_dim, dim)
+        self.w_gate = nn.Parameter(torch.empty(dim, t, **factory))
+        self.w_noise = nn.Parameter(torch.empty(dim, t, **factory))
+        self.w1, self.b1 = self._projection("w1", dim, hidden_dim, factory)
+        self.v, self.b_v = self._projection("v", dim, hidden_dim, factory)
+        self.w2, self.b2 = self._projection("w2", hidden_dim, dim, factory)
         self.reset_parameters()
 
-    def _projection(self, name: str, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
+    def _projection(self, name: str, fan_in: int, fan_out: int, factory: dict) -> tuple[nn.Parameter, nn.Parameter]:
         lead = () if name in self.shared else (self.num_experts,)
-        return nn.Parameter(torch.empty(*lead, fan_in, fan_out)), nn.Parameter(torch.empty(*lead, fan_out))
+        return (nn.Parameter(torch.empty(*lead, fan_in, fan_out, **factory)),
+                nn.Parameter(torch.empty(*lead, fan_out, **factory)))
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init (uniform ±1/sqrt(fan_in)) for W_i, V, W_2 and their biases;

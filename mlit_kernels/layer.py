@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from . import reference
+from . import reference, selfcheck
 from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
 
 PROJECTIONS = ("w1", "v", "w2")
 BACKENDS = ("reference", "triton", "auto")
 DEFAULT_SHARED = ("v", "w2")
+BACKEND_ENV = "MLIT_MOE_BACKEND"  # "reference" or "triton": forces every layer's backend
+FORCED_BACKENDS = ("reference", "triton")
+
+
+def forced_backend() -> str | None:
+    """The backend the environment variable MLIT_MOE_BACKEND forces on every layer, or None."""
+    value = os.environ.get(BACKEND_ENV, "")
+    if value and value not in FORCED_BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {FORCED_BACKENDS} or unset, got {value!r}")
+    return value or None
 
 
 class SharedSwiGLUMoE(nn.Module):
@@ -39,7 +50,12 @@ class SharedSwiGLUMoE(nn.Module):
         backend: "reference" (plain PyTorch, :func:`mlit_kernels.reference.moe_reference`),
             "triton" (:func:`mlit_kernels.moe_triton`; default sharing ("v", "w2") only; CUDA
             tensors, or any device under TRITON_INTERPRET=1) or "auto" (Triton for CUDA tensors
-            of a supported dtype with the default sharing, the reference otherwise).
+            of a supported dtype with the default sharing, the reference otherwise). On CUDA the
+            first Triton call of each configuration is checked against the reference
+            (:func:`mlit_kernels.selfcheck.triton_passes`): a kernel that fails to compile or
+            disagrees makes the layer fall back to the reference with one warning naming the
+            cause. The environment variable ``MLIT_MOE_BACKEND=reference|triton`` forces a backend
+            on every layer (``triton``: no check, no fallback).
         triton_variant: "auto" (dense up to 8 experts, dispatch above), "dense" (the fused
             kernels: every expert a token tile routes to, masked by the gates) or "dispatch"
             (tokens grouped by expert); :attr:`resolved_variant` tells which runs.
@@ -184,12 +200,20 @@ class SharedSwiGLUMoE(nn.Module):
         return resolve_variant(self.triton_variant, self.num_experts)
 
     def uses_triton(self, x: torch.Tensor) -> bool:
-        """Whether a call on x runs the Triton kernels (backend, sharing, device and dtype)."""
-        if self.backend == "triton":
+        """Whether a call on x runs the Triton kernels: MLIT_MOE_BACKEND, else the backend, sharing,
+        device and dtype, and the first-use check of this configuration (run here when due)."""
+        forced = forced_backend()
+        if forced == "triton":
+            if self.shared != DEFAULT_SHARED:
+                raise ValueError(f"{BACKEND_ENV}=triton, but the Triton kernels support only shared={DEFAULT_SHARED}, "
+                                 f"and this layer has shared={self.shared}")
             return True
-        if self.backend == "auto":
-            return x.is_cuda and self.shared == DEFAULT_SHARED and compute_dtype(x) in COMPUTE_DTYPES
-        return False
+        if forced == "reference" or self.backend == "reference":
+            return False
+        if self.backend == "auto" and not (
+                x.is_cuda and self.shared == DEFAULT_SHARED and compute_dtype(x) in COMPUTE_DTYPES):
+            return False
+        return selfcheck.triton_passes(self, x.reshape(-1, self.dim))
 
     def extra_repr(self) -> str:
         return (

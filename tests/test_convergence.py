@@ -26,7 +26,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():
     pytest.skip("no CUDA and Triton kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
-pytestmark = pytest.mark.newest
 STEPS, BATCH, TOKENS, WIDTH, CLASSES = 20, 8, 2, 16, 4
 EXPERTS = (3, 12)  # one dense layer, one dispatch layer (variant "auto")
 

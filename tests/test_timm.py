@@ -31,7 +31,6 @@ except Exception as err:  # noqa: BLE001 - RuntimeError from a torchvision built
 
 from mlit_kernels import SharedSwiGLUMoE, collect_aux_loss  # noqa: E402
 
-pytestmark = pytest.mark.newest
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=24, depth=2, num_heads=2, mlp_ratio=2.0)
 

@@ -10,6 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import mlit  # noqa: E402
 from mlit import cli, doctor  # noqa: E402
 from mlit_kernels import selfcheck  # noqa: E402
 
@@ -47,6 +48,6 @@ def test_a_kernel_error_is_a_row_naming_it(monkeypatch):
         raise RuntimeError("PassManager::run failed\nmore")
 
     monkeypatch.setattr(selfcheck, "compare", compare)
-    report = doctor.run(timing=False, quiet=True)
+    report = mlit.doctor.run(timing=False, quiet=True)  # importable from the package too
     assert report.failures == len(report.rows)
     assert all(row[-1] == "ERROR" and row[4] == "RuntimeError: PassManager::run failed" for row in report.rows)

@@ -26,7 +26,8 @@ setup(
     extras_require={
         # `mlit export` (ONNX) and running the exported file; onnxscript is torch.onnx's exporter.
         "deploy": DEPLOY,
-        "test": ["pytest>=7", "pytest-benchmark>=4", *DEPLOY],
+        # timm: the layer tested inside timm's own models (tests/test_timm.py).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "timm>=1.0", *DEPLOY],
     },
     entry_points={"console_scripts": ["mlit = mlit.cli:main"]},
 )

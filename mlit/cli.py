@@ -11,6 +11,7 @@
     mlit profile  --recipe table6-cifar10 --model S --batch-size 256
     mlit export   runs/ft --onnx ft.onnx
     mlit predict  runs/ft image.png [more.jpg batch.npy]
+    mlit doctor   [--quick] [--no-timing]                 self-check of the kernels on this machine
 
 Every recipe setting is a flag made from its :class:`~mlit.train.recipes.Recipe` field (help text
 and allowed values from the field), so a bad value stops at parsing, with one
@@ -445,6 +446,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run
+
+    return 0 if run(quick=args.quick, timing=args.timing).ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train.recipes import MODEL_SIZES
 
@@ -501,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "exporter's)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the onnxruntime-versus-torch comparison on random inputs after export")
+
+    p = command("doctor", "self-check: versions, device; every Triton kernel against the reference (values and "
+                "gradients) and timings; exit status 1 on a mismatch", cmd_doctor)
+    p.add_argument("--quick", action="store_true", help="the fp16-autocast configuration only")
+    p.add_argument("--no-timing", dest="timing", action="store_false", help="skip the timings")
 
     p = command("predict", "top-5 classes of image files (PNG/JPEG) or .npy batches with a trained classifier",
                 cmd_predict)

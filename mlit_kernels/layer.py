@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from . import reference
+from . import reference, selfcheck
 from .common.settings import DEFAULT_SHARED
 from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
 
 PROJECTIONS = ("w1", "v", "w2")
 BACKENDS = ("reference", "triton", "auto")
 TRITON_SHARED = (DEFAULT_SHARED, ())  # the sharings the Triton backend runs (() on the dispatch variant)
+BACKEND_ENV = "MLIT_MOE_BACKEND"  # "reference" or "triton": forces every layer's backend
+FORCED_BACKENDS = ("reference", "triton")
+
+
+def forced_backend() -> str | None:
+    """The backend the environment variable MLIT_MOE_BACKEND forces on every layer, or None."""
+    value = os.environ.get(BACKEND_ENV, "")
+    if value and value not in FORCED_BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {FORCED_BACKENDS} or unset, got {value!r}")
+    return value or None
 
 
 class SharedSwiGLUMoE(nn.Module):
@@ -41,7 +52,11 @@ class SharedSwiGLUMoE(nn.Module):
             "triton" (:func:`mlit_kernels.moe_triton`; sharing ("v", "w2") or () — separate experts
             run the dispatch variant; CUDA tensors, or any device under TRITON_INTERPRET=1) or
             "auto" (Triton for CUDA tensors of a supported dtype with one of those sharings, the
-            reference otherwise).
+            reference otherwise). On CUDA the first Triton call of each configuration is checked
+            against the reference (:func:`mlit_kernels.selfcheck.triton_passes`): a kernel that
+            fails to compile or disagrees makes the layer fall back to the reference with one
+            warning naming the cause. The environment variable ``MLIT_MOE_BACKEND=reference|triton``
+            forces a backend on every layer (``triton``: no check, no fallback).
         triton_variant: "auto" (dense up to 8 experts, dispatch above), "dense" (the fused
             kernels: every expert a token tile routes to, masked by the gates) or "dispatch"
             (tokens grouped by expert); :attr:`resolved_variant` tells which runs.
@@ -53,6 +68,8 @@ class SharedSwiGLUMoE(nn.Module):
             ``mlp_layer`` keywords. ``out_features`` must be None or ``in_features``;
             ``norm_layer`` None; ``bias`` True (the experts have biases); ``act_layer`` is
             accepted and not used — the experts are SwiGLU (silu), so another activation warns.
+        device, dtype: where and of which floating dtype the parameters are created (torch.nn's
+            factory keywords; ``device="meta"`` allocates nothing).
 
     Parameters (the state_dict every backend shares): w_gate, w_noise (m, t); w1 (t, m, d_h) and
     b1 (t, d_h); v (m, d_h) and b_v (d_h,); w2 (d_h, m) and b2 (m,). A projection that is not
@@ -89,6 +106,8 @@ class SharedSwiGLUMoE(nn.Module):
         norm_layer=None,
         bias: bool = True,
         drop: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         dim = _one_of("dim", dim, "in_features", in_features)
@@ -113,6 +132,8 @@ class SharedSwiGLUMoE(nn.Module):
             raise ValueError(f"shared must name projections among {PROJECTIONS}, got {tuple(shared)!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         self.dim, self.hidden_dim, self.num_experts, self.k = dim, hidden_dim, num_experts, k
         self.shared = tuple(p for p in PROJECTIONS if p in shared)
         self.noisy_gating, self.noise_eps = noisy_gating, noise_eps
@@ -124,17 +145,19 @@ class SharedSwiGLUMoE(nn.Module):
         self.return_aux = return_aux
         self.aux_loss: torch.Tensor | None = None
 
+        factory = dict(device=device, dtype=dtype)
         t = num_experts
-        self.w_gate = nn.Parameter(torch.zeros(dim, t))
-        self.w_noise = nn.Parameter(torch.zeros(dim, t))
-        self.w1, self.b1 = self._projection("w1", dim, hidden_dim)
-        self.v, self.b_v = self._projection("v", dim, hidden_dim)
-        self.w2, self.b2 = self._projection("w2", hidden_dim, dim)
+        self.w_gate = nn.Parameter(torch.empty(dim, t, **factory))
+        self.w_noise = nn.Parameter(torch.empty(dim, t, **factory))
+        self.w1, self.b1 = self._projection("w1", dim, hidden_dim, factory)
+        self.v, self.b_v = self._projection("v", dim, hidden_dim, factory)
+        self.w2, self.b2 = self._projection("w2", hidden_dim, dim, factory)
         self.reset_parameters()
 
-    def _projection(self, name: str, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
+    def _projection(self, name: str, fan_in: int, fan_out: int, factory: dict) -> tuple[nn.Parameter, nn.Parameter]:
         lead = () if name in self.shared else (self.num_experts,)
-        return nn.Parameter(torch.empty(*lead, fan_in, fan_out)), nn.Parameter(torch.empty(*lead, fan_out))
+        return (nn.Parameter(torch.empty(*lead, fan_in, fan_out, **factory)),
+                nn.Parameter(torch.empty(*lead, fan_out, **factory)))
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init (uniform ±1/sqrt(fan_in)) for W_i, V, W_2 and their biases;
@@ -178,12 +201,20 @@ class SharedSwiGLUMoE(nn.Module):
         return resolve_variant(self.triton_variant, self.num_experts, per_expert=self.shared == ())
 
     def uses_triton(self, x: torch.Tensor) -> bool:
-        """Whether a call on x runs the Triton kernels (backend, sharing, device and dtype)."""
-        if self.backend == "triton":
+        """Whether a call on x runs the Triton kernels: MLIT_MOE_BACKEND, else the backend, sharing,
+        device and dtype, and the first-use check of this configuration (run here when due)."""
+        forced = forced_backend()
+        if forced == "triton":
+            if self.shared not in TRITON_SHARED:
+                raise ValueError(f"{BACKEND_ENV}=triton, but the Triton kernels support only shared={DEFAULT_SHARED} "
+                                 f"or shared=(), and this layer has shared={self.shared}")
             return True
-        if self.backend == "auto":
-            return x.is_cuda and self.shared in TRITON_SHARED and compute_dtype(x) in COMPUTE_DTYPES
-        return False
+        if forced == "reference" or self.backend == "reference":
+            return False
+        if self.backend == "auto" and not (
+                x.is_cuda and self.shared in TRITON_SHARED and compute_dtype(x) in COMPUTE_DTYPES):
+            return False
+        return selfcheck.triton_passes(self, x.reshape(-1, self.dim))
 
     def extra_repr(self) -> str:
         return (

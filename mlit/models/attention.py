@@ -23,20 +23,21 @@ class GroupedQueryAttention(nn.Module):
     back to its unfused math path: ``pad_head_dim`` ("auto" = on CUDA only, True, False) zero-pads
     the projected q, k and v heads (one pad of the fused qkv output) with the true scale passed
     explicitly; zeros add nothing to q kᵀ and the padded output columns are cut off, so the result
-    and its gradients are unchanged.
+    and its gradients are unchanged. ``device`` / ``dtype``: torch.nn's factory keywords.
 
     forward(x (B, n, dim)) → (B, n, dim).
     """
 
-    def __init__(self, dim: int, num_heads: int, num_groups: int, pad_head_dim: bool | str = "auto"):
+    def __init__(self, dim: int, num_heads: int, num_groups: int, pad_head_dim: bool | str = "auto", *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         if dim % num_heads or num_heads % num_groups:
             raise ValueError(f"need dim % num_heads == 0 and num_heads % num_groups == 0, got {dim}, {num_heads}, {num_groups}")
         self.num_heads, self.num_groups = num_heads, num_groups
         self.head_dim = dim // num_heads
         kv_dim = num_groups * self.head_dim
-        self.qkv = nn.Linear(dim, dim + 2 * kv_dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim + 2 * kv_dim, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
         self.pad_head_dim = pad_head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

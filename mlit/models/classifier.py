@@ -17,13 +17,17 @@ class MLiTClassifier(nn.Module):
     ``forward_head(tokens, pre_logits=False)`` → logits (B, num_classes), or with pre_logits the
     dummy token's features (B, m); ``reset_classifier(n)`` puts a fresh n-class head (0: none,
     the model then returns features); ``no_weight_decay()``; ``set_backend(b)`` for every MoE layer.
+    ``device`` / ``dtype``: torch.nn's factory keywords, for every parameter (the head made by
+    ``reset_classifier`` too).
     """
 
     def __init__(
-        self, cfg: TransformerConfig, num_classes: int, image: ImageConfig = ImageConfig(), backend: str = "reference"
+        self, cfg: TransformerConfig, num_classes: int, image: ImageConfig = ImageConfig(), backend: str = "reference",
+        *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.encoder = MLiTEncoder(cfg, image, backend)
+        self._factory = dict(device=device, dtype=dtype)
+        self.encoder = MLiTEncoder(cfg, image, backend, **self._factory)
         self.num_features = self.embed_dim = cfg.embed_dim
         self.reset_classifier(num_classes)
 
@@ -35,7 +39,7 @@ class MLiTClassifier(nn.Module):
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **self._factory) if num_classes else nn.Identity()
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, 36, 36) → tokens (B, 145, m); the MoE auxiliary loss is dropped (use forward)."""

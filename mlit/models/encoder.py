@@ -25,16 +25,19 @@ class MLiTEncoder(nn.Module):
     The 145th token is the embedding of an all-zero dummy patch; a classifier reads it.
     embed(images (B, 3, 36, 36)) → tokens (B, 145, m) with positions added;
     forward(images) → (features (B, 145, m), auxiliary loss ()).
+    ``device`` / ``dtype``: torch.nn's factory keywords, for every parameter.
     """
 
-    def __init__(self, cfg: TransformerConfig, image: ImageConfig = ImageConfig(), backend: str = "reference"):
+    def __init__(self, cfg: TransformerConfig, image: ImageConfig = ImageConfig(), backend: str = "reference", *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)
         self.cfg, self.image = cfg, image
-        self.patch_embed = nn.Linear(image.patch_dim, cfg.embed_dim, bias=False)
-        self.pos_embed = nn.Parameter(torch.empty(1, image.num_patches + 1, cfg.embed_dim))
+        self.patch_embed = nn.Linear(image.patch_dim, cfg.embed_dim, bias=False, **factory)
+        self.pos_embed = nn.Parameter(torch.empty(1, image.num_patches + 1, cfg.embed_dim, **factory))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = MoETransformer(cfg, backend)
-        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self.blocks = MoETransformer(cfg, backend, **factory)
+        self.norm = nn.LayerNorm(cfg.embed_dim, **factory)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         expected = (self.image.in_chans, self.image.image_size, self.image.image_size)

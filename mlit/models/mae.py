@@ -50,6 +50,7 @@ class MMLiT(nn.Module):
 
     forward(images (B, 3, 36, 36), normalised) → MAEOutput. Targets are the normalised pixels.
     ``set_backend(b)`` switches every MoE layer, the decoder's included; ``no_weight_decay()``.
+    ``device`` / ``dtype``: torch.nn's factory keywords, for every parameter.
     """
 
     def __init__(
@@ -62,24 +63,28 @@ class MMLiT(nn.Module):
         alpha: float = 0.1,
         beta: float = 0.5,
         backend: str = "reference",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.image = image
         self.mask_ratio, self.alpha, self.beta = mask_ratio, alpha, beta
-        self.encoder = MLiTEncoder(encoder_cfg, image, backend)
-        self.decoder_embed = nn.Linear(encoder_cfg.embed_dim, decoder_cfg.embed_dim, bias=False)
-        self.mask_token = nn.Parameter(torch.empty(1, 1, decoder_cfg.embed_dim))
+        self.encoder = MLiTEncoder(encoder_cfg, image, backend, **factory)
+        self.decoder_embed = nn.Linear(encoder_cfg.embed_dim, decoder_cfg.embed_dim, bias=False, **factory)
+        self.mask_token = nn.Parameter(torch.empty(1, 1, decoder_cfg.embed_dim, **factory))
         nn.init.normal_(self.mask_token, std=0.02)
         if decoder_pos_embed:
-            self.decoder_pos_embed = nn.Parameter(torch.empty(1, image.num_patches + 1, decoder_cfg.embed_dim))
+            self.decoder_pos_embed = nn.Parameter(torch.empty(1, image.num_patches + 1, decoder_cfg.embed_dim, **factory))
             nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
         else:
             self.decoder_pos_embed = None
-        self.decoder = MoETransformer(decoder_cfg, backend)
-        self.decoder_norm = nn.LayerNorm(decoder_cfg.embed_dim)
-        self.decoder_pred = nn.Linear(decoder_cfg.embed_dim, image.patch_dim, bias=False)
+        self.decoder = MoETransformer(decoder_cfg, backend, **factory)
+        self.decoder_norm = nn.LayerNorm(decoder_cfg.embed_dim, **factory)
+        self.decoder_pred = nn.Linear(decoder_cfg.embed_dim, image.patch_dim, bias=False, **factory)
 
     def set_backend(self, backend: str) -> None:
         """Switch every MoE layer (encoder and decoder) to ``backend``; same parameters."""

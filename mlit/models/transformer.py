@@ -39,14 +39,16 @@ class MoETransformerLayer(nn.Module):
     """Pre-norm layer: x = x + GQA(LN(x)); x = x + MoE(LN(x)).
 
     forward(x (B, n, dim), seed=None) → (x (B, n, dim), the MoE auxiliary loss ()); ``seed`` goes
-    to the MoE layer (its Triton kernels' Philox seed).
+    to the MoE layer (its Triton kernels' Philox seed). ``device`` / ``dtype`` (torch.nn's factory
+    keywords) place the norms and the attention; ``moe`` comes built.
     """
 
-    def __init__(self, dim: int, num_heads: int, num_groups: int, moe: SharedSwiGLUMoE):
+    def __init__(self, dim: int, num_heads: int, num_groups: int, moe: SharedSwiGLUMoE, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = GroupedQueryAttention(dim, num_heads, num_groups)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, device=device, dtype=dtype)
+        self.attn = GroupedQueryAttention(dim, num_heads, num_groups, device=device, dtype=dtype)
+        self.norm2 = nn.LayerNorm(dim, device=device, dtype=dtype)
         self.moe = moe
 
     def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,10 +61,13 @@ class MoETransformer(nn.Module):
     """cfg.depth MoE transformer layers with depth-wise hidden sizes and staged expert counts.
 
     forward(x (B, n, dim)) → (x (B, n, dim), the auxiliary losses summed over layers ()).
+    ``device`` / ``dtype``: torch.nn's factory keywords, for every parameter.
     """
 
-    def __init__(self, cfg: TransformerConfig, backend: str = "reference"):
+    def __init__(self, cfg: TransformerConfig, backend: str = "reference", *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
+        factory = dict(device=device, dtype=dtype)
         self.layers = nn.ModuleList(
             MoETransformerLayer(
                 cfg.embed_dim,
@@ -76,7 +81,9 @@ class MoETransformer(nn.Module):
                     dropout=cfg.dropout,
                     shared=cfg.shared,
                     backend=backend,
+                    **factory,
                 ),
+                **factory,
             )
             for i in range(cfg.depth)
         )

@@ -5,7 +5,7 @@ a race between a GPU's threads (a kernel reading a buffer it stores), results th
 configuration autotuning picks by timing, tuning inside CUDA-graph capture (CUDA forbids the
 timing), and approximate ``exp``. On a CUDA device this module checks:
 
-* the dispatch path's gate (``mlit_kernels.ops.gate_fwd``) at N = 4096 + 37 tokens, t = 32 and
+* the dispatch path's gate (inside ``mlit_kernels.ops.dispatch_moe``) at N = 4096 + 37 tokens, t = 32 and
   64, k = 2, 200 repetitions: every repetition bitwise the first, gates equal to a torch softmax
   of the logits at the chosen indices, which are a top k, rows summing to 1;
 * for each forced configuration (every ``LaunchTuner`` / ``triton.autotune`` of the package, the
@@ -68,9 +68,14 @@ def gate_check(device, n: int, m: int, t: int, k: int, reps: int, training: bool
     noise = torch.randn(n, t, generator=g).to(device) if training else None
     seed = torch.zeros(1, dtype=torch.int64, device=device)
     eps = 1e-2
+    d_h = 16  # the experts only have to exist: the gate's outputs are what is checked
+    experts = [(torch.randn(*shape, generator=g) / m ** 0.5).to(torch.float16).to(device)
+               for shape in ((t, m, d_h), (t, d_h), (m, d_h), (d_h,), (d_h, m), (m,))]
     first, repeats_differing = None, 0
     for _ in range(reps):
-        gate, _, _, idx = ops.gate_fwd(x, w_gate, w_noise, noise, seed, k, training, True, eps)
+        outputs = ops.dispatch_moe(x, w_gate, w_noise, *experts, seed, noise, k, training, training, 0.0, eps,
+                                   1e-2, 1e-2, True, True, torch.float16)
+        idx, gate = outputs[2], outputs[3]
         if first is None:
             first = (gate.clone(), idx.clone())
         else:

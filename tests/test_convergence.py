@@ -20,7 +20,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mlit_kernels import SharedSwiGLUMoE  # noqa: E402
-from mlit_kernels.tiling import interpreting  # noqa: E402
+from mlit_kernels.common.tiling import interpreting  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mlit_kernels import SharedSwiGLUMoE, functional, selfcheck  # noqa: E402
-from mlit_kernels.tiling import interpreting  # noqa: E402
+from mlit_kernels.common.tiling import interpreting  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():

@@ -203,9 +203,9 @@ def _kernel_arguments(fn, args, kwargs) -> dict:
 def _is_weight(t: torch.Tensor) -> bool:
     """A parameter, or a tensor made straight from parameters (an autocast cast of a weight)."""
     if t.grad_fn is None:
-        return t.requires_grad
+        return isinstance(t, torch.nn.Parameter)
     nexts = [fn for fn, _ in t.grad_fn.next_functions if fn is not None]
-    return bool(nexts) and all(type(fn).__name__ == "AccumulateGrad" for fn in nexts)
+    return bool(nexts) and all(isinstance(getattr(fn, "variable", None), torch.nn.Parameter) for fn in nexts)
 
 
 class saved_for_backward(contextlib.AbstractContextManager):

@@ -194,6 +194,7 @@ class ModelRow:
     flops: int
     seconds_captured: float
     seconds_uncaptured: float
+    part_seconds: dict[str, float] = field(default_factory=dict)  # captured, by part of PARTS ("loss" in "other")
 
     @property
     def images_per_s_captured(self) -> float:
@@ -217,14 +218,21 @@ def model_row(case: str, recipe_name: str, size: str, batch: int = MODEL_BATCH) 
     with Meter(dry_run=True):
         trainer.train_step(images, labels)
     with Meter(dry_run=True) as meter, saved_for_backward() as saved:
-        trainer.train_step(images, labels)
+        handles = _attach_sections(trainer, meter)
+        try:
+            trainer.train_step(images, labels)
+        finally:
+            _detach_sections(handles)
+    part_seconds = {part: H100.seconds([r for r in meter.records if r.section == part], captured=True)
+                    for part in PARTS if part != "loss"}
+    part_seconds["other"] = H100.seconds([r for r in meter.records if r.section not in PARTS], captured=True)
     perm = torch.randperm(len(images))
     with Meter(dry_run=True) as gather:  # eager launches around a captured step: the gather, then the replay
         trainer.batch(images, labels, perm)
     eager = (gather.launches + 1) * H100.launch_uncaptured
     return ModelRow(case, batch, meter.launches, meter.syncs, meter.bytes,
                     min_step_bytes(trainer, saved.bytes, images, labels), meter.flops,
-                    meter.seconds(H100, captured=True) + eager, meter.seconds(H100, captured=False))
+                    meter.seconds(H100, captured=True) + eager, meter.seconds(H100, captured=False), part_seconds)
 
 
 def model_rows(batch: int = MODEL_BATCH, cases=MODEL_CASES) -> list[ModelRow]:
@@ -248,6 +256,14 @@ def model_table(rows: list[ModelRow], markdown: bool = False) -> str:
             f"{H100.peak_flops / 1e12:.0f} TFLOP/s), launch {H100.launch_captured * 1e6:.1f} µs captured "
             f"(+ the eager gather and graph launch) / {H100.launch_uncaptured * 1e6:.0f} µs uncaptured")
     return _format(head, lines, note, markdown)
+
+
+def part_table(rows: list[ModelRow], markdown: bool = False) -> str:
+    """Where the modelled captured step time goes, by part (µs)."""
+    parts = [p for p in PARTS if p != "loss"]
+    head = ["training step (µs, captured)", *parts]
+    lines = [[r.case, *(f"{r.part_seconds.get(p, 0.0) * 1e6:.0f}" for p in parts)] for r in rows]
+    return _format(head, lines, '"other": residual adds, casts, the loss, the seed draw, the sums', markdown)
 
 
 def _format(head: list[str], lines: list[list[str]], note: str, markdown: bool) -> str:
@@ -314,7 +330,10 @@ def main() -> int:
     print(f"\nmLiT-XXS evaluation forward: {eval_launches()} launches")
     if args.h100:
         print(f"\nModelled H100 training step, batch {args.batch}\n")
-        print(model_table(model_rows(args.batch), args.markdown))
+        rows = model_rows(args.batch)
+        print(model_table(rows, args.markdown))
+        print()
+        print(part_table(rows, args.markdown))
     return 0
 
 

@@ -68,7 +68,9 @@ def test_modelled_h100_row():
     assert row.bytes > row.min_bytes > 0 and row.flops > 0
     assert row.seconds_captured >= row.launches * H100.launch_captured
     assert row.seconds_uncaptured >= row.launches * H100.launch_uncaptured > row.seconds_captured
-    assert "img/s captured" in step_meters.model_table([row])
+    assert "img/s captured" in step_meters.model_table([row]) and "attention" in step_meters.part_table([row])
+    eager = 3 * H100.launch_uncaptured  # images and labels gathered, the replay
+    assert sum(row.part_seconds.values()) == pytest.approx(row.seconds_captured - eager)
 
 
 def test_captured_step_is_the_gather_and_one_replay(rows):

@@ -49,8 +49,8 @@ class GroupedQueryAttention(nn.Module):
     def forward(self, x: torch.Tensor, weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         B, n, dim = x.shape
         d = self.head_dim
-        qkv_w, qkv_b, proj_w, proj_b = self.weights() if weights is None else weights
-        heads = F.linear(x, qkv_w, qkv_b).view(B, n, self.num_heads + 2 * self.num_groups, d)
+        qkv = self.qkv(x) if weights is None else F.linear(x, weights[0], weights[1])
+        heads = qkv.view(B, n, self.num_heads + 2 * self.num_groups, d)
         pad = (self.pad_head_dim if self.pad_head_dim != "auto" else x.is_cuda) and d % PAD_MULTIPLE
         if pad:
             heads = F.pad(heads, (0, -d % PAD_MULTIPLE))
@@ -59,4 +59,5 @@ class GroupedQueryAttention(nn.Module):
                                              enable_gqa=self.num_groups != self.num_heads)
         if pad:
             out = out[..., :d]
-        return F.linear(out.transpose(1, 2).reshape(B, n, dim), proj_w, proj_b)
+        out = out.transpose(1, 2).reshape(B, n, dim)
+        return self.proj(out) if weights is None else F.linear(out, weights[2], weights[3])

@@ -13,12 +13,25 @@ are garbage; nothing here reads them). The batch is tiny: launch counts do not d
   inputs as leaf tensors; "other" is the rest (residual adds, autocast casts, the sums).
 * captured: a captured step replays one CUDA graph; what still launches per step is the batch
   gathered into the graph's input buffers (counted) + the replay.
+* evaluation: launches of one evaluation forward (Evaluator's batch: augmentation, forward, sums).
 
-    python bench/step_meters.py        # the table (also part of `python bench/meters.py`)
+The modelled H100 table (``--h100``) meters a later step at the paper's batch (256) and adds the
+modelled HBM bytes against the minimum a mixed-precision step must move, the matmul FLOPs, and
+the step time of ``mlit_kernels.meter.H100`` (per launch max(launch cost, bytes / 3.35 TB/s,
+FLOPs / 989 TFLOP/s), summed) as images per second, captured (1.3 µs a kernel boundary inside the
+graph; the batch gather and the graph launch are eager launches) and uncaptured (4 µs a launch).
+Minimum bytes: the fp32 weights read by the forward and by the backward, the fp32 gradients
+written, AdamW reading weights, gradients and both moments and writing weights and moments
+(10 × 4 bytes a parameter in all), the activations autograd saves for the backward written once
+and read once (as this implementation saves them), and the uint8 batch read once.
+
+    python bench/step_meters.py            # the launch table (also part of `python bench/meters.py`)
+    python bench/step_meters.py --h100     # + the modelled H100 table at batch 256 (minutes on a CPU)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,7 +44,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlit_kernels.meter import Meter  # noqa: E402
+from mlit_kernels.meter import H100, Meter, saved_for_backward  # noqa: E402
 
 from mlit.models import GroupedQueryAttention  # noqa: E402
 from mlit.profile import component_of  # noqa: E402
@@ -46,15 +59,22 @@ CASES = (
     ("mmLiT-XXS pretrain", "table3-cifar100", "XXS"),
     ("mmLiT-XXS finetune", "table5-cifar10", "XXS"),
 )
+#: the cases of the modelled H100 table (label, recipe, model size)
+MODEL_CASES = CASES[:4]
+MODEL_BATCH = 256
 PARTS = ("augment", "attention", "moe", "norms/embeddings", "loss", "optimizer", "other")
 _SECTION = {"attention": "attention", "moe": "moe", "norms": "norms/embeddings", "embeddings/heads": "norms/embeddings"}
 
 #: Budgets the tests pin (launches on the CPU-counted CUDA configuration).
 AUGMENT_BUDGET = 20
-# Issue 10 asks for <= 400 launches per uncaptured mLiT-XXS step; measured 421 (from 1,706): the
-# rest is eager AMP around attention (weight and gradient casts, 10 a layer) and the LayerNorms.
-# Pinned at the measured figure so nothing regresses; a captured step is 3 launches.
-XXS_STEP_BUDGET = 425
+# Launches per uncaptured step, pinned at the measured figures so nothing regresses (issue 16 asks
+# for XXS <= 150, XS <= 170, S <= 200, pretraining <= 200, the XXS evaluation forward <= 40: the
+# rest is eager attention around SDPA (the head-dim padding, the input casts), the LayerNorms and
+# residual adds, which need the fused attention block). Issue 10 measured 421 / 493 / 661 / 635;
+# the attention weights' autocast casts batched per stack took 70-100 off each.
+STEP_BUDGETS = {"mLiT-XXS train": 350, "mLiT-XS train": 398, "mLiT-S train": 542, "mmLiT-XXS pretrain": 534,
+                "mmLiT-XXS finetune": 410}
+EVAL_BUDGET = 141  # the mLiT-XXS evaluation forward (177 before the batched casts)
 
 
 @dataclass
@@ -151,6 +171,110 @@ def loss_launches(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor |
     return meter.launches
 
 
+def eval_launches(recipe_name: str = "table6-cifar10", size: str = "XXS", batch: int = 2) -> int:
+    """Launches of one evaluation batch (augmentation, forward under autocast, the device sums)."""
+    trainer, images, labels = make_trainer(recipe_name, size, batch)
+    evaluator = trainer.evaluator
+    trainer.raw_model.eval()
+    with Meter(dry_run=True) as meter, torch.no_grad():
+        evaluator._add_batch(images, labels)
+    return meter.launches
+
+
+@dataclass
+class ModelRow:
+    """A later training step at ``batch`` images: its meters and its modelled H100 time."""
+
+    case: str
+    batch: int
+    launches: int
+    syncs: int
+    bytes: int
+    min_bytes: int
+    flops: int
+    seconds_captured: float
+    seconds_uncaptured: float
+    part_seconds: dict[str, float] = field(default_factory=dict)  # captured, by part of PARTS ("loss" in "other")
+
+    @property
+    def images_per_s_captured(self) -> float:
+        return self.batch / self.seconds_captured
+
+    @property
+    def images_per_s_uncaptured(self) -> float:
+        return self.batch / self.seconds_uncaptured
+
+
+def min_step_bytes(trainer: Trainer, saved_bytes: int, images: torch.Tensor, labels: torch.Tensor | None) -> int:
+    """The traffic no mixed-precision AdamW step can avoid (see the module docstring)."""
+    params = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters() if p.requires_grad)
+    batch = images.numel() * images.element_size() + (0 if labels is None else labels.numel() * labels.element_size())
+    return 10 * params + 2 * saved_bytes + batch
+
+
+def model_row(case: str, recipe_name: str, size: str, batch: int = MODEL_BATCH) -> ModelRow:
+    """Meter a later step at ``batch`` (the first, dry too, creates the optimizer state) and model it."""
+    trainer, images, labels = make_trainer(recipe_name, size, batch)
+    with Meter(dry_run=True):
+        trainer.train_step(images, labels)
+    with Meter(dry_run=True) as meter, saved_for_backward() as saved:
+        handles = _attach_sections(trainer, meter)
+        try:
+            trainer.train_step(images, labels)
+        finally:
+            _detach_sections(handles)
+    part_seconds = {part: H100.seconds([r for r in meter.records if r.section == part], captured=True)
+                    for part in PARTS if part != "loss"}
+    part_seconds["other"] = H100.seconds([r for r in meter.records if r.section not in PARTS], captured=True)
+    perm = torch.randperm(len(images))
+    with Meter(dry_run=True) as gather:  # eager launches around a captured step: the gather, then the replay
+        trainer.batch(images, labels, perm)
+    eager = (gather.launches + 1) * H100.launch_uncaptured
+    return ModelRow(case, batch, meter.launches, meter.syncs, meter.bytes,
+                    min_step_bytes(trainer, saved.bytes, images, labels), meter.flops,
+                    meter.seconds(H100, captured=True) + eager, meter.seconds(H100, captured=False), part_seconds)
+
+
+def model_rows(batch: int = MODEL_BATCH, cases=MODEL_CASES) -> list[ModelRow]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    try:
+        return [model_row(*case, batch=batch) for case in cases]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def model_table(rows: list[ModelRow], markdown: bool = False) -> str:
+    """The modelled H100 table of :func:`model_rows`."""
+    head = ["training step", "batch", "launches", "syncs", "GB", "min GB", "× min", "GFLOP", "H100 ms captured",
+            "img/s captured", "H100 ms uncaptured", "img/s uncaptured"]
+    lines = [[r.case, str(r.batch), str(r.launches), str(r.syncs), f"{r.bytes / 1e9:.2f}", f"{r.min_bytes / 1e9:.2f}",
+              f"{r.bytes / r.min_bytes:.2f}", f"{r.flops / 1e9:.0f}", f"{r.seconds_captured * 1e3:.3f}",
+              f"{r.images_per_s_captured:,.0f}", f"{r.seconds_uncaptured * 1e3:.3f}",
+              f"{r.images_per_s_uncaptured:,.0f}"] for r in rows]
+    note = (f"modelled {H100.name}: per launch max(launch, bytes / {H100.bandwidth / 1e12:.2f} TB/s, FLOPs / "
+            f"{H100.peak_flops / 1e12:.0f} TFLOP/s), launch {H100.launch_captured * 1e6:.1f} µs captured "
+            f"(+ the eager gather and graph launch) / {H100.launch_uncaptured * 1e6:.0f} µs uncaptured")
+    return _format(head, lines, note, markdown)
+
+
+def part_table(rows: list[ModelRow], markdown: bool = False) -> str:
+    """Where the modelled captured step time goes, by part (µs)."""
+    parts = [p for p in PARTS if p != "loss"]
+    head = ["training step (µs, captured)", *parts]
+    lines = [[r.case, *(f"{r.part_seconds.get(p, 0.0) * 1e6:.0f}" for p in parts)] for r in rows]
+    return _format(head, lines, '"other": residual adds, casts, the loss, the seed draw, the sums', markdown)
+
+
+def _format(head: list[str], lines: list[list[str]], note: str, markdown: bool) -> str:
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+                         + ["| " + " | ".join(line) + " |" for line in lines] + ["", note])
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    return "\n".join(["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths)))
+                      for line in [head] + lines] + [note])
+
+
 def measure(case: str, recipe_name: str, size: str) -> StepRow:
     trainer, images, labels = make_trainer(recipe_name, size)
     with Meter(dry_run=True) as first:
@@ -192,13 +316,26 @@ def step_table(rows: list[StepRow] | None = None, markdown: bool = False) -> str
     note = ("CPU-counted CUDA configuration: fp16 autocast, GradScaler, fused AdamW, Triton MoE + augmentation "
             "(dry run); captured = launches per step with cuda_graphs (the batch gathered into the graph's inputs "
             "+ 1 replay)")
-    if markdown:
-        return "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-                         + ["| " + " | ".join(line) + " |" for line in lines] + ["", note])
-    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    return "\n".join(["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths)))
-                      for line in [head] + lines] + [note])
+    return _format(head, lines, note, markdown)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--h100", action="store_true", help="also the modelled H100 table (minutes on a CPU)")
+    parser.add_argument("--batch", type=int, default=MODEL_BATCH, help=f"images per step of the H100 table "
+                        f"(default {MODEL_BATCH})")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    args = parser.parse_args()
+    print(step_table(markdown=args.markdown))
+    print(f"\nmLiT-XXS evaluation forward: {eval_launches()} launches")
+    if args.h100:
+        print(f"\nModelled H100 training step, batch {args.batch}\n")
+        rows = model_rows(args.batch)
+        print(model_table(rows, args.markdown))
+        print()
+        print(part_table(rows, args.markdown))
+    return 0
 
 
 if __name__ == "__main__":
-    print(step_table())
+    sys.exit(main())

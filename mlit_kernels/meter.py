@@ -11,7 +11,13 @@ is driven by counts that need no GPU: run the code under :class:`Meter` (on the 
   ``torch.equal``, device-to-host copies, ...): each one stalls a GPU pipeline and bars CUDA-graph
   capture;
 * ``bytes``: modeled HBM traffic: for each launch, every distinct tensor it reads or writes, once
-  (the traffic of a kernel that streams its operands through the caches once).
+  (the traffic of a kernel that streams its operands through the caches once);
+* ``flops``: the matmul work of each launch (2 per multiply-add): aten matmuls and convolutions by
+  torch's own formulas (``torch.utils.flop_counter``), SDPA forward and backward (the backward
+  recomputing the scores, as flash attention does), and the Triton kernels of
+  :data:`TRITON_FLOPS` from their math; element-wise work is left out (it is bound by bytes);
+* ``seconds(H100)``: a roofline per launch, max(launch cost, bytes / bandwidth, flops / peak),
+  summed (:class:`DeviceModel`).
 
 Sections (``with meter.section("moe"):``) attribute what runs inside them to a named part.
 ``dry_run=True`` records Triton launches without running them (their outputs stay
@@ -26,9 +32,10 @@ uninitialised): counts at the paper's sizes in seconds, even through the interpr
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -56,13 +63,42 @@ _SYNC = {
 
 @dataclass
 class Launch:
-    """One recorded kernel: ``kind`` is "triton" or "aten"; ``bytes`` the modeled HBM traffic."""
+    """One recorded kernel: ``kind`` is "triton" or "aten"; ``bytes`` the modeled HBM traffic;
+    ``flops`` its matmul work (0 for element-wise kernels and unmodelled Triton kernels)."""
 
     kind: str
     name: str
     bytes: int
     section: str
     meta: dict = field(default_factory=dict)
+    flops: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """A per-launch roofline: a launch takes max(launch cost, bytes / bandwidth, flops / peak).
+
+    ``launch_captured``: the cost of a kernel boundary inside a CUDA graph; ``launch_uncaptured``:
+    an eager launch (the host issuing one aten op or Triton kernel)."""
+
+    name: str
+    bandwidth: float  # HBM bytes / s
+    peak_flops: float  # dense fp16 tensor-core FLOP / s
+    launch_captured: float  # s
+    launch_uncaptured: float  # s
+
+    def launch_seconds(self, launch: Launch, captured: bool) -> float:
+        floor = self.launch_captured if captured else self.launch_uncaptured
+        return max(floor, launch.bytes / self.bandwidth, launch.flops / self.peak_flops)
+
+    def seconds(self, records: list[Launch], captured: bool) -> float:
+        """The modelled time of ``records`` run back to back."""
+        return sum(self.launch_seconds(r, captured) for r in records)
+
+
+#: H100 SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense fp16; 1.3 µs a kernel boundary in a CUDA graph
+#: (the "No Bubbles" megakernel study), 4 µs an eager launch (3-5 µs measured for PyTorch ops).
+H100 = DeviceModel("H100 SXM", 3.35e12, 989e12, 1.3e-6, 4e-6)
 
 
 def _tensors(*trees) -> list[torch.Tensor]:
@@ -99,6 +135,104 @@ def _is_sync(func, args, out) -> bool:
         dst = args[0] if func is aten.copy_.default else out
         return src.device.type != "cpu" and dst.device.type == "cpu"
     return True
+
+
+def _sdpa_flops(func, args) -> int:
+    """SDPA: q (B, H, L, E), k (B, H_kv, S, E), v (B, H_kv, S, E_v) — GQA heads share k and v.
+    Forward q kᵀ and p v: 2·B·H·L·S·(E + E_v); backward (grad_out first) recomputes q kᵀ and
+    computes dv, dp, dq, dk: 2·B·H·L·S·(3E + 2E_v)."""
+    backward = func.overloadpacket.__name__.endswith("_backward")
+    q, k, v = args[1:4] if backward else args[:3]
+    b, h, seq_q, e = q.shape
+    seq_k, e_v = k.shape[-2], v.shape[-1]
+    pairs = b * h * seq_q * seq_k
+    return 2 * pairs * (3 * e + 2 * e_v) if backward else 2 * pairs * (e + e_v)
+
+
+def _aten_flops(func, args, kwargs, out) -> int:
+    """Matmul FLOPs of one aten op (0 for the others)."""
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry.get(func.overloadpacket)
+    if formula is not None:
+        return int(formula(*args, **kwargs, out_val=out))
+    if "scaled_dot_product" in func.overloadpacket.__name__:
+        return _sdpa_flops(func, args)
+    return 0
+
+
+def _fused_fwd_flops(a: dict) -> int:
+    """Per token: the gate (clean, + noisy logits), x V and x W_e for every expert of the tile
+    (the tile computes an expert any of its tokens picked: all t at training batch sizes), h W_2."""
+    n, m, d, t = a["N"], a["M"], a["D"], a["T"]
+    return n * (2 * m * t * (1 + bool(a["NOISY"])) + 2 * m * d * (t + 1) + 2 * d * m)
+
+
+def _fused_bwd_tokens_flops(a: dict) -> int:
+    """Per token: dy W_2ᵀ, x V and x W_e recomputed, da W_eᵀ for every expert, du Vᵀ; the gate
+    recomputed twice and its dx."""
+    n, m, d, t = a["N"], a["M"], a["D"], a["T"]
+    return n * (2 * m * d * (2 * t + 3) + 3 * 2 * m * t * (1 + bool(a["NOISY"])))
+
+
+def _fused_bwd_weights_flops(a: dict) -> int:
+    """xᵀ da over the token's k pairs (dW_e), xᵀ du (dV), hᵀ dy (dW_2), xᵀ dgate (dW_g, dW_noise)."""
+    n, m, d, t, k = a["N"], a["M"], a["D"], a["T"], a["K"]
+    return n * (2 * m * d * (k + 2) + 2 * m * t * (1 + bool(a["NOISY"])))
+
+
+#: Matmul FLOPs of the Triton kernels with matmul work, from their arguments by name (a kernel not
+#: listed counts 0: element-wise or reduction work, bound by its bytes; see Meter.unmodelled).
+TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
+    "_fused_fwd_kernel": _fused_fwd_flops,
+    "_fused_bwd_tokens_kernel": _fused_bwd_tokens_flops,
+    "_fused_bwd_weights_kernel": _fused_bwd_weights_flops,
+}
+#: Triton kernels known to do no matmul work (their 0 FLOPs are the model, not a gap).
+TRITON_NO_MATMUL = {"_fused_aux_kernel", "_reduce_kernel", "_crop_kernel", "_op_kernel", "_noise_kernel",
+                    "_histogram_kernel", "_scatter_kernel"}
+
+
+def _kernel_arguments(fn, args, kwargs) -> dict:
+    """A Triton launch's arguments by parameter name."""
+    python_fn = getattr(fn, "fn", fn)
+    names = list(inspect.signature(python_fn).parameters)
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _is_weight(t: torch.Tensor) -> bool:
+    """A parameter, or a tensor made straight from parameters (an autocast cast of a weight)."""
+    if t.grad_fn is None:
+        return isinstance(t, torch.nn.Parameter)
+    nexts = [fn for fn, _ in t.grad_fn.next_functions if fn is not None]
+    return bool(nexts) and all(isinstance(getattr(fn, "variable", None), torch.nn.Parameter) for fn in nexts)
+
+
+class saved_for_backward(contextlib.AbstractContextManager):
+    """``with saved_for_backward() as saved:`` records what autograd saves for the backward of
+    the code inside; ``saved.bytes``: the distinct storages of the saved activations (parameters
+    and the casts made straight from them apart: they are weights, not activations)."""
+
+    def __init__(self):
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta" and not _is_weight(t):
+            storage = t.untyped_storage()
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
 
 
 class Meter(TorchDispatchMode):
@@ -141,6 +275,19 @@ class Meter(TorchDispatchMode):
     @property
     def bytes(self) -> int:
         return sum(r.bytes for r in self.records)
+
+    @property
+    def flops(self) -> int:
+        return sum(r.flops for r in self.records)
+
+    def seconds(self, device: DeviceModel = H100, captured: bool = True) -> float:
+        """The modelled time of everything recorded on ``device`` (:class:`DeviceModel`)."""
+        return device.seconds(self.records, captured)
+
+    def unmodelled(self) -> set[str]:
+        """Triton kernels launched whose matmul work no formula models (counted as 0 FLOPs)."""
+        return {r.name for r in self.records if r.kind == "triton"
+                and r.name.removeprefix("triton.") not in TRITON_FLOPS.keys() | TRITON_NO_MATMUL}
 
     def by_name(self) -> Counter:
         return Counter(r.name for r in self.records)
@@ -206,13 +353,16 @@ class Meter(TorchDispatchMode):
         if func in (aten._to_copy.default, aten.copy_.default) and _is_sync(func, args, out):
             return out  # counted as a sync; the copy itself is part of it
         name = f"aten.{func.overloadpacket.__name__}"
-        self.records.append(Launch("aten", name, _distinct_bytes(_tensors(args, kwargs, out)), self._sections[-1]))
+        self.records.append(Launch("aten", name, _distinct_bytes(_tensors(args, kwargs, out)), self._sections[-1],
+                                   flops=_aten_flops(func, args, kwargs, out)))
         return out
 
     def _record_triton(self, fn, args, grid, kwargs) -> None:
         meta = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
         name = getattr(getattr(fn, "fn", None), "__name__", None) or getattr(fn, "__name__", "triton_kernel")
-        launch = Launch("triton", f"triton.{name}", _distinct_bytes(_tensors(args, kwargs)), self._sections[-1], meta)
+        flops = TRITON_FLOPS.get(name)
+        launch = Launch("triton", f"triton.{name}", _distinct_bytes(_tensors(args, kwargs)), self._sections[-1], meta,
+                        0 if flops is None else int(flops(_kernel_arguments(fn, args, kwargs))))
         launch.meta["grid"] = grid
         self.records.append(launch)
 
@@ -253,7 +403,7 @@ class Meter(TorchDispatchMode):
             cls.run = run
 
 
-__all__ = ["Meter", "Launch"]
+__all__ = ["Meter", "Launch", "DeviceModel", "H100", "TRITON_FLOPS", "saved_for_backward"]
 
 
 # ------------------------------------------------------------------------------------------------

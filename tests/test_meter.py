@@ -100,3 +100,69 @@ def test_in_place_ops_returning_nothing_are_launches():
     with Meter() as meter:
         torch._foreach_add_(params, 1.0)
     assert meter.launches == 1 and meter.bytes == 28
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs, the modelled device time, the activations saved for the backward
+
+
+def test_matmul_and_sdpa_flops():
+    """mm: 2·m·k·n; SDPA with GQA (2 query heads per key head): 2·B·H·L·S·(E + E_v) forward,
+    2·B·H·L·S·(3E + 2E_v) backward (the scores recomputed)."""
+    a, b = torch.randn(5, 7), torch.randn(7, 3, requires_grad=True)
+    with Meter() as meter:
+        a @ b
+    assert meter.flops == 2 * 5 * 7 * 3
+    q = torch.randn(2, 4, 9, 8, requires_grad=True)
+    k, v = torch.randn(2, 2, 9, 8, requires_grad=True), torch.randn(2, 2, 9, 8, requires_grad=True)
+    with Meter() as forward:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with Meter() as backward:
+        out.sum().backward()
+    pairs = 2 * 4 * 9 * 9
+    sdpa = [r for r in forward.records if "scaled_dot_product" in r.name]
+    assert len(sdpa) == 1 and sdpa[0].flops == 2 * pairs * (8 + 8)
+    assert backward.flops == 2 * pairs * (3 * 8 + 2 * 8)
+
+
+def test_fused_moe_flops_from_the_launch_arguments():
+    """The fused kernels' FLOPs come from their N, M, D, T, K arguments (a dry run at N = 300)."""
+    from mlit_kernels import SharedSwiGLUMoE
+    from mlit_kernels.meter import TRITON_FLOPS
+
+    n, m, d_h, t, k = 300, 27, 40, 5, 2
+    layer = SharedSwiGLUMoE(m, d_h, t, k=k, backend="triton")
+    x = torch.randn(n, m, requires_grad=True)
+    with Meter(dry_run=True) as meter:
+        y, aux = layer(x)
+        torch.autograd.backward((y, aux), (torch.randn(n, m), torch.ones(())))
+    flops = {r.name.removeprefix("triton."): r.flops for r in meter.records if r.kind == "triton"}
+    noisy = 2  # clean and noisy gate logits
+    assert flops["_fused_fwd_kernel"] == n * (2 * m * t * noisy + 2 * m * d_h * (t + 1) + 2 * d_h * m)
+    assert flops["_fused_bwd_weights_kernel"] == n * (2 * m * d_h * (k + 2) + 2 * m * t * noisy)
+    assert flops["_fused_bwd_tokens_kernel"] > 0 and set(TRITON_FLOPS) <= set(flops)
+    assert not meter.unmodelled()
+
+
+def test_device_model_is_a_roofline_per_launch():
+    from mlit_kernels.meter import H100, DeviceModel, Launch
+
+    dev = DeviceModel("toy", bandwidth=1e9, peak_flops=1e12, launch_captured=1e-6, launch_uncaptured=5e-6)
+    tiny, streaming, compute = (Launch("aten", "a", 10, "-"), Launch("aten", "b", 10**6, "-"),
+                                Launch("aten", "c", 10, "-", flops=10**10))
+    assert dev.launch_seconds(tiny, captured=True) == 1e-6 and dev.launch_seconds(tiny, captured=False) == 5e-6
+    assert dev.launch_seconds(streaming, True) == pytest.approx(1e-3)
+    assert dev.launch_seconds(compute, True) == pytest.approx(1e-2)
+    assert dev.seconds([tiny, streaming, compute], True) == pytest.approx(1e-6 + 1e-3 + 1e-2)
+    assert (H100.bandwidth, H100.peak_flops, H100.launch_captured) == (3.35e12, 989e12, 1.3e-6)
+
+
+def test_saved_for_backward_counts_activations_not_weights():
+    from mlit_kernels.meter import saved_for_backward
+
+    w, w2 = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 16, requires_grad=True)  # an input that needs a gradient: an activation
+    with saved_for_backward() as saved:
+        h = torch.tanh(x @ w)            # mm saves x and w (a weight); tanh saves its output
+        (h.half() @ w2.half()).sum()     # saves h.half() and the cast of w2 (a weight)
+    assert saved.bytes == 4 * 16 * 4 + 4 * 8 * 4 + 4 * 8 * 2

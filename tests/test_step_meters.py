@@ -1,6 +1,7 @@
 """The training-step meters (bench/step_meters.py) and the budgets CI holds them to: no host sync
-in a step (the first one included), augmentation <= 20 launches, mLiT-XXS step <= 400 launches,
-a captured step = the batch gather + one replay."""
+in a step (the first one included), augmentation <= 20 launches, every step and the XXS
+evaluation forward within its pinned launch budget, a captured step = the batch gather + one
+replay, and the modelled H100 row consistent with its launches."""
 
 from __future__ import annotations
 
@@ -43,10 +44,33 @@ def test_augmentation_budget(rows):
         assert r.by_part["augment"] <= step_meters.AUGMENT_BUDGET, r
 
 
-def test_xxs_step_budget(rows):
+def test_xxs_moe_budget(rows):
     row = rows["mLiT-XXS train"]
     assert row.by_part["moe"] <= 8 * 9, row  # the fused MoE layer: <= 8 launches a layer, fwd + bwd
-    assert row.launches <= step_meters.XXS_STEP_BUDGET, row
+
+
+def test_step_budgets(rows):
+    for case, budget in step_meters.STEP_BUDGETS.items():
+        assert rows[case].launches <= budget, rows[case]
+
+
+def test_eval_forward_budget():
+    assert step_meters.eval_launches() <= step_meters.EVAL_BUDGET
+
+
+def test_modelled_h100_row():
+    """At a tiny batch: bytes above the step's minimum, matmul FLOPs counted, each launch at
+    least its launch cost, uncaptured slower than captured."""
+    from mlit_kernels.meter import H100
+
+    row = step_meters.model_row("mLiT-XXS train", "table6-cifar10", "XXS", batch=2)
+    assert row.syncs == 0 and row.launches <= step_meters.STEP_BUDGETS["mLiT-XXS train"]
+    assert row.bytes > row.min_bytes > 0 and row.flops > 0
+    assert row.seconds_captured >= row.launches * H100.launch_captured
+    assert row.seconds_uncaptured >= row.launches * H100.launch_uncaptured > row.seconds_captured
+    assert "img/s captured" in step_meters.model_table([row]) and "attention" in step_meters.part_table([row])
+    eager = 3 * H100.launch_uncaptured  # images and labels gathered, the replay
+    assert sum(row.part_seconds.values()) == pytest.approx(row.seconds_captured - eager)
 
 
 def test_captured_step_is_the_gather_and_one_replay(rows):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,9 @@ class GroupedQueryAttention(nn.Module):
     explicitly; zeros add nothing to q kᵀ and the padded output columns are cut off, so the result
     and its gradients are unchanged. ``device`` / ``dtype``: torch.nn's factory keywords.
 
-    forward(x (B, n, dim)) → (B, n, dim).
+    forward(x (B, n, dim), weights=None) → (B, n, dim); ``weights``: (qkv weight, qkv bias, proj
+    weight, proj bias) to use instead of the module's own (their autocast copies, cast for a whole
+    stack at once: :func:`mlit.models.amp.autocast_weights`). :meth:`weights` lists the module's.
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, pad_head_dim: bool | str = "auto", *,
@@ -40,10 +43,15 @@ class GroupedQueryAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
         self.pad_head_dim = pad_head_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def weights(self) -> list[torch.Tensor]:
+        """The projections' parameters, in the order ``forward``'s ``weights`` takes them."""
+        return [self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias]
+
+    def forward(self, x: torch.Tensor, weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         B, n, dim = x.shape
         d = self.head_dim
-        heads = self.qkv(x).view(B, n, self.num_heads + 2 * self.num_groups, d)
+        qkv = self.qkv(x) if weights is None else F.linear(x, weights[0], weights[1])
+        heads = qkv.view(B, n, self.num_heads + 2 * self.num_groups, d)
         pad = (self.pad_head_dim if self.pad_head_dim != "auto" else x.is_cuda) and d % PAD_MULTIPLE
         if pad:
             heads = F.pad(heads, (0, -d % PAD_MULTIPLE))
@@ -52,4 +60,5 @@ class GroupedQueryAttention(nn.Module):
                                              enable_gqa=self.num_groups != self.num_heads)
         if pad:
             out = out[..., :d]
-        return self.proj(out.transpose(1, 2).reshape(B, n, dim))
+        out = out.transpose(1, 2).reshape(B, n, dim)
+        return self.proj(out) if weights is None else F.linear(out, weights[2], weights[3])

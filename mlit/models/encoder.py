@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ImageConfig, TransformerConfig
 from .transformer import MoETransformer, biases_and_norms, set_moe_backend
@@ -43,9 +44,8 @@ class MLiTEncoder(nn.Module):
         expected = (self.image.in_chans, self.image.image_size, self.image.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        patches = patchify(images, self.image.patch_size)
-        dummy = patches.new_zeros(patches.shape[0], 1, patches.shape[2])
-        return self.patch_embed(torch.cat([patches, dummy], dim=1)) + self.pos_embed
+        patches = F.pad(patchify(images, self.image.patch_size), (0, 0, 0, 1))  # + the all-zero dummy patch
+        return self.patch_embed(patches) + self.pos_embed
 
     def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layers + final norm over already embedded tokens (B, n, m)."""

@@ -8,6 +8,7 @@ import torch.nn as nn
 from mlit_kernels import SharedSwiGLUMoE
 
 from ..config import TransformerConfig
+from .amp import autocast_weights
 from .attention import GroupedQueryAttention
 
 
@@ -38,8 +39,9 @@ def set_moe_backend(module: nn.Module, backend: str) -> int:
 class MoETransformerLayer(nn.Module):
     """Pre-norm layer: x = x + GQA(LN(x)); x = x + MoE(LN(x)).
 
-    forward(x (B, n, dim), seed=None) → (x (B, n, dim), the MoE auxiliary loss ()); ``seed`` goes
-    to the MoE layer (its Triton kernels' Philox seed). ``device`` / ``dtype`` (torch.nn's factory
+    forward(x (B, n, dim), seed=None, attn_weights=None) → (x (B, n, dim), the MoE auxiliary loss
+    ()); ``seed`` goes to the MoE layer (its Triton kernels' Philox seed), ``attn_weights`` to the
+    attention (its projections' autocast copies). ``device`` / ``dtype`` (torch.nn's factory
     keywords) place the norms and the attention; ``moe`` comes built.
     """
 
@@ -51,8 +53,9 @@ class MoETransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim, device=device, dtype=dtype)
         self.moe = moe
 
-    def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None,
+                attn_weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.norm1(x), attn_weights)
         y, aux_loss = self.moe(self.norm2(x), seed=seed)
         return x + y, aux_loss
 
@@ -60,8 +63,10 @@ class MoETransformerLayer(nn.Module):
 class MoETransformer(nn.Module):
     """cfg.depth MoE transformer layers with depth-wise hidden sizes and staged expert counts.
 
-    forward(x (B, n, dim)) → (x (B, n, dim), the auxiliary losses summed over layers ()).
-    ``device`` / ``dtype``: torch.nn's factory keywords, for every parameter.
+    forward(x (B, n, dim)) → (x (B, n, dim), the auxiliary losses summed over layers ()). Under
+    autocast the attention projections of all layers are cast once (one launch, one for their
+    gradients: :func:`mlit.models.amp.autocast_weights`) instead of per layer. ``device`` /
+    ``dtype``: torch.nn's factory keywords, for every parameter.
     """
 
     def __init__(self, cfg: TransformerConfig, backend: str = "reference", *,
@@ -90,9 +95,12 @@ class MoETransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seeds = self._gate_seeds(x)
+        per_layer = [layer.attn.weights() for layer in self.layers]
+        cast = autocast_weights([w for ws in per_layer for w in ws], x.device.type)
         aux_losses = []
         for i, layer in enumerate(self.layers):
-            x, aux_loss = layer(x, None if seeds is None else seeds[i : i + 1])
+            weights = None if cast is None else cast[i * len(per_layer[i]) : (i + 1) * len(per_layer[i])]
+            x, aux_loss = layer(x, None if seeds is None else seeds[i : i + 1], weights)
             aux_losses.append(aux_loss)
         return x, torch.stack(aux_losses).sum()
 

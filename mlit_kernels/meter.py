@@ -161,24 +161,51 @@ def _aten_flops(func, args, kwargs, out) -> int:
     return 0
 
 
+def _gate_flops(n: int, m: int, t: int, noisy) -> int:
+    """The gate's logits (clean, + noisy): x W_g (and x W_noise)."""
+    return n * 2 * m * t * (1 + bool(noisy))
+
+
 def _fused_fwd_flops(a: dict) -> int:
     """Per token: the gate (clean, + noisy logits), x V and x W_e for every expert of the tile
     (the tile computes an expert any of its tokens picked: all t at training batch sizes), h W_2."""
     n, m, d, t = a["N"], a["M"], a["D"], a["T"]
-    return n * (2 * m * t * (1 + bool(a["NOISY"])) + 2 * m * d * (t + 1) + 2 * d * m)
+    return n * (2 * m * d * (t + 1) + 2 * d * m) + _gate_flops(n, m, t, a["NOISY"])
 
 
 def _fused_bwd_tokens_flops(a: dict) -> int:
     """Per token: dy W_2ᵀ, x V and x W_e recomputed, da W_eᵀ for every expert, du Vᵀ; the gate
     recomputed twice and its dx."""
     n, m, d, t = a["N"], a["M"], a["D"], a["T"]
-    return n * (2 * m * d * (2 * t + 3) + 3 * 2 * m * t * (1 + bool(a["NOISY"])))
+    return n * 2 * m * d * (2 * t + 3) + 3 * _gate_flops(n, m, t, a["NOISY"])
 
 
 def _fused_bwd_weights_flops(a: dict) -> int:
     """xᵀ da over the token's k pairs (dW_e), xᵀ du (dV), hᵀ dy (dW_2), xᵀ dgate (dW_g, dW_noise)."""
     n, m, d, t, k = a["N"], a["M"], a["D"], a["T"], a["K"]
-    return n * (2 * m * d * (k + 2) + 2 * m * t * (1 + bool(a["NOISY"])))
+    return n * 2 * m * d * (k + 2) + _gate_flops(n, m, t, a["NOISY"])
+
+
+def _dispatch_gate_flops(a: dict) -> int:
+    """The dispatch gate kernel: the logits of every token."""
+    return _gate_flops(a["N"], a["M"], a["T"], a["NOISY"])
+
+
+def _dispatch_experts_fwd_flops(a: dict) -> int:
+    """Per (token, expert) pair: x W_e, x V_e and h W2_e."""
+    return a["x_ptr"].shape[0] * a["K"] * 6 * a["M"] * a["D"]
+
+
+def _dispatch_experts_bwd_flops(a: dict) -> int:
+    """Per pair: x W_e and x V_e recomputed, dy W2_eᵀ, da W_eᵀ and du V_eᵀ; the gate recomputed twice and its dx."""
+    n = a["N"]
+    return n * a["K"] * 10 * a["M"] * a["D"] + 3 * _gate_flops(n, a["M"], a["T"], a["NOISY"])
+
+
+def _dispatch_weights_flops(a: dict) -> int:
+    """Per pair xᵀ da, xᵀ du, hᵀ dy (dW_e, dV_e, dW2_e); xᵀ dgate (dW_g, dW_noise)."""
+    n = a["N"]
+    return n * a["K"] * 6 * a["M"] * a["D"] + _gate_flops(n, a["M"], a["T"], a["NOISY"])
 
 
 #: Matmul FLOPs of the Triton kernels with matmul work, from their arguments by name (a kernel not
@@ -187,10 +214,14 @@ TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
     "_fused_fwd_kernel": _fused_fwd_flops,
     "_fused_bwd_tokens_kernel": _fused_bwd_tokens_flops,
     "_fused_bwd_weights_kernel": _fused_bwd_weights_flops,
+    "_gate_route_kernel": _dispatch_gate_flops,
+    "_experts_fwd_kernel": _dispatch_experts_fwd_flops,
+    "_experts_bwd_kernel": _dispatch_experts_bwd_flops,
+    "_weights_dx_kernel": _dispatch_weights_flops,
 }
 #: Triton kernels known to do no matmul work (their 0 FLOPs are the model, not a gap).
-TRITON_NO_MATMUL = {"_fused_aux_kernel", "_reduce_kernel", "_crop_kernel", "_op_kernel", "_noise_kernel",
-                    "_histogram_kernel", "_scatter_kernel"}
+TRITON_NO_MATMUL = {"_fused_aux_kernel", "_reduce_kernel", "_crop_kernel", "_op_kernel", "noise_kernel",
+                    "_combine_kernel"}
 
 
 def _kernel_arguments(fn, args, kwargs) -> dict:

@@ -126,21 +126,27 @@ def test_matmul_and_sdpa_flops():
 
 
 def test_fused_moe_flops_from_the_launch_arguments():
-    """The fused kernels' FLOPs come from their N, M, D, T, K arguments (a dry run at N = 300)."""
+    """The dense and dispatch kernels' FLOPs come from their launch arguments (dry runs at N = 300)."""
     from mlit_kernels import SharedSwiGLUMoE
     from mlit_kernels.meter import TRITON_FLOPS
 
-    n, m, d_h, t, k = 300, 27, 40, 5, 2
-    layer = SharedSwiGLUMoE(m, d_h, t, k=k, backend="triton")
+    n, m, d_h, k = 300, 27, 40, 2
+    dense = SharedSwiGLUMoE(m, d_h, 5, k=k, backend="triton")
+    dispatch = SharedSwiGLUMoE(m, d_h, 12, k=k, backend="triton")
     x = torch.randn(n, m, requires_grad=True)
     with Meter(dry_run=True) as meter:
-        y, aux = layer(x)
-        torch.autograd.backward((y, aux), (torch.randn(n, m), torch.ones(())))
+        for layer in (dense, dispatch):
+            y, aux = layer(x)
+            torch.autograd.backward((y, aux), (torch.randn(n, m), torch.ones(())))
     flops = {r.name.removeprefix("triton."): r.flops for r in meter.records if r.kind == "triton"}
     noisy = 2  # clean and noisy gate logits
-    assert flops["_fused_fwd_kernel"] == n * (2 * m * t * noisy + 2 * m * d_h * (t + 1) + 2 * d_h * m)
-    assert flops["_fused_bwd_weights_kernel"] == n * (2 * m * d_h * (k + 2) + 2 * m * t * noisy)
-    assert flops["_fused_bwd_tokens_kernel"] > 0 and set(TRITON_FLOPS) <= set(flops)
+    assert flops["_fused_fwd_kernel"] == n * (2 * m * 5 * noisy + 2 * m * d_h * (5 + 1) + 2 * d_h * m)
+    assert flops["_fused_bwd_weights_kernel"] == n * (2 * m * d_h * (k + 2) + 2 * m * 5 * noisy)
+    assert flops["_gate_route_kernel"] == n * 2 * m * 12 * noisy
+    assert flops["_experts_fwd_kernel"] == n * k * 6 * m * d_h  # x W_e, x V, h W_2 once per pair
+    assert flops["_weights_dx_kernel"] == n * k * 6 * m * d_h + n * 2 * m * 12 * noisy
+    assert flops["_fused_bwd_tokens_kernel"] > 0 and flops["_experts_bwd_kernel"] > 0
+    assert set(TRITON_FLOPS) <= set(flops)
     assert not meter.unmodelled()
 
 

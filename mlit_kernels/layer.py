@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import reference, selfcheck
-from .common.settings import DEFAULT_SHARED
+from .common.settings import AUX_LOSS_WEIGHT, DEFAULT_SHARED, NOISE_EPS
 from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
 
 PROJECTIONS = ("w1", "v", "w2")
@@ -39,7 +39,7 @@ class SharedSwiGLUMoE(nn.Module):
         k: experts per token, 1 ≤ k ≤ t.
         dropout: dropout probability on the layer output (timm: ``drop``; default 0.1; one mask
             per token, applied after the combine: equal in expectation to one mask per expert).
-        shared: which of "w1", "v", "w2" all experts share (Table 9 ablation); default ("v", "w2").
+        shared: which of "w1", "v", "w2" all experts share (Table 9 ablation); default ("v", "w2") (``settings.DEFAULT_SHARED``).
         noisy_gating: add the gate noise in training (default, Eq. 3); False gates without noise
             and counts tokens per expert for the load (no gradient), as the cited implementation's
             switch of the same name.
@@ -88,11 +88,11 @@ class SharedSwiGLUMoE(nn.Module):
         num_experts: int | None = None,
         k: int = 2,
         dropout: float | None = None,
-        shared: Sequence[str] = ("v", "w2"),
+        shared: Sequence[str] = DEFAULT_SHARED,
         noisy_gating: bool = True,
-        noise_eps: float = reference.NOISE_EPS,
-        w_importance: float = 1e-2,
-        w_load: float = 1e-2,
+        noise_eps: float = NOISE_EPS,
+        w_importance: float = AUX_LOSS_WEIGHT,
+        w_load: float = AUX_LOSS_WEIGHT,
         squared_cv: bool = True,
         unbiased_cv: bool = True,
         backend: str = "reference",

@@ -38,7 +38,7 @@ def compare(m: int, d_h: int, t: int, k: int, n: int, *, device: torch.device | 
     Returns {name: worst per-row relative error} for "y", "aux" and, with ``grad``, "x" and every
     parameter gradient. Exceptions of the kernels (a failed compile) propagate.
     """
-    from . import moe_triton  # the public entry, imported lazily (Triton decides interpret-or-compile then)
+    from .functional import moe_triton  # imported lazily: Triton decides interpret-or-compile at first definition
 
     device = torch.device(device)
     weight_dtype = weight_dtype or dtype

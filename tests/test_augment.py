@@ -394,7 +394,7 @@ def test_kernel_op_indices_match_the_op_table():
 def test_crop_ratio_polynomial_is_exp():
     """The crop's aspect ratio (no exp: its rounding differs by device) is exp within one ulp over
     the whole log-ratio range, ends included."""
-    from mlit.data.augment import LOG_RATIO, exp_taylor
+    from mlit.data.crop_ratio import LOG_RATIO, exp_taylor
 
     z = LOG_RATIO[0] + LOG_RATIO[1] * torch.cat([torch.linspace(0, 1, 200_001), torch.rand(200_000)])
     p = exp_taylor(z)

@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .crop_ratio import LOG_RATIO, exp_taylor
+
 OPS = (
     "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
     "Brightness", "Color", "Contrast", "Sharpness",
@@ -195,23 +197,7 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> tor
     """
     return _lookup(_blend(_geometric(x, op, magnitude), op, magnitude), op, magnitude)
 
-
 _DRAWS = 28  # uniforms per image: 10 areas, 10 ratios, 2 offsets, flip, sub-policy, 2 gates, 2 signs
-LOG_RATIO = (math.log(3 / 4), math.log(16 / 9))  # the crop's log aspect ratio: low, span
-#: exp(z) on the log-ratio range |z| <= log(4/3) as its Taylor polynomial of degree 8 (truncation
-#: < 1e-9 relative), evaluated by Horner with every multiply and add rounded (no fused
-#: multiply-add): the torch path and the kernels (augment_kernels._exp_taylor) then compute the
-#: same float on every device, so their crop boxes agree bit for bit. torch.exp and tl.exp (an
-#: approximate instruction on GPUs) differ by an ulp or two, enough to move a box by a pixel.
-EXP_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(9))
-
-
-def exp_taylor(z: torch.Tensor) -> torch.Tensor:
-    """exp(z) for |z| <= log(4/3), fp32 (see ``EXP_TAYLOR``)."""
-    p = z * EXP_TAYLOR[8] + EXP_TAYLOR[7]
-    for c in reversed(EXP_TAYLOR[:7]):
-        p = p * z + c
-    return p
 
 
 def crop_flip_grid(u: torch.Tensor, size: int, crop_scale: tuple[float, float], hflip: float) -> torch.Tensor:

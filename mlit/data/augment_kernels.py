@@ -15,7 +15,7 @@ stays the reference these kernels are tested against); here the work is grouped 
 Every random choice comes from the uniforms (B, 28) drawn by torch on the device, so the kernels
 are deterministic, seeded by torch's RNG and safe inside a CUDA graph. Arithmetic follows the
 torch path operation by operation (IEEE division and square root; the crop's aspect ratio
-by the shared polynomial ``augment.exp_taylor``, not an exp, whose rounding differs by device), so the
+by the shared polynomial ``crop_ratio.exp_taylor``, not an exp, whose rounding differs by device), so the
 two agree exactly where both compute in the same order: the bilinear and nearest-neighbour
 samples use the fused multiply-adds torch's CPU grid_sample compiles to (tl.fma), everything else
 rounds after each operation (no contraction: ``enable_fp_fusion=False`` on GPUs).
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .augment import EXP_TAYLOR, LOG_RATIO
+from .crop_ratio import EXP_TAYLOR, LOG_RATIO
 
 # Op indices (mlit.data.augment.OPS; tests/test_augment.py checks they agree), as constexprs: a
 # compiled kernel may read only constexpr globals.
@@ -50,7 +50,7 @@ def _rint(x):
 
 @triton.jit
 def _exp_taylor(z):
-    """exp(z) for |z| <= log(4/3), rounded as mlit.data.augment.exp_taylor rounds it (no tl.exp)."""
+    """exp(z) for |z| <= log(4/3), rounded as mlit.data.crop_ratio.exp_taylor rounds it (no tl.exp)."""
     p = z * _EXP_C8 + _EXP_C7
     p = p * z + _EXP_C6
     p = p * z + _EXP_C5

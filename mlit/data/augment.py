@@ -197,6 +197,7 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> tor
     """
     return _lookup(_blend(_geometric(x, op, magnitude), op, magnitude), op, magnitude)
 
+
 _DRAWS = 28  # uniforms per image: 10 areas, 10 ratios, 2 offsets, flip, sub-policy, 2 gates, 2 signs
 
 

@@ -190,7 +190,7 @@ class SharedSwiGLUMoE(nn.Module):
     @triton_variant.setter
     def triton_variant(self, value: str) -> None:
         try:
-            resolve_variant(value, self.num_experts)
+            resolve_variant(value, self.num_experts, per_expert=self.shared == ())
         except ValueError as err:
             raise ValueError(f"triton_variant: {err}") from None
         self._triton_variant = value

@@ -223,3 +223,5 @@ def test_layer_with_separate_experts():
     with pytest.raises(ValueError, match="variant 'dense' needs V and W2 shared"):
         moe_triton(x.reshape(-1, 16).to(DEVICE), *(p.detach().to(DEVICE) for p in tri.parameters()), 2, False,
                    variant="dense")
+    with pytest.raises(ValueError, match="triton_variant: variant 'dense' needs V and W2 shared"):
+        SharedSwiGLUMoE(16, 16, 4, shared=(), triton_variant="dense")  # refused when the layer is built

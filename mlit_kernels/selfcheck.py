@@ -28,11 +28,12 @@ NAMES = ("w_gate", "w_noise", "w1", "b1", "v", "b_v", "w2", "b2")
 
 def compare(m: int, d_h: int, t: int, k: int, n: int, *, device: torch.device | str, dtype: torch.dtype,
             weight_dtype: torch.dtype | None = None, gate_dtype: torch.dtype = torch.float32,
-            variant: str = "auto", grad: bool = True, seed: int = 0) -> dict[str, float]:
+            variant: str = "auto", per_expert: bool = False, grad: bool = True, seed: int = 0) -> dict[str, float]:
     """Errors of ``moe_triton`` against the float64 reference on the same random inputs.
 
     x (n, m) in ``dtype``; W_g, W_noise in ``gate_dtype``, the other weights in ``weight_dtype``
-    (default ``dtype``); the reference gets the same rounded values in float64. Training mode with
+    (default ``dtype``; V, b_V, W_2, b_2 one per expert with ``per_expert``, i.e. shared=()); the
+    reference gets the same rounded values in float64. Training mode with
     explicit gate noise and no dropout, so both sides are deterministic and torch's RNG is not
     touched. The Triton side runs under the caller's autocast, the reference without it.
     Returns {name: worst per-row relative error} for "y", "aux" and, with ``grad``, "x" and every
@@ -43,8 +44,9 @@ def compare(m: int, d_h: int, t: int, k: int, n: int, *, device: torch.device | 
     device = torch.device(device)
     weight_dtype = weight_dtype or dtype
     g = torch.Generator().manual_seed(seed)
-    shapes = {"w_gate": (m, t), "w_noise": (m, t), "w1": (t, m, d_h), "b1": (t, d_h), "v": (m, d_h), "b_v": (d_h,),
-              "w2": (d_h, m), "b2": (m,)}
+    lead = (t,) if per_expert else ()
+    shapes = {"w_gate": (m, t), "w_noise": (m, t), "w1": (t, m, d_h), "b1": (t, d_h), "v": (*lead, m, d_h),
+              "b_v": (*lead, d_h), "w2": (*lead, d_h, m), "b2": (*lead, m)}
     scales = {"w_gate": 0.5, "w_noise": 0.5, "w1": m**-0.5, "v": m**-0.5, "w2": d_h**-0.5}
     params = {name: (torch.randn(*shape, generator=g) * scales.get(name, 0.1)).to(
         device, gate_dtype if name in ("w_gate", "w_noise") else weight_dtype) for name, shape in shapes.items()}
@@ -99,8 +101,8 @@ def triton_passes(layer, x: torch.Tensor) -> bool:
         return True
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
     dtype = compute_dtype(x)
-    config = (x.device, x.dtype, layer.w1.dtype, layer.w_gate.dtype, dtype, layer.resolved_variant, layer.dim,
-              layer.hidden_dim, layer.num_experts, layer.k)
+    config = (x.device, x.dtype, layer.w1.dtype, layer.w_gate.dtype, dtype, layer.resolved_variant, layer.shared,
+              layer.dim, layer.hidden_dim, layer.num_experts, layer.k)
     if any(_RESULTS.get((*config, checked_grad)) for checked_grad in (False, True)):
         return False  # failed with or without gradients: falls back either way, warned once
     key = (*config, grad)
@@ -110,7 +112,7 @@ def triton_passes(layer, x: torch.Tensor) -> bool:
         _RESULTS[key] = _first_use_failure(layer, x, dtype, grad)
         if _RESULTS[key] is not None:
             warnings.warn(f"SharedSwiGLUMoE: {_RESULTS[key]}; falling back to backend='reference' for "
-                          f"{config[5:]} (variant, m, d_h, t, k) in {x.dtype} on {x.device} "
+                          f"{config[5:]} (variant, shared, m, d_h, t, k) in {x.dtype} on {x.device} "
                           "(MLIT_MOE_BACKEND=triton forces the kernels)", RuntimeWarning, stacklevel=3)
     return _RESULTS[key] is None
 
@@ -122,7 +124,7 @@ def _first_use_failure(layer, x: torch.Tensor, dtype: torch.dtype, grad: bool) -
     try:
         errors = compare(layer.dim, layer.hidden_dim, layer.num_experts, layer.k, n, device=x.device,
                          dtype=x.dtype, weight_dtype=layer.w1.dtype, gate_dtype=layer.w_gate.dtype,
-                         variant=layer.triton_variant, grad=grad)
+                         variant=layer.triton_variant, per_expert=layer.shared == (), grad=grad)
     except (ValueError, TypeError):
         raise  # a bad argument: the same error as the call itself would raise
     except Exception as err:  # noqa: BLE001 - any failure to compile or launch is a reason to fall back

@@ -38,7 +38,7 @@ def layer(**kwargs):
 
 
 def reference_of(moe, x):
-    moe_ref = SharedSwiGLUMoE(16, 27, 5, k=2, dropout=0.0).to(DEVICE).eval()
+    moe_ref = SharedSwiGLUMoE(16, 27, 5, k=2, dropout=0.0, shared=moe.shared).to(DEVICE).eval()
     moe_ref.load_state_dict(moe.state_dict())
     return moe_ref(x)[0]
 
@@ -59,15 +59,21 @@ def count_calls(monkeypatch, wrong=None, error=None):
     return calls
 
 
-def test_correct_kernels_pass_the_check_silently(monkeypatch):
+@pytest.mark.parametrize("shared", [("v", "w2"), ()], ids=["shared", "separate"])
+def test_correct_kernels_pass_the_check_silently(monkeypatch, shared):
+    """Shared V / W_2 (dense variant) and separate experts (dispatch, checked with per-expert weights)."""
     calls = count_calls(monkeypatch)
-    moe, x = layer(), torch.randn(3, 7, 16, device=DEVICE)
+    checked_with = []
+    real_compare = selfcheck.compare
+    monkeypatch.setattr(selfcheck, "compare", lambda *a, **kw: checked_with.append(kw) or real_compare(*a, **kw))
+    moe, x = layer(shared=shared), torch.randn(3, 7, 16, device=DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad():
             y, _ = moe(x)
             moe(x)
     assert len(calls) == 3  # the check once, then both calls
+    assert [kw["per_expert"] for kw in checked_with] == [shared == ()]  # the layer's own weight shapes
     torch.testing.assert_close(y, reference_of(moe, x), rtol=1e-4, atol=1e-5)
 
 

@@ -172,16 +172,16 @@ def gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, 
 
 
 @triton.jit
-def token_tile(seed_ptr, N, T, NEEDS_SEED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """This program's token tile: pid, rows, row_ok, the gate columns, col_ok, valid (both), and the
-    Philox seed (read only when something is drawn: the seed tensor is left unset otherwise)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def token_tile(tile, seed_ptr, N, T, NEEDS_SEED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Token tile ``tile`` (a program's index, or an offset one): rows, row_ok, the gate columns,
+    col_ok, valid (both), and the Philox seed (read only when something is drawn: the seed tensor
+    is left unset otherwise)."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_T)
     seed = 0
     if NEEDS_SEED:
         seed = tl.load(seed_ptr)
-    return pid, rows, rows < N, cols, cols < T, (rows < N)[:, None] & (cols < T)[None, :], seed
+    return rows, rows < N, cols, cols < T, (rows < N)[:, None] & (cols < T)[None, :], seed
 
 
 @triton.jit

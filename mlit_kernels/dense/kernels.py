@@ -300,8 +300,9 @@ def _fused_fwd_kernel(
 ):
     WIDTHS: tl.constexpr = (M0, M1, M2, M3)
     STARTS: tl.constexpr = (0, M0, M0 + M1, M0 + M1 + M2)
-    pid, rows, row_ok, cols, col_ok, valid, seed = token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
-                                                               BLOCK_T)
+    pid = tl.program_id(0)
+    rows, row_ok, cols, col_ok, valid, seed = token_tile(pid, seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
+                                                          BLOCK_T)
 
     # gate
     clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
@@ -372,8 +373,9 @@ def _fused_bwd_tokens_kernel(
 ):
     WIDTHS: tl.constexpr = (M0, M1, M2, M3)
     STARTS: tl.constexpr = (0, M0, M0 + M1, M0 + M1 + M2)
-    pid, rows, row_ok, cols, col_ok, valid, seed = token_tile(seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
-                                                               BLOCK_T)
+    pid = tl.program_id(0)
+    rows, row_ok, cols, col_ok, valid, seed = token_tile(pid, seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
+                                                          BLOCK_T)
 
     # the gates, recomputed with the forward's selection (recomputed once more after the experts
     # for the gate's own gradient: cheaper than keeping its tiles live through the d_h loop)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.gating import (cv_grad, gate_from_selection, gate_grads, gate_probs, gate_tile, load_probability, pick_next,
-                      selection_key)
+from ..common.gating import (cv_grad, gate_from_selection, gate_grads, gate_probs, gate_tile, load_probability,
+                             pick_next, selection_key, token_tile)
 from ..dense.kernels import _DROPOUT_STREAM, _add_product_by_chunk, _fused_aux_kernel, _mma, _store_rows, _zeros_by_chunk
 
 ROUTE_BLOCK_N = 32  # tokens per gate program: the routing tile (not tuned)
@@ -65,18 +65,6 @@ def _expert_count(route_ptr, e, sc, tiles, T, SUPER: tl.constexpr):
     """How many pairs expert e has in super-chunk sc."""
     ts = sc * SUPER + tl.arange(0, SUPER)
     return tl.sum(tl.load(route_ptr + ts * 2 * T + e, mask=ts < tiles, other=0), 0)
-
-
-@triton.jit
-def _token_tile(tile, seed_ptr, N, T, NEEDS_SEED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Token tile ``tile`` of the gate: rows, row_ok, the expert columns, col_ok, valid (both), and
-    the Philox seed (read only when drawn)."""
-    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_T)
-    seed = 0
-    if NEEDS_SEED:
-        seed = tl.load(seed_ptr)
-    return rows, rows < N, cols, cols < T, (rows < N)[:, None] & (cols < T)[None, :], seed
 
 
 @triton.jit
@@ -179,7 +167,7 @@ def _gate_route_kernel(
     the importance/load partials (tiles, 2, t), and the tile's routing (route, local). The
     program past the last tile writes the tables' spare row (no pairs)."""
     pid = tl.program_id(0)
-    rows, row_ok, cols, col_ok, valid, seed = _token_tile(pid, seed_ptr, N, T, NOISE_MODE == 2, BLOCK_N, BLOCK_T)
+    rows, row_ok, cols, col_ok, valid, seed = token_tile(pid, seed_ptr, N, T, NOISE_MODE == 2, BLOCK_N, BLOCK_T)
     clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
     key, taken = selection_key(h, col_ok)
@@ -289,7 +277,7 @@ def _gate_bwd_tile(tile, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_
                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
     """The gate's backward for one token tile: dL/dG_p = <dy'_n, o_p> (+ the importance term),
     through Softmax_k, the noise scale and P(x); writes dgate (N, 2, t) = (d clean, d raw) fp32."""
-    rows, row_ok, cols, col_ok, valid, seed = _token_tile(tile, seed_ptr, N, T, NOISE_MODE == 2, BLOCK_N, BLOCK_T)
+    rows, row_ok, cols, col_ok, valid, seed = token_tile(tile, seed_ptr, N, T, NOISE_MODE == 2, BLOCK_N, BLOCK_T)
     clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
         NOISE_MODE, BLOCK_N, BLOCK_T)

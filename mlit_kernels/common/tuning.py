@@ -42,10 +42,6 @@ class LaunchTuner(Generic[C]):
         self._chosen: dict[Hashable, C] = {}
         self._warned: set[Hashable] = set()
 
-    @property
-    def default(self) -> C:
-        return self.candidates[0]
-
     @contextlib.contextmanager
     def force(self, config: C) -> Iterator[C]:
         """Within the block every call uses ``config``."""

@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="XXS,XS,S")
     p.add_argument("--tasks", default="train,pretrain")
     p.add_argument("--modes", default=None, help=f"of {', '.join(MODES)} (default: all on CUDA, eager-reference on CPU)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the modes that use torch.compile")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--csv", default=None, help="append rows to this CSV")
     p.add_argument("--threads", type=int, default=None,
@@ -141,6 +142,8 @@ def main(argv=None) -> int:
     unknown = set(modes) - set(MODES)
     if unknown:
         p.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    if args.no_compile:
+        modes = [mode for mode in modes if not MODES[mode][1]]
     name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     print(f"# {name}, torch {torch.__version__}, {steps} timed steps, {'fp16 autocast' if cuda else 'fp32'}, "
           f"augment {not args.no_augment}")

@@ -12,7 +12,8 @@
    inputs) the layer in training mode under fp16 autocast — reference eager,
    torch.compile(reference), Triton dispatch, Triton dense — forward and forward + backward, at
    the paper's shapes (mLiT-S layer 0: m = d_h = 144, t = 3; mLiT-XXS last layer: m = 108,
-   d_h = 27, t = 5; k = 2; N = 256 × 145 and 1280 × 37).
+   d_h = 27, t = 5; k = 2; N = 256 × 145 and 1280 × 37), and at issue 17's many-expert shapes
+   (16 experts of 192/768 and 64 of 384/1536, k = 2, N = 256 × 145; the dense variant at t = 16).
 3. Measures the device's fp16 matmul rate and copy bandwidth, computes the roofline floor
    max(FLOPs / matmul rate, minimal bytes / bandwidth) per case and the fraction reached.
 4. Prints a markdown table (device, date, versions) and writes it to the path given.
@@ -53,6 +54,15 @@ def shapes(smoke):
     if smoke:
         return [("tiny-a", 16, 27, 5, 2, [37]), ("tiny-b", 16, 32, 3, 2, [45])]
     return [("S-layer0", 144, 144, 3, 2, [256 * 145, 1280 * 37]), ("XXS-last", 108, 27, 5, 2, [256 * 145, 1280 * 37])]
+
+
+def many_expert_shapes(smoke):
+    """Issue 17's many-expert layers (name, m, d_h, t, k, token counts, Triton variants timed):
+    the dense variant too at t = 16, where the byte/FLOP model puts it behind dispatch."""
+    if smoke:
+        return [("tiny-many", 16, 32, 8, 2, [45], ("dispatch", "dense"))]
+    return [("16x192/768", 192, 768, 16, 2, [256 * 145], ("dispatch", "dense")),
+            ("64x384/1536", 384, 1536, 64, 2, [256 * 145], ("dispatch",))]
 
 
 def bench(fn, smoke):
@@ -390,6 +400,13 @@ def main():
                            f"{err:.2e}{'' if err <= tol else ' FAIL'} | {worst} |")
                     lines.append(row)
                     print(row, flush=True)
+    for name, m, d_h, t, k, token_counts, _ in many_expert_shapes(smoke):  # fp16 training: the dispatch kernels
+        err, worst = check(m, d_h, t, k, token_counts[0] if smoke else 4096 + 37, "dispatch", torch.float16, True)
+        failures += err > TOL[torch.float16]
+        row = (f"| {name} | {token_counts[0] if smoke else 4096 + 37} | dispatch | float16 | train | "
+               f"{err:.2e}{'' if err <= TOL[torch.float16] else ' FAIL'} | {worst} |")
+        lines.append(row)
+        print(row, flush=True)
     flops_rate, bandwidth = device_rates(smoke)
     lines += ["", f"Device rates: {'fp16' if CUDA else 'fp32'} matmul {flops_rate / 1e12:.3f} TFLOP/s, "
               f"copy {bandwidth / 1e9:.1f} GB/s.", "",
@@ -397,8 +414,10 @@ def main():
               "| shape | N | pass | backend | ms | floor ms | fraction of floor |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines[-6:]), flush=True)
-    backends = ["reference"] + ([] if args.no_compile or smoke else ["compile"]) + ["triton-dispatch", "triton-dense"]
-    for name, m, d_h, t, k, token_counts in shapes(smoke):
+    compiled = [] if args.no_compile or smoke else ["compile"]
+    cases = [(*shape, ("dispatch", "dense")) for shape in shapes(smoke)] + many_expert_shapes(smoke)
+    for name, m, d_h, t, k, token_counts, variants in cases:
+        backends = ["reference"] + compiled + [f"triton-{variant}" for variant in variants]
         for n in token_counts:
             fwd_flops = 2 * 2 * n * m * t + 2 * n * m * d_h * (k + 2)
             for mode in ("fwd", "fwd+bwd"):

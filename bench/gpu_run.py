@@ -123,7 +123,8 @@ def build_steps(ctx: Context) -> dict[str, Step]:
     tests = ["tests/test_kernels.py", "tests/test_dispatch.py", "tests/test_dense_tuning.py", "tests/test_meter.py"]
     if smoke:  # the harness is what a smoke run proves; the full files take ~3 min here (CI runs them)
         tests = ["tests/test_meter.py", "tests/test_capture.py", "tests/test_kernels.py::test_zero_and_one_token"]
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + pytest_timeout(smoke)
+    # -v: each test's outcome as it ends (a step stopped at its limit prints no summary)
+    pytest = [py, "-m", "pytest", "-q" if smoke else "-v", "-p", "no:cacheprovider"] + pytest_timeout(smoke)
     first = [] if smoke else [  # what only a GPU shows (issue 19), first, with its printed figures (-rA);
         Command(pytest + ["tests/test_gpu_hazards.py", "-rA"]),  # then every test that skips on a CPU
         Command(pytest + ["tests/", "-m", "gpu", "-rA", "--deselect", "tests/test_gpu_hazards.py"]

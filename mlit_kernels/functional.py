@@ -103,7 +103,7 @@ def moe_triton(
     applies to y in training (fused into the kernel on the dense variant).
     """
     variant = resolve_variant(variant, w_gate.shape[1] if w_gate.dim() == 2 else 0,
-                              per_expert=v.dim() == 3 or w2.dim() == 3)
+                              per_expert=v.dim() == 3 or w2.dim() == 3, device=x.device)
     dtype = compute_dtype(x)
     if not torch.compiler.is_compiling():
         check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype)

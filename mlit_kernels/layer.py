@@ -197,8 +197,10 @@ class SharedSwiGLUMoE(nn.Module):
 
     @property
     def resolved_variant(self) -> str:
-        """The Triton variant ("dense" or "dispatch") this layer runs with backend="triton"."""
-        return resolve_variant(self.triton_variant, self.num_experts, per_expert=self.shared == ())
+        """The Triton variant ("dense" or "dispatch") this layer runs with backend="triton" on the
+        device its weights are on."""
+        return resolve_variant(self.triton_variant, self.num_experts, per_expert=self.shared == (),
+                               device=self.w1.device)
 
     def uses_triton(self, x: torch.Tensor) -> bool:
         """Whether a call on x runs the Triton kernels: MLIT_MOE_BACKEND, else the backend, sharing,

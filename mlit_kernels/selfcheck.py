@@ -23,6 +23,10 @@ FIRST_USE_SLACK = 10.0
 #: The first-use check runs at the call's token count up to this many (then this plus N mod 16,
 #: so Triton specialises the count as in the real call).
 FIRST_USE_MAX_TOKENS = 4096
+#: CUDA errors after which the process's CUDA context is unusable (every later call fails too), so
+#: the first-use check raises instead of falling back (seen on an H200, 2026-12-04: the first).
+CONTEXT_LOST = ("illegal memory access", "illegal instruction", "misaligned address", "unspecified launch failure",
+                "device-side assert")
 NAMES = ("w_gate", "w_noise", "w1", "b1", "v", "b_v", "w2", "b2")
 
 
@@ -129,6 +133,11 @@ def _first_use_failure(layer, x: torch.Tensor, dtype: torch.dtype, grad: bool) -
         raise  # a bad argument: the same error as the call itself would raise
     except Exception as err:  # noqa: BLE001 - any failure to compile or launch is a reason to fall back
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        if any(marker in str(err) for marker in CONTEXT_LOST):
+            raise RuntimeError(
+                f"SharedSwiGLUMoE: the Triton kernels ({layer.resolved_variant}) broke this process's CUDA context "
+                f"at first use ({type(err).__name__}: {first_line}); no fallback can run after that: restart with "
+                "MLIT_MOE_BACKEND=reference, or another triton_variant") from err
         return f"the Triton kernels failed at first use ({type(err).__name__}: {first_line})"
     name, error = worst(errors)
     tol = FIRST_USE_SLACK * TOL.get(dtype, TOL[torch.float32])
@@ -143,4 +152,5 @@ def reset_first_use_checks() -> None:
     _RESULTS.clear()
 
 
-__all__ = ["TOL", "FIRST_USE_SLACK", "compare", "worst", "should_check", "triton_passes", "reset_first_use_checks"]
+__all__ = ["TOL", "FIRST_USE_SLACK", "CONTEXT_LOST", "compare", "worst", "should_check", "triton_passes",
+           "reset_first_use_checks"]

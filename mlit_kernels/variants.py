@@ -8,7 +8,9 @@ defined; an implementation's module is imported on first use).
   token tile, experts over tokens grouped per expert and gathered in-kernel, a combine
   (:mod:`mlit_kernels.dispatch`).
 * ``"auto"`` — dense up to :data:`DENSE_AUTO_MAX` experts, dispatch above: a fixed rule, so no
-  timing runs inside a training step.
+  timing runs inside a training step. On CUDA, dispatch at every t while :data:`AUTO_DENSE_ON_CUDA`
+  is False: the dense kernels' first GPU run (H200, Triton 3.6.0, 2026-12-04) ended in an illegal
+  memory access, which no in-process fallback survives; the dispatch kernels passed there.
 
 An implementation is ``fn(x, params, seed, noise, options) -> (y, aux_loss)``: x (N, m) and the
 eight parameters contiguous, noise fp32 or None, seed as the caller gave it (None, an int or a
@@ -30,13 +32,18 @@ IMPLEMENTATIONS = {  # variant -> "module:function", relative to this package
 }
 VARIANTS = ("auto", *IMPLEMENTATIONS)
 DENSE_AUTO_MAX = 8
+# Whether "auto" may pick the dense variant on CUDA: False until a GPU run clears the dense kernels
+# (bench/RESULTS.md, "First GPU run"); "dense" asked for by name still runs them.
+AUTO_DENSE_ON_CUDA = False
 DENSE_LIMIT = BLOCK_T  # the dense kernels hold the gate in one BLOCK_T-column tile
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def resolve_variant(variant: str, num_experts: int, per_expert: bool = False) -> str:
+def resolve_variant(variant: str, num_experts: int, per_expert: bool = False,
+                    device: torch.device | str | None = None) -> str:
     """The variant that runs for ``variant`` ("auto", "dense" or "dispatch") at t experts;
-    ``per_expert``: V / W_2 have one matrix per expert (shared=()), which only "dispatch" runs."""
+    ``per_expert``: V / W_2 have one matrix per expert (shared=()), which only "dispatch" runs;
+    ``device``: where it runs (None: not CUDA)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if per_expert:
@@ -44,7 +51,8 @@ def resolve_variant(variant: str, num_experts: int, per_expert: bool = False) ->
             raise ValueError("variant 'dense' needs V and W2 shared (shared=('v', 'w2')); use 'dispatch'")
         return "dispatch"
     if variant == "auto":
-        return "dense" if num_experts <= DENSE_AUTO_MAX else "dispatch"
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return "dense" if num_experts <= DENSE_AUTO_MAX and (AUTO_DENSE_ON_CUDA or not on_cuda) else "dispatch"
     if variant == "dense" and num_experts > DENSE_LIMIT:
         raise ValueError(f"variant 'dense' supports up to {DENSE_LIMIT} experts, got {num_experts}; use 'dispatch'")
     return variant
@@ -63,5 +71,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-__all__ = ["VARIANTS", "IMPLEMENTATIONS", "DENSE_AUTO_MAX", "DENSE_LIMIT", "COMPUTE_DTYPES", "resolve_variant",
+__all__ = ["VARIANTS", "IMPLEMENTATIONS", "DENSE_AUTO_MAX", "AUTO_DENSE_ON_CUDA", "DENSE_LIMIT", "COMPUTE_DTYPES",
+           "resolve_variant",
            "implementation", "compute_dtype"]

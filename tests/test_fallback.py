@@ -96,6 +96,19 @@ def test_a_failing_kernel_falls_back_with_one_warning(monkeypatch, cause, match)
     assert torch.equal(y1, y2)
 
 
+def test_a_lost_cuda_context_is_raised_not_a_fallback(monkeypatch):
+    """After an illegal memory access every later CUDA call fails, the reference's too (as on an
+    H200, 2026-12-04): the check raises, naming the way out, instead of warning and falling back."""
+    error = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    count_calls(monkeypatch, error=error)
+    moe, x = layer(), torch.randn(3, 7, 16, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"broke this process's CUDA context at first use \(AcceleratorError: "
+                                           r"CUDA error: an illegal memory access.*MLIT_MOE_BACKEND=reference") as info:
+        with torch.no_grad():
+            moe(x)
+    assert info.value.__cause__ is error
+
+
 def test_the_check_runs_again_when_gradients_are_needed(monkeypatch):
     """An inference-only check does not vouch for the backward kernels."""
     calls = count_calls(monkeypatch)

@@ -8,9 +8,8 @@ defined; an implementation's module is imported on first use).
   token tile, experts over tokens grouped per expert and gathered in-kernel, a combine
   (:mod:`mlit_kernels.dispatch`).
 * ``"auto"`` — dense up to :data:`DENSE_AUTO_MAX` experts, dispatch above: a fixed rule, so no
-  timing runs inside a training step. On CUDA, dispatch at every t while :data:`AUTO_DENSE_ON_CUDA`
-  is False: the dense kernels' first GPU run (H200, Triton 3.6.0, 2026-12-04) ended in an illegal
-  memory access, which no in-process fallback survives; the dispatch kernels passed there.
+  timing runs inside a training step. On CUDA dense only once a GPU run has cleared it
+  (:mod:`mlit_kernels.common.clearance`: its first GPU launch faulted), dispatch until then.
 
 An implementation is ``fn(x, params, seed, noise, options) -> (y, aux_loss)``: x (N, m) and the
 eight parameters contiguous, noise fp32 or None, seed as the caller gave it (None, an int or a
@@ -24,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from .common.clearance import may_run
 from .common.settings import BLOCK_T
 
 IMPLEMENTATIONS = {  # variant -> "module:function", relative to this package
@@ -32,9 +32,6 @@ IMPLEMENTATIONS = {  # variant -> "module:function", relative to this package
 }
 VARIANTS = ("auto", *IMPLEMENTATIONS)
 DENSE_AUTO_MAX = 8
-# Whether "auto" may pick the dense variant on CUDA: False until a GPU run clears the dense kernels
-# (bench/RESULTS.md, "First GPU run"); "dense" asked for by name still runs them.
-AUTO_DENSE_ON_CUDA = False
 DENSE_LIMIT = BLOCK_T  # the dense kernels hold the gate in one BLOCK_T-column tile
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -51,8 +48,7 @@ def resolve_variant(variant: str, num_experts: int, per_expert: bool = False,
             raise ValueError("variant 'dense' needs V and W2 shared (shared=('v', 'w2')); use 'dispatch'")
         return "dispatch"
     if variant == "auto":
-        on_cuda = device is not None and torch.device(device).type == "cuda"
-        return "dense" if num_experts <= DENSE_AUTO_MAX and (AUTO_DENSE_ON_CUDA or not on_cuda) else "dispatch"
+        return "dense" if num_experts <= DENSE_AUTO_MAX and may_run("dense", device) else "dispatch"
     if variant == "dense" and num_experts > DENSE_LIMIT:
         raise ValueError(f"variant 'dense' supports up to {DENSE_LIMIT} experts, got {num_experts}; use 'dispatch'")
     return variant
@@ -71,6 +67,5 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-__all__ = ["VARIANTS", "IMPLEMENTATIONS", "DENSE_AUTO_MAX", "AUTO_DENSE_ON_CUDA", "DENSE_LIMIT", "COMPUTE_DTYPES",
-           "resolve_variant",
+__all__ = ["VARIANTS", "IMPLEMENTATIONS", "DENSE_AUTO_MAX", "DENSE_LIMIT", "COMPUTE_DTYPES", "resolve_variant",
            "implementation", "compute_dtype"]

@@ -23,7 +23,8 @@ import torch
 
 from mlit_kernels import SharedSwiGLUMoE, reference
 from mlit_kernels.reference import max_row_error as row_error
-from mlit_kernels.variants import AUTO_DENSE_ON_CUDA, resolve_variant
+from mlit_kernels.common import clearance
+from mlit_kernels.variants import resolve_variant
 from mlit_kernels.common.tiling import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -373,11 +374,20 @@ def test_variant_rule():
     assert SharedSwiGLUMoE(16, 8, 9, triton_variant="dense").resolved_variant == "dense"
     with pytest.raises(ValueError, match="triton_variant.*16 experts"):
         SharedSwiGLUMoE(16, 8, 17, triton_variant="dense")
-    # on CUDA "auto" is dispatch at every t until a GPU run clears the dense kernels (variants.py)
-    on_meta = SharedSwiGLUMoE(16, 8, 3, device="meta")
-    assert resolve_variant("auto", 3, device="cuda") == ("dense" if AUTO_DENSE_ON_CUDA else "dispatch")
-    assert resolve_variant("auto", 3, device="cpu") == on_meta.resolved_variant == "dense"
-    assert resolve_variant("dense", 3, device="cuda") == "dense"  # asked for by name, it runs
+
+def test_uncleared_kernels_stay_off_cuda_unless_asked_for(monkeypatch):
+    """On CUDA "auto" is dispatch at every t until a GPU run clears the dense kernels (their first
+    GPU launch faulted); MLIT_UNCLEARED_KERNELS=1 lets it pick them; by name they always run."""
+    monkeypatch.delenv(clearance.ENV, raising=False)
+    assert "dense" not in clearance.CLEARED
+    assert resolve_variant("auto", 3, device="cuda") == "dispatch"
+    assert resolve_variant("auto", 3, device="cpu") == SharedSwiGLUMoE(16, 8, 3, device="meta").resolved_variant == "dense"
+    assert resolve_variant("dense", 3, device="cuda") == "dense"
+    monkeypatch.setenv(clearance.ENV, "1")
+    assert resolve_variant("auto", 3, device="cuda") == "dense"
+    monkeypatch.setenv(clearance.ENV, "yes")
+    with pytest.raises(ValueError, match="MLIT_UNCLEARED_KERNELS must be 0 or 1"):
+        resolve_variant("auto", 3, device="cuda")
 
 
 def _args(n=9, m=16, d_h=27, t=5, dtype=torch.float32):

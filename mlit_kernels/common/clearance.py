@@ -1,0 +1,36 @@
+"""Which Triton kernel families have run correctly on a GPU, and whether an uncleared one may run there.
+
+The kernels are tested under Triton's CPU interpreter; only a GPU shows what the compiler makes of
+them. The dense MoE kernels passed every interpreter test and still faulted at their first GPU
+launch (illegal memory access; NVIDIA H200, Triton 3.6.0, 2026-12-04) — a fault after which no
+fallback in the same process can run. So on CUDA the automatic choices (``"auto"`` variants and
+backends) take a family's kernels only once a GPU run has cleared it (:data:`CLEARED`); off CUDA
+(the interpreter, the meters) always. ``MLIT_UNCLEARED_KERNELS=1`` lets the automatic choices take
+uncleared families too — what a GPU session sets to clear them. A family asked for by name
+(``triton_variant="dense"``) runs whatever this says.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+#: family -> the GPU run that cleared it (device torch reports, Triton version, date; bench/RESULTS.md)
+CLEARED = {
+    "dispatch": "NVIDIA H200, Triton 3.6.0, 2026-12-04: gate race, fresh-process and float64 checks passed",
+}
+ENV = "MLIT_UNCLEARED_KERNELS"
+
+
+def may_run(family: str, device: torch.device | str | None) -> bool:
+    """Whether an automatic choice may run ``family``'s kernels on ``device`` (None: not CUDA)."""
+    if device is None or torch.device(device).type != "cuda" or family in CLEARED:
+        return True
+    value = os.environ.get(ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+__all__ = ["CLEARED", "ENV", "may_run"]

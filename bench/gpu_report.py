@@ -268,6 +268,9 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
     base = dict(K=k, SUPER=kernels.SUPER_TILES, BLOCK_N=kernels.ROUTE_BLOCK_N, DTYPE=TL_DTYPES[dtype],
                 DOT_F32=dtype == torch.float32)
     chunks = dict(M0=m0, M1=m1, M2=m2, M3=m3, DC=hidden_chunk(d_h))
+    g0, g1, g2, g3 = launch.weight_groups(m)[1]
+    # the weight gradients recompute a, u, dh at m ≤ WEIGHT_GROUP_MAX, else by N (both compiled there)
+    recomputes = (True,) if launch.weight_groups(m)[0] == 1 else (True, False)
     jobs = [(gating.noise_kernel, dict(BLOCK=1024), 4, 3)]
     for noisy in (True, False):
         mode = dict(NOISY=noisy, NOISE_MODE=2 if noisy else 0, LOAD_P=noisy and k < t)
@@ -281,11 +284,16 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
         for config in launch.configs_for(m)[:1] if quick else launch.configs_for(m):
             grouped = dict(base, **seps, **chunks, BR=config.block_r)
             jobs.append((kernels._experts_fwd_kernel, grouped, config.num_warps, 1))
-            jobs.append((kernels._experts_bwd_kernel, dict(grouped, NOISY=True, NOISE_MODE=2, LOAD_P=k < t,
-                                                           DROPOUT=True, SQUARED=True, UNBIASED=True,
-                                                           BLOCK_T=block_t), config.num_warps, 1))
-        jobs.append((kernels._weights_dx_kernel, dict(base, **seps, NOISY=True, DROPOUT=True, WB=launch.WEIGHT_TILE,
-                                                      BLOCK_T=block_t), 4, 1))
+            for recompute in recomputes:
+                jobs.append((kernels._experts_bwd_kernel, dict(grouped, NOISY=True, NOISE_MODE=2, LOAD_P=k < t,
+                                                               DROPOUT=True, SQUARED=True, UNBIASED=True,
+                                                               RECOMPUTE=recompute, BLOCK_T=block_t),
+                             config.num_warps, 1))
+        for recompute in recomputes:
+            jobs.append((kernels._weights_dx_kernel, dict(base, **seps, NOISY=True, DROPOUT=True, RECOMPUTE=recompute,
+                                                          WD=launch.WEIGHT_D_CHUNK, G0=g0, G1=g1, G2=g2, G3=g3,
+                                                          WB=launch.WEIGHT_TILE, BLOCK_T=block_t),
+                         launch.WEIGHT_WARPS, 1))
     return jobs
 
 
@@ -323,7 +331,7 @@ def compile_check(arch=90, quick=False):
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
                                   if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT", "NORMALISE",
-                                             "SLOT"))
+                                             "SLOT", "RECOMPUTE"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024

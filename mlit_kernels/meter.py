@@ -203,9 +203,12 @@ def _dispatch_experts_bwd_flops(a: dict) -> int:
 
 
 def _dispatch_weights_flops(a: dict) -> int:
-    """Per pair xᵀ da, xᵀ du, hᵀ dy (dW_e, dV_e, dW2_e); xᵀ dgate (dW_g, dW_noise)."""
-    n = a["N"]
-    return n * a["K"] * 6 * a["M"] * a["D"] + _gate_flops(n, a["M"], a["T"], a["NOISY"])
+    """Per pair xᵀ da, xᵀ du, hᵀ dy (dW_e, dV_e, dW2_e), with RECOMPUTE also x W_e, x V_e and dy W2_eᵀ
+    (a, u, dh) once per m column group (G0 + … + G3 columns); xᵀ dgate (dW_g, dW_noise)."""
+    n, m = a["N"], a["M"]
+    groups = -(-m // sum(a[f"G{i}"] for i in range(4)))
+    recompute = 6 * groups if a["RECOMPUTE"] else 0
+    return n * a["K"] * (6 + recompute) * m * a["D"] + _gate_flops(n, m, a["T"], a["NOISY"])
 
 
 #: Matmul FLOPs of the Triton kernels with matmul work, from their arguments by name (a kernel not

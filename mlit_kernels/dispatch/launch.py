@@ -2,9 +2,9 @@
 
 Forward: ``_gate_route_kernel`` (gate, partial statistics, per-tile routing), ``_experts_fwd_kernel``
 (every pair's expert output, grouped by expert), ``_combine_kernel`` (y = dropout(Σ_j g o), and the
-importance, load and auxiliary loss). Backward: ``_experts_bwd_kernel`` (per pair da, du, hc and
-dx through W1, V; the gate's backward per token tile), ``_weights_dx_kernel`` (every weight
-gradient, and dx). See :mod:`mlit_kernels.dispatch.kernels`.
+importance, load and auxiliary loss). Backward: ``_experts_bwd_kernel`` (per pair dx through W1, V,
+and da, du, hc unless the weight gradients recompute them; the gate's backward per token tile),
+``_weights_dx_kernel`` (every weight gradient, and dx). See :mod:`mlit_kernels.dispatch.kernels`.
 
 The grouped kernels' row tile and warps are the tuned configuration (:data:`CONFIGS`, those
 :func:`configs_for` m allows); no reduction depends on it. Tuning runs once per key on CUDA,
@@ -19,13 +19,17 @@ import torch
 import triton
 
 from ..common.settings import gate_flags
-from ..common.tiling import hidden_chunk, next_pow2, width_chunks
+from ..common.tiling import MIN_CHUNK, hidden_chunk, next_pow2, round_up, width_chunks
 from ..common.tuning import LaunchTuner
 from ..dense.launch import precision
+from ..meter import H100
 from .kernels import (ROUTE_BLOCK_N, SUPER_TILES, _combine_kernel, _experts_bwd_kernel,
                       _experts_fwd_kernel, _gate_route_kernel, _weights_dx_kernel)
 
-WEIGHT_TILE = 32  # the (m, d_h) tile of a weight-gradient program
+WEIGHT_TILE = 32  # the m chunk of a dW_g / dW_noise program
+WEIGHT_D_CHUNK = 16  # d_h columns of a weight-gradient strip
+WEIGHT_GROUP_MAX = 384  # m columns of a strip: its three fp32 (columns × 16) accumulators, 72 registers a
+WEIGHT_WARPS = 8  # thread at the weight-gradient launch's 8 warps
 COMBINE_BLOCK_M = 64
 
 
@@ -55,6 +59,32 @@ force_config = TUNER.force  # ``with force_config(Config(64, 4)):`` runs the gro
 def _config(key: tuple, x: torch.Tensor, launch) -> Config:
     """:data:`TUNER`'s configuration for ``key`` (its second entry is m) among those m allows."""
     return TUNER.choose(key, x.device, launch, configs_for(key[1]))
+
+
+def weight_groups(m: int) -> tuple[int, tuple[int, int, int, int]]:
+    """(groups, chunk widths of one group): the m column groups of the weight-gradient strips, as
+    few as keep a group within WEIGHT_GROUP_MAX columns, of equal width (rounded up to 16)."""
+    groups = triton.cdiv(round_up(m, MIN_CHUNK), WEIGHT_GROUP_MAX)
+    chunks = width_chunks(round_up(triton.cdiv(m, groups), MIN_CHUNK))
+    return triton.cdiv(m, sum(chunks)), chunks
+
+
+def recompute_intermediates(pairs: int, m: int, d_h: int, itemsize: int, least_bytes: int) -> bool:
+    """Whether the weight-gradient programs recompute each pair's a, u and dh rather than read da,
+    du and hc (pairs, d_h) of ``itemsize`` bytes, which the experts' backward then stores.
+    ``least_bytes``: the least a training step of the layer moves (x, y, dy, dx and three passes
+    over the weights).
+
+    Recomputing costs 3 products of 2·m·d_h FLOPs a pair per m column group (:func:`weight_groups`),
+    storing 6·d_h elements a pair (written and read). On the modelled H100
+    (:data:`mlit_kernels.meter.H100`) recomputing takes less time where groups · m < 2 · peak
+    FLOP/s ÷ bandwidth (fp16: ≈ 590, every m of one group, m ≤ WEIGHT_GROUP_MAX); elsewhere it is
+    chosen where the stored intermediates alone would exceed the least traffic (with the step's
+    other traffic, itself at least the least, they would take it to about 3x the minimum or past:
+    large N with few or narrow experts)."""
+    stored = 6 * pairs * d_h * itemsize
+    flops = 6 * weight_groups(m)[0] * m * d_h * pairs
+    return flops / H100.peak_flops < stored / H100.bandwidth or stored > least_bytes
 
 
 def _separate(w1, v, w2) -> dict:
@@ -143,7 +173,11 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
             g.zero_()
         return tuple(grads)
     tiles = triton.cdiv(n, ROUTE_BLOCK_N)
-    da, du, hc = (torch.empty(n * k, d_h, device=dev, dtype=dtype) for _ in range(3))
+    groups, group_chunks = weight_groups(m)
+    weights = (w_gate, w_noise, w1, b1, v, b_v, w2, b2)
+    recompute = recompute_intermediates(n * k, m, d_h, dtype.itemsize,
+                                        5 * x.numel() * x.element_size() + 3 * sum(w.nbytes for w in weights))
+    da, du, hc = (torch.empty((0,) if recompute else (n * k, d_h), device=dev, dtype=dtype) for _ in range(3))
     dgate = torch.empty(n, 2, t, device=dev, dtype=torch.float32)
     dxp = torch.empty(n * k, m, device=dev, dtype=dtype)
     keep_arg = keep if keep.numel() else stats
@@ -161,20 +195,21 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
             noise if noise is not None else stats, seed, idx, o, stats, d_aux, da, du, hc, dxp, dgate,
             n, m, d_h, t, tiles, rt, float(noise_eps), float(dropout), float(w_importance), float(w_load), **sep,
             NOISY=flags["NOISY"], NOISE_MODE=flags["NOISE_MODE"], LOAD_P=flags["LOAD_P"], DROPOUT=flags["DROPOUT"],
-            SQUARED=bool(squared_cv), UNBIASED=bool(unbiased_cv), M0=m0, M1=m1, M2=m2, M3=m3, DC=dc, BR=c.block_r,
-            BLOCK_T=block_t, **common, num_warps=c.num_warps)
+            SQUARED=bool(squared_cv), UNBIASED=bool(unbiased_cv), RECOMPUTE=recompute, M0=m0, M1=m1, M2=m2, M3=m3,
+            DC=dc, BR=c.block_r, BLOCK_T=block_t, **common, num_warps=c.num_warps)
 
     launch(_config(("bwd", m, d_h, t, k, dtype, tuple(sep.values())), x, launch))
-    nm, nd = triton.cdiv(m, WEIGHT_TILE), triton.cdiv(d_h, WEIGHT_TILE)
-    weight_tiles = sum((t if s else 1) * nm * nd for s in sep.values())
+    strips = (t if all(sep.values()) else 1) * triton.cdiv(d_h, WEIGHT_D_CHUNK) * groups
+    g0, g1, g2, g3 = group_chunks
     dx, dwg, dwn, dw1, db1, dv, dbv, dw2, db2 = grads
-    _weights_dx_kernel[(weight_tiles + nm + tiles,)](
-        x, dy, keep_arg, gates, da, du, hc, dgate, dxp, route, local, w_gate, w_noise, dw1, db1, dv, dbv, dw2, db2,
-        dwg, dwn, dx,
-        n, m, d_h, t, tiles, float(dropout), **sep, NOISY=flags["NOISY"], DROPOUT=flags["DROPOUT"], WB=WEIGHT_TILE,
-        BLOCK_T=block_t, **common, num_warps=4)
+    _weights_dx_kernel[(strips + triton.cdiv(m, WEIGHT_TILE) + tiles,)](
+        x, dy, keep_arg, gates, da, du, hc, dgate, dxp, route, local, w_gate, w_noise,
+        *((w1, b1, v, b_v, w2) if recompute else (stats,) * 5), dw1, db1, dv, dbv, dw2, db2, dwg, dwn, dx,
+        n, m, d_h, t, tiles, float(dropout), **sep, NOISY=flags["NOISY"], DROPOUT=flags["DROPOUT"],
+        RECOMPUTE=recompute, WD=WEIGHT_D_CHUNK, G0=g0, G1=g1, G2=g2, G3=g3, WB=WEIGHT_TILE, BLOCK_T=block_t, **common,
+        num_warps=WEIGHT_WARPS)
     return tuple(grads)
 
 
 __all__ = ["dispatch_forward", "dispatch_backward", "route_tiles", "Config", "CONFIGS", "configs_for",
-           "force_config"]
+           "force_config", "weight_groups", "recompute_intermediates"]

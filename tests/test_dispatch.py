@@ -129,11 +129,14 @@ def test_weight_gradient_strips(monkeypatch, recompute, separate):
 
 
 def test_recompute_rule():
-    """Recomputed where it costs less modelled H100 time (one column group) or where the stored
-    intermediates would exceed the least traffic; else stored."""
-    assert launch.recompute_intermediates(2048 * 2, 384, 1536, 2, 10**12)
-    assert not launch.recompute_intermediates(2048 * 4, 1024, 4096, 2, 10**9)
-    assert launch.recompute_intermediates(37120 * 4, 1024, 4096, 2, 10**9)
+    """Recomputed where it costs less modelled H100 time (one column group, large N) or where the
+    stored intermediates would exceed the least traffic; else stored."""
+    weights = 64 * 3 * 384 * 1536 * 4  # 384/1536/64 separate experts, fp32
+    assert launch.recompute_intermediates(37120 * 2, 384, 1536, 2, weights // 64, 10**12, 10**12)
+    assert not launch.recompute_intermediates(2048 * 2, 384, 1536, 2, weights, 10**12, 10**12)  # the weights' read
+    # 3 column groups (m = 1024): stored (7.3 GB) unless the step's bytes would pass 3x the least
+    assert not launch.recompute_intermediates(37120 * 4, 1024, 4096, 2, 0, 6 * 10**9, 8 * 10**9)
+    assert launch.recompute_intermediates(37120 * 4, 1024, 4096, 2, 0, 3 * 10**9, 3 * 10**9)
 
 
 def _forward(x, params, k, train, seed=11):

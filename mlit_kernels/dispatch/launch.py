@@ -31,6 +31,7 @@ WEIGHT_D_CHUNK = 16  # d_h columns of a weight-gradient strip
 WEIGHT_GROUP_MAX = 384  # m columns of a strip: its three fp32 (columns × 16) accumulators, 72 registers a
 WEIGHT_WARPS = 8  # thread at the weight-gradient launch's 8 warps
 COMBINE_BLOCK_M = 64
+BYTES_BUDGET = 3  # a training step's HBM bytes at most this × the least (tests/test_dispatch.py pins it)
 
 
 @dataclass(frozen=True)
@@ -69,22 +70,23 @@ def weight_groups(m: int) -> tuple[int, tuple[int, int, int, int]]:
     return triton.cdiv(m, sum(chunks)), chunks
 
 
-def recompute_intermediates(pairs: int, m: int, d_h: int, itemsize: int, least_bytes: int) -> bool:
+def recompute_intermediates(pairs: int, m: int, d_h: int, itemsize: int, expert_bytes: int, least_bytes: int,
+                            other_bytes: int) -> bool:
     """Whether the weight-gradient programs recompute each pair's a, u and dh rather than read da,
     du and hc (pairs, d_h) of ``itemsize`` bytes, which the experts' backward then stores.
+    ``expert_bytes``: W1, V, W2 and their biases, which recomputing reads once more;
     ``least_bytes``: the least a training step of the layer moves (x, y, dy, dx and three passes
-    over the weights).
+    over the weights); ``other_bytes``: what the step moves besides the intermediates.
 
-    Recomputing costs 3 products of 2·m·d_h FLOPs a pair per m column group (:func:`weight_groups`),
-    storing 6·d_h elements a pair (written and read). On the modelled H100
-    (:data:`mlit_kernels.meter.H100`) recomputing takes less time where groups · m < 2 · peak
-    FLOP/s ÷ bandwidth (fp16: ≈ 590, every m of one group, m ≤ WEIGHT_GROUP_MAX); elsewhere it is
-    chosen where the stored intermediates alone would exceed the least traffic (with the step's
-    other traffic, itself at least the least, they would take it to about 3x the minimum or past:
-    large N with few or narrow experts)."""
+    Recomputing costs 3 products of 2·m·d_h FLOPs a pair per m column group (:func:`weight_groups`)
+    and a read of the expert weights, storing 6·d_h elements a pair (written and read). Chosen
+    where it takes less modelled H100 time (:data:`mlit_kernels.meter.H100`: at large N where
+    groups · m < 2 · peak FLOP/s ÷ bandwidth, ≈ 590 in fp16, i.e. m ≤ WEIGHT_GROUP_MAX), and where
+    storing would take the step past BYTES_BUDGET times the least."""
     stored = 6 * pairs * d_h * itemsize
     flops = 6 * weight_groups(m)[0] * m * d_h * pairs
-    return flops / H100.peak_flops < stored / H100.bandwidth or stored > least_bytes
+    faster = flops / H100.peak_flops + expert_bytes / H100.bandwidth < stored / H100.bandwidth
+    return faster or other_bytes + stored > BYTES_BUDGET * least_bytes
 
 
 def _separate(w1, v, w2) -> dict:
@@ -174,9 +176,12 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
         return tuple(grads)
     tiles = triton.cdiv(n, ROUTE_BLOCK_N)
     groups, group_chunks = weight_groups(m)
-    weights = (w_gate, w_noise, w1, b1, v, b_v, w2, b2)
-    recompute = recompute_intermediates(n * k, m, d_h, dtype.itemsize,
-                                        5 * x.numel() * x.element_size() + 3 * sum(w.nbytes for w in weights))
+    expert_bytes = sum(w.nbytes for w in (w1, b1, v, b_v, w2, b2))
+    least_bytes = 5 * x.nbytes + 3 * (expert_bytes + w_gate.nbytes + w_noise.nbytes)
+    # besides the least: the pairs' outputs o (written, read twice) and dxp (written, read), x and dy
+    # read by three more launches, the keep mask (written, read twice)
+    other_bytes = least_bytes + 5 * n * k * m * dtype.itemsize + 3 * x.nbytes + 3 * keep.nbytes
+    recompute = recompute_intermediates(n * k, m, d_h, dtype.itemsize, expert_bytes, least_bytes, other_bytes)
     da, du, hc = (torch.empty((0,) if recompute else (n * k, d_h), device=dev, dtype=dtype) for _ in range(3))
     dgate = torch.empty(n, 2, t, device=dev, dtype=torch.float32)
     dxp = torch.empty(n * k, m, device=dev, dtype=dtype)

@@ -161,7 +161,7 @@ _FUSED_PTRS = {"da_ptr": "act", "du_ptr": "act", "h_ptr": "act", "idx_ptr": "i32
 _DISPATCH_PTRS = {"da_ptr": "act", "du_ptr": "act", "hc_ptr": "act", "o_ptr": "act", "idx_ptr": "i32",
                   "route_ptr": "i32", "local_ptr": "i32", "seed_ptr": "i64", "keep_ptr": "u8"}
 _DISPATCH_KERNELS = {"_gate_route_kernel", "_experts_fwd_kernel", "_combine_kernel", "_experts_bwd_kernel",
-                     "_weights_dx_kernel"}
+                     "_weights_dx_kernel", "_shared_grads_kernel"}
 _FLOAT_SCALARS = {"noise_eps", "drop_p", "w_importance", "w_load", "scale_lo", "scale_span", "ratio_lo", "ratio_span",
                   "hflip"}
 # ... and of the augmentation kernels (uint8 images, float uniforms and tables; the output uint8
@@ -294,6 +294,7 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
                                                           WD=launch.WEIGHT_D_CHUNK, G0=g0, G1=g1, G2=g2, G3=g3,
                                                           WB=launch.WEIGHT_TILE, BLOCK_T=block_t),
                          launch.WEIGHT_WARPS, 1))
+    jobs.append((kernels._shared_grads_kernel, dict(BLOCK=launch.SHARED_BLOCK), 4, 1))
     return jobs
 
 
@@ -330,8 +331,8 @@ def compile_check(arch=90, quick=False):
             for kernel, constexprs, warps, stages in jobs:
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
-                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT", "NORMALISE",
-                                             "SLOT", "RECOMPUTE"))
+                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT",
+                                             "NORMALISE", "SLOT", "RECOMPUTE"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024

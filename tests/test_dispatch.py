@@ -119,8 +119,11 @@ def test_super_chunks(monkeypatch):
 @pytest.mark.parametrize("separate", [True, False])
 def test_weight_gradient_strips(monkeypatch, recompute, separate):
     """The weight gradients over several m column groups (16 columns each here), with a, u, dh
-    recomputed or da, du, hc stored by the experts' backward and read."""
+    recomputed or da, du, hc stored by the experts' backward and read; shared V / W2 summed over
+    two slots of two experts."""
     monkeypatch.setattr(launch, "WEIGHT_GROUP_MAX", 16)
+    monkeypatch.setattr(launch, "STRIP_PROGRAMS", 6)
+    assert launch.expert_slots(4, 3, separate) == ((4, 1) if separate else (2, 2))
     monkeypatch.setattr(launch, "recompute_intermediates", lambda *args: recompute)
     assert launch.weight_groups(40)[0] == 3
     x = torch.randn(33, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -223,8 +226,8 @@ def test_dropout_in_the_combine():
 @pytest.mark.parametrize("m,d_h,t,k,shared", [(192, 768, 16, 2, ("v", "w2")), (384, 1536, 64, 2, ("v", "w2")),
                                               (384, 1536, 64, 4, ()), (1024, 2048, 8, 4, ())])
 def test_layer_budgets(m, d_h, t, k, shared, n):
-    """Pinned: training forward + backward ≤ 10 launches (6: the seed draw and five kernels), eval
-    ≤ 3, no host sync, HBM bytes ≤ 3x the minimum (byte meter, dry run, fp16 autocast), at 2048
+    """Pinned: training forward + backward ≤ 10 launches (the seed draw and five kernels, a sixth for
+    shared V / W2), eval ≤ 3, no host sync, HBM bytes ≤ 3x the minimum (byte meter, dry run, fp16 autocast), at 2048
     tokens and at a classifier batch (256 × 145)."""
     layer = SharedSwiGLUMoE(m, d_h, t, k=k, shared=shared, backend="triton", triton_variant="dispatch")
     costs = measure_layer(layer, n)

@@ -462,15 +462,16 @@ def _store_weight_grads(acc1, bias1, accv, biasv, acc2, bias2, dw1_ptr, db1_ptr,
 
 @triton.jit
 def _weight_strip(x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, route_ptr, local_ptr, w1_ptr, b1_ptr,
-                  v_ptr, bv_ptr, w2_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, slot, d0, c0, M, D, T,
-                  tiles, drop_p, K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr,
-                  RECOMPUTE: tl.constexpr, DROPOUT: tl.constexpr, WD: tl.constexpr, STARTS: tl.constexpr,
-                  WIDTHS: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  v_ptr, bv_ptr, w2_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, part_ptr, e0, e1, d0, c0,
+                  M, D, T, tiles, drop_p, K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr,
+                  SEP_W2: tl.constexpr, RECOMPUTE: tl.constexpr, DROPOUT: tl.constexpr, WD: tl.constexpr,
+                  STARTS: tl.constexpr, WIDTHS: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
     """One strip of every weight gradient: d_h columns [d0, d0 + WD) × the m column group at c0 of
-    dW1, dV (and db1, dbV), its transpose in dW2 (and db2), summed over the pairs of expert ``slot``
-    when every projection is per expert, else over every expert's pairs (expert by expert; a
-    per-expert gradient stored after its expert), in blocks of WEIGHT_BLOCK_R rows."""
+    dW1, dV (and db1, dbV), its transpose in dW2 (and db2), summed over the pairs of experts
+    [e0, e1) (expert by expert, in blocks of WEIGHT_BLOCK_R rows). A per-expert gradient is stored
+    after its expert; a shared one's partial sum over the range into ``part_ptr`` (fp32, laid out
+    dV (M·D), dbV (D), dW2 (D·M), db2 (M)), for :func:`_shared_grads_kernel` to add."""
     ds = d0 + tl.arange(0, WD)
     d_ok = ds < D
     acc1 = _zeros_by_chunk(WD, WIDTHS, True)
@@ -479,10 +480,7 @@ def _weight_strip(x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, ro
     bias1 = tl.zeros((WD,), dtype=tl.float32)
     biasv = tl.zeros((WD,), dtype=tl.float32)
     bias2 = _vector_zeros_by_chunk(WIDTHS)
-    e_end = T
-    if SEP_W1 * SEP_V * SEP_W2:
-        e_end = slot + 1
-    for e in range(slot, e_end):
+    for e in range(e0, e1):
         if SEP_W1:
             acc1 = _zeros_by_chunk(WD, WIDTHS, True)
             bias1 = tl.zeros((WD,), dtype=tl.float32)
@@ -510,17 +508,17 @@ def _weight_strip(x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, ro
                                                                DROPOUT, DTYPE, DOT_F32)
         _store_weight_grads(acc1, bias1, accv, biasv, acc2, bias2, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr,
                             e, d0, c0, M, D, SEP_W1, SEP_V, SEP_W2, SEP_W1, SEP_V, SEP_W2, WD, STARTS, WIDTHS)
-    _store_weight_grads(acc1, bias1, accv, biasv, acc2, bias2, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr,
-                        slot, d0, c0, M, D, 1 - SEP_W1, 1 - SEP_V, 1 - SEP_W2, SEP_W1, SEP_V, SEP_W2, WD, STARTS,
-                        WIDTHS)
+    _store_weight_grads(acc1, bias1, accv, biasv, acc2, bias2, dw1_ptr, db1_ptr, part_ptr, part_ptr + M * D,
+                        part_ptr + M * D + D, part_ptr + 2 * M * D + D, e0, d0, c0, M, D, 1 - SEP_W1, 1 - SEP_V,
+                        1 - SEP_W2, SEP_W1, SEP_V, SEP_W2, WD, STARTS, WIDTHS)
 
 
 @triton.jit
 def _weights_dx_kernel(
     x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, dgate_ptr, dxp_ptr, route_ptr, local_ptr, wg_ptr,
-    wn_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, dwg_ptr,
-    dwn_ptr, dx_ptr,
-    N, M, D, T, tiles, drop_p,
+    wn_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, part_ptr,
+    dwg_ptr, dwn_ptr, dx_ptr,
+    N, M, D, T, tiles, per_slot, drop_p,
     K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr, NOISY: tl.constexpr,
     DROPOUT: tl.constexpr, RECOMPUTE: tl.constexpr, WD: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
     G2: tl.constexpr, G3: tl.constexpr, WB: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -528,9 +526,10 @@ def _weights_dx_kernel(
 ):
     """Every weight gradient, each element summed by one program in a fixed order, and dx.
 
-    Programs, in order: the strips of the expert weights' gradients (:func:`_weight_strip`; per
-    expert when every projection is, d_h chunk of WD, m column group of G0 + … + G3 columns; biases
-    with them), the m chunks (WB) of dW_g / dW_noise, then per token tile
+    Programs, in order: the strips of the expert weights' gradients (:func:`_weight_strip`: per
+    slot of ``per_slot`` experts, d_h chunk of WD, m column group of G0 + … + G3 columns; biases
+    with them; shared V / W2 as partial sums per slot), the m chunks (WB) of dW_g / dW_noise, then
+    per token tile
     dx = d clean W_gᵀ + d raw W_noiseᵀ + Σ_j dxp (x's dtype)."""
     WIDTHS: tl.constexpr = (G0, G1, G2, G3)
     STARTS: tl.constexpr = (0, G0, G0 + G1, G0 + G1 + G2)
@@ -538,12 +537,16 @@ def _weights_dx_kernel(
     nm = tl.cdiv(M, WB)
     nd = tl.cdiv(D, WD)
     groups = tl.cdiv(M, G0 + G1 + G2 + G3)
-    strips = (SEP_W1 * SEP_V * SEP_W2 * (T - 1) + 1) * nd * groups
+    strips = tl.cdiv(T, per_slot) * nd * groups
     if pid < strips:
+        expert_slot = pid // (nd * groups)
+        e0 = expert_slot * per_slot
+        part = part_ptr + expert_slot.to(tl.int64) * (2 * M * D + D + M)
         _weight_strip(x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, route_ptr, local_ptr, w1_ptr, b1_ptr,
-                      v_ptr, bv_ptr, w2_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, pid // (nd * groups),
-                      (pid // groups) % nd * WD, pid % groups * (G0 + G1 + G2 + G3), M, D, T, tiles, drop_p, K,
-                      SEP_W1, SEP_V, SEP_W2, RECOMPUTE, DROPOUT, WD, STARTS, WIDTHS, SUPER, BLOCK_N, DTYPE, DOT_F32)
+                      v_ptr, bv_ptr, w2_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, part, e0,
+                      tl.minimum(e0 + per_slot, T), (pid // groups) % nd * WD, pid % groups * (G0 + G1 + G2 + G3), M,
+                      D, T, tiles, drop_p, K, SEP_W1, SEP_V, SEP_W2, RECOMPUTE, DROPOUT, WD, STARTS, WIDTHS, SUPER,
+                      BLOCK_N, DTYPE, DOT_F32)
     elif pid < strips + nm:  # dW_g, dW_noise rows of an m chunk: Σ_n x[n, chunk]ᵀ (d clean, d raw)[n]
         ri = (pid - strips) * WB + tl.arange(0, WB)
         cols = tl.arange(0, BLOCK_T)
@@ -584,5 +587,23 @@ def _weights_dx_kernel(
                 acc += tl.load(dxp_ptr + (rows[:, None].to(tl.int64) * K + j) * M + cm[None, :], mask=mask,
                                other=0.0).to(tl.float32)
             tl.store(dx_ptr + rows[:, None].to(tl.int64) * M + cm[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _shared_grads_kernel(part_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, slots, M, D, BLOCK: tl.constexpr):
+    """Shared V / W2: dV, dbV, dW2, db2 = Σ_s part[s] over the slots in order (part (slots,
+    2·M·D + D + M) fp32 as :func:`_weight_strip` lays it out), in the parameters' dtypes."""
+    total = 2 * M * D + D + M
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(slots):
+        acc += tl.load(part_ptr + tl.cast(s, tl.int64) * total + offs, mask=offs < total, other=0.0)
+    v_end = M * D
+    bv_end = v_end + D
+    w2_end = bv_end + D * M
+    tl.store(dv_ptr + offs, acc.to(dv_ptr.dtype.element_ty), mask=offs < v_end)
+    tl.store(dbv_ptr + offs - v_end, acc.to(dbv_ptr.dtype.element_ty), mask=(offs >= v_end) & (offs < bv_end))
+    tl.store(dw2_ptr + offs - bv_end, acc.to(dw2_ptr.dtype.element_ty), mask=(offs >= bv_end) & (offs < w2_end))
+    tl.store(db2_ptr + offs - w2_end, acc.to(db2_ptr.dtype.element_ty), mask=(offs >= w2_end) & (offs < total))
+
 
 __all__ = ["ROUTE_BLOCK_N", "SUPER_TILES", "WEIGHT_BLOCK_R"]

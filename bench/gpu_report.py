@@ -269,8 +269,7 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
                 DOT_F32=dtype == torch.float32)
     chunks = dict(M0=m0, M1=m1, M2=m2, M3=m3, DC=hidden_chunk(d_h))
     g0, g1, g2, g3 = launch.weight_groups(m)[1]
-    # the weight gradients recompute a, u, dh at m ≤ WEIGHT_GROUP_MAX, else by N (both compiled there)
-    recomputes = (True,) if launch.weight_groups(m)[0] == 1 else (True, False)
+    recomputes = (True, False)  # the weight gradients recompute a, u, dh or read them, by shape and N
     jobs = [(gating.noise_kernel, dict(BLOCK=1024), 4, 3)]
     for noisy in (True, False):
         mode = dict(NOISY=noisy, NOISE_MODE=2 if noisy else 0, LOAD_P=noisy and k < t)

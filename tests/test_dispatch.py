@@ -194,9 +194,11 @@ def test_ties_pick_the_lowest_index():
         assert row_error(tri.to(DEVICE)(x.to(DEVICE))[0], layer(x)[0]) < TOL[torch.float32]
 
 
-def test_every_config_gives_bitwise_the_same():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_every_config_gives_bitwise_the_same(monkeypatch, recompute):
     """Every row tile of the tuning candidates (the interpreter ignores warps): forward and every
-    gradient bitwise equal."""
+    gradient bitwise equal, the weight gradients' intermediates recomputed or stored."""
+    monkeypatch.setattr(launch, "recompute_intermediates", lambda *args: recompute)
     n, m, t, k = 40, 16, 8, 2
     params = make_params(m, 16, t, True, seed=6)
     x = torch.randn(n, m, dtype=torch.float64)

@@ -23,8 +23,9 @@ weight-gradient programs read them (:func:`mlit_kernels.dispatch.launch.recomput
 decides).
 
 Reductions are config independent: each weight-gradient element is summed by one program over
-its rows in a fixed order (expert by expert, blocks of WEIGHT_BLOCK_R rows in token order), the
-combine over j in order, and no float atomics are used. Nothing a launch loads is stored by the
+its rows in a fixed order (expert by expert, blocks of WEIGHT_BLOCK_R rows in token order; a
+shared V / W2 per slot of experts, the slots then added in order by a second launch), the combine
+over j in order, and no float atomics are used. Nothing a launch loads is stored by the
 same launch.
 """
 

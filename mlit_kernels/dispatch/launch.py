@@ -239,4 +239,4 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
 
 
 __all__ = ["dispatch_forward", "dispatch_backward", "route_tiles", "Config", "CONFIGS", "configs_for",
-           "force_config", "weight_groups", "recompute_intermediates"]
+           "force_config", "weight_groups", "recompute_intermediates", "expert_slots"]

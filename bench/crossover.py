@@ -11,7 +11,8 @@ launch. FLOPs are modeled from each variant's design, in units of one token's x�
   picked (ē = t·(1 − (1 − k/t)^32) for uniform routing) plus V and W_2: forward ē + 2; backward
   2ē + 3 (tokens kernel) + t + 2 (weights kernel: each W_e sums over every token, masked);
 * dispatch (:mod:`mlit_kernels.dispatch`): per pair W1, V, W2 forward (3k); backward 5k (W1, V
-  recomputed, dh, dx through W1 and V) + 3k (dW1, dV, dW2).
+  recomputed, dh, dx through W1 and V) + 6k (dW1, dV, dW2, and W1, V, dh recomputed once more:
+  every m here fits one column group of the weight-gradient strips).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def model_flops(variant: str, n: int, m: int, d_h: int, t: int, k: int) -> float
     if variant == "dense":
         routed = t * (1 - (1 - k / t) ** TILE)
         return unit * ((routed + 2) + (2 * routed + 3) + (t + 2))
-    return unit * (3 * k + 8 * k)
+    return unit * (3 * k + 11 * k)
 
 
 def rows(tokens: int, k: int = 2) -> list[dict]:

@@ -171,7 +171,7 @@ _FUSED_PTRS = {"da_ptr": "act", "du_ptr": "act", "h_ptr": "act", "idx_ptr": "i32
 _DISPATCH_PTRS = {"da_ptr": "act", "du_ptr": "act", "hc_ptr": "act", "o_ptr": "act", "idx_ptr": "i32",
                   "route_ptr": "i32", "local_ptr": "i32", "seed_ptr": "i64", "keep_ptr": "u8"}
 _DISPATCH_KERNELS = {"_gate_route_kernel", "_experts_fwd_kernel", "_combine_kernel", "_experts_bwd_kernel",
-                     "_weights_dx_kernel"}
+                     "_weights_dx_kernel", "_shared_grads_kernel"}
 _FLOAT_SCALARS = {"noise_eps", "drop_p", "w_importance", "w_load", "scale_lo", "scale_span", "ratio_lo", "ratio_span",
                   "hflip"}
 # ... and of the augmentation kernels (uint8 images, float uniforms and tables; the output uint8
@@ -278,6 +278,8 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
     base = dict(K=k, SUPER=kernels.SUPER_TILES, BLOCK_N=kernels.ROUTE_BLOCK_N, DTYPE=TL_DTYPES[dtype],
                 DOT_F32=dtype == torch.float32)
     chunks = dict(M0=m0, M1=m1, M2=m2, M3=m3, DC=hidden_chunk(d_h))
+    g0, g1, g2, g3 = launch.weight_groups(m)[1]
+    recomputes = (True, False)  # the weight gradients recompute a, u, dh or read them, by shape and N
     jobs = [(gating.noise_kernel, dict(BLOCK=1024), 4, 3)]
     for noisy in (True, False):
         mode = dict(NOISY=noisy, NOISE_MODE=2 if noisy else 0, LOAD_P=noisy and k < t)
@@ -291,11 +293,17 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
         for config in launch.configs_for(m)[:1] if quick else launch.configs_for(m):
             grouped = dict(base, **seps, **chunks, BR=config.block_r)
             jobs.append((kernels._experts_fwd_kernel, grouped, config.num_warps, 1))
-            jobs.append((kernels._experts_bwd_kernel, dict(grouped, NOISY=True, NOISE_MODE=2, LOAD_P=k < t,
-                                                           DROPOUT=True, SQUARED=True, UNBIASED=True,
-                                                           BLOCK_T=block_t), config.num_warps, 1))
-        jobs.append((kernels._weights_dx_kernel, dict(base, **seps, NOISY=True, DROPOUT=True, WB=launch.WEIGHT_TILE,
-                                                      BLOCK_T=block_t), 4, 1))
+            for recompute in recomputes:
+                jobs.append((kernels._experts_bwd_kernel, dict(grouped, NOISY=True, NOISE_MODE=2, LOAD_P=k < t,
+                                                               DROPOUT=True, SQUARED=True, UNBIASED=True,
+                                                               RECOMPUTE=recompute, BLOCK_T=block_t),
+                             config.num_warps, 1))
+        for recompute in recomputes:
+            jobs.append((kernels._weights_dx_kernel, dict(base, **seps, NOISY=True, DROPOUT=True, RECOMPUTE=recompute,
+                                                          WD=launch.WEIGHT_D_CHUNK, G0=g0, G1=g1, G2=g2, G3=g3,
+                                                          WB=launch.WEIGHT_TILE, BLOCK_T=block_t),
+                         launch.WEIGHT_WARPS, 1))
+    jobs.append((kernels._shared_grads_kernel, dict(BLOCK=launch.SHARED_BLOCK), 4, 1))
     return jobs
 
 
@@ -332,8 +340,8 @@ def compile_check(arch=90, quick=False):
             for kernel, constexprs, warps, stages in jobs:
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
-                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT", "NORMALISE",
-                                             "SLOT"))
+                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT",
+                                             "NORMALISE", "SLOT", "RECOMPUTE"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024

@@ -6,8 +6,8 @@ Its twin with the same signature is :func:`mlit_kernels.reference.moe_reference`
 
 The variants (:mod:`mlit_kernels.variants`): ``"dense"`` runs the whole layer in two forward and
 three backward launches (:mod:`mlit_kernels.dense`); ``"dispatch"`` (many experts, and per-expert
-V / W_2) three forward and two backward launches over tokens grouped per expert in-kernel
-(:mod:`mlit_kernels.dispatch`).
+V / W_2) three forward and two backward launches (three with shared V / W_2) over tokens grouped
+per expert in-kernel (:mod:`mlit_kernels.dispatch`).
 """
 
 from __future__ import annotations

@@ -203,9 +203,12 @@ def _dispatch_experts_bwd_flops(a: dict) -> int:
 
 
 def _dispatch_weights_flops(a: dict) -> int:
-    """Per pair xᵀ da, xᵀ du, hᵀ dy (dW_e, dV_e, dW2_e); xᵀ dgate (dW_g, dW_noise)."""
-    n = a["N"]
-    return n * a["K"] * 6 * a["M"] * a["D"] + _gate_flops(n, a["M"], a["T"], a["NOISY"])
+    """Per pair xᵀ da, xᵀ du, hᵀ dy (dW_e, dV_e, dW2_e), with RECOMPUTE also x W_e, x V_e and dy W2_eᵀ
+    (a, u, dh) once per m column group (G0 + … + G3 columns); xᵀ dgate (dW_g, dW_noise)."""
+    n, m = a["N"], a["M"]
+    groups = -(-m // sum(a[f"G{i}"] for i in range(4)))
+    recompute = 6 * groups if a["RECOMPUTE"] else 0
+    return n * a["K"] * (6 + recompute) * m * a["D"] + _gate_flops(n, m, a["T"], a["NOISY"])
 
 
 #: Matmul FLOPs of the Triton kernels with matmul work, from their arguments by name (a kernel not
@@ -221,7 +224,7 @@ TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
 }
 #: Triton kernels known to do no matmul work (their 0 FLOPs are the model, not a gap).
 TRITON_NO_MATMUL = {"_fused_aux_kernel", "_reduce_kernel", "_crop_kernel", "_op_kernel", "noise_kernel",
-                    "_combine_kernel"}
+                    "_combine_kernel", "_shared_grads_kernel"}
 
 
 def _kernel_arguments(fn, args, kwargs) -> dict:

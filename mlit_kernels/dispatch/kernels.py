@@ -15,9 +15,18 @@ its expert's counts over the super-chunk's tiles, finds each of its rows' tile b
 and gathers the pair ids from ``local``: tokens grouped per expert with no copy of x, no global
 sort and no host read; rows are padded only to the row tile of each (expert, super-chunk).
 
+The weight gradients need every pair's da = dh ⊙ u ⊙ silu'(a), du = dh ⊙ silu(a) and
+hc = silu(a) ⊙ u (dh = g dy' W2ᵀ). With RECOMPUTE the weight-gradient programs recompute a, u and
+dh from x and dy (three products per pair over the whole m) instead of reading them: no per-pair
+(N·k, d_h) intermediates in HBM. Without it the experts' backward stores them and the
+weight-gradient programs read them (:func:`mlit_kernels.dispatch.launch.recompute_intermediates`
+decides).
+
 Reductions are config independent: each weight-gradient element is summed by one program over
-its rows in a fixed order (blocks of WEIGHT_BLOCK_R rows), the combine over j in order, and no
-float atomics are used. Nothing a launch loads is stored by the same launch.
+its rows in a fixed order (expert by expert, blocks of WEIGHT_BLOCK_R rows in token order; a
+shared V / W2 per slot of experts, the slots then added in order by a second launch), the combine
+over j in order, and no float atomics are used. Nothing a launch loads is stored by the
+same launch.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from ..dense.kernels import _DROPOUT_STREAM, _add_product_by_chunk, _fused_aux_k
 
 ROUTE_BLOCK_N = 32  # tokens per gate program: the routing tile (not tuned)
 SUPER_TILES = 64  # gate tiles per super-chunk of the grouped kernels (ROUTE_BLOCK_N · SUPER_TILES tokens)
-WEIGHT_BLOCK_R = tl.constexpr(32)  # rows per reduction step of the weight gradients (fixes the summation order)
+WEIGHT_BLOCK_R = tl.constexpr(16)  # rows per reduction step of the weight gradients (fixes the summation order)
 BLOCK_K = tl.constexpr(16)  # K chunk of the products over m (not tuned)
 
 
@@ -77,7 +86,7 @@ def _grouped_tile(pid, T, RT):
 def _expert_weights(e, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, b2_ptr, M, D, SEP_W1: tl.constexpr, SEP_V: tl.constexpr,
                     SEP_W2: tl.constexpr):
     """Expert e's W1, b1, V, bV, W2, b2 (a shared projection: the one weight, SEP_* = 0)."""
-    e64 = e.to(tl.int64)
+    e64 = tl.cast(e, tl.int64)
     return (w1_ptr + SEP_W1 * e64 * M * D, b1_ptr + SEP_W1 * e64 * D, v_ptr + SEP_V * e64 * M * D,
             bv_ptr + SEP_V * e64 * D, w2_ptr + SEP_W2 * e64 * D * M, b2_ptr + SEP_W2 * e64 * M)
 
@@ -131,6 +140,14 @@ def _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_ptr, ds, d_ok, M, drop_p, B
         wt = tl.load(w2_ptr + ds[None, :] * M + ks[:, None], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _mma(de, wt.to(DTYPE), acc, DOT_F32)
     return acc
+
+
+@triton.jit
+def _swiglu_grads(a, u, dh):
+    """hc = silu(a) ⊙ u and the gradients da = dh ⊙ u ⊙ silu'(a), du = dh ⊙ silu(a) (fp32, a's shape)."""
+    sig = tl.sigmoid(a)
+    act = a * sig
+    return act * u, dh * u * (sig * (1.0 + a * (1.0 - sig))), dh * act
 
 
 @triton.jit
@@ -311,14 +328,15 @@ def _experts_bwd_kernel(
     N, M, D, T, tiles, RT, noise_eps, drop_p, w_importance, w_load,
     K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr, NOISY: tl.constexpr,
     NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr, DROPOUT: tl.constexpr, SQUARED: tl.constexpr,
-    UNBIASED: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr,
-    DC: tl.constexpr, BR: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-    DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+    UNBIASED: tl.constexpr, RECOMPUTE: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+    M3: tl.constexpr, DC: tl.constexpr, BR: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Programs [0, grouped) — (row tile, expert, super-chunk) — for their pairs recompute
-    a = x W1_e + b1, u = x V_e + bV, dh = g dy' W2_eᵀ and write da = dh ⊙ u ⊙ silu'(a),
-    du = dh ⊙ silu(a), hc = silu(a) ⊙ u (N·k, d_h) and dxp = da W1_eᵀ + du V_eᵀ (N·k, m), all in
-    the compute dtype; the remaining programs run the gate's backward per token tile."""
+    a = x W1_e + b1, u = x V_e + bV, dh = g dy' W2_eᵀ and write dxp = da W1_eᵀ + du V_eᵀ (N·k, m)
+    in the compute dtype, and without RECOMPUTE also da, du and hc (N·k, d_h) for the weight
+    gradients (:func:`_swiglu_grads`); the remaining programs run the gate's backward per token
+    tile."""
     WIDTHS: tl.constexpr = (M0, M1, M2, M3)
     STARTS: tl.constexpr = (0, M0, M0 + M1, M0 + M1 + M2)
     pid = tl.program_id(0)
@@ -336,15 +354,15 @@ def _experts_bwd_kernel(
                 ds, d_ok, a, u = _preacts(x_ptr, tok, row_ok, w1_e, b1_e, v_e, bv_e, d0, M, D, BR, DC, DTYPE, DOT_F32)
                 dh = _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_e, ds, d_ok, M, drop_p, BR, DC, DROPOUT, DTYPE,
                                  DOT_F32)
-                sig = tl.sigmoid(a)
-                act = a * sig
-                da = (dh * u * (sig * (1.0 + a * (1.0 - sig)))).to(DTYPE)
-                du = (dh * act).to(DTYPE)
-                offs = pair[:, None].to(tl.int64) * D + ds[None, :]
-                mask = row_ok[:, None] & d_ok[None, :]
-                tl.store(hc_ptr + offs, (act * u).to(hc_ptr.dtype.element_ty), mask=mask)
-                tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=mask)
-                tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
+                hc, da, du = _swiglu_grads(a, u, dh)
+                da = da.to(DTYPE)
+                du = du.to(DTYPE)
+                if not RECOMPUTE:
+                    offs = pair[:, None].to(tl.int64) * D + ds[None, :]
+                    mask = row_ok[:, None] & d_ok[None, :]
+                    tl.store(hc_ptr + offs, hc.to(hc_ptr.dtype.element_ty), mask=mask)
+                    tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=mask)
+                    tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
                 dx = _add_product_by_chunk(dx, da, w1_e, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE, DOT_F32)
                 dx = _add_product_by_chunk(dx, du, v_e, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE, DOT_F32)
             _store_row_chunks(dx, b1_e, dxp_ptr, pair, row_ok, M, STARTS, WIDTHS, False)
@@ -355,109 +373,183 @@ def _experts_bwd_kernel(
 
 
 @triton.jit
-def _acc_rows_t(acc, bias, a_ptr, a_rows, a_ld, a_cols, a_ok, b_ptr, b_rows, b_ld, b_cols, b_ok, row_ok, g,
-                dy_ptr, keep_ptr, drop_p, M, B_IS_DY: tl.constexpr, DROPOUT: tl.constexpr, DTYPE: tl.constexpr,
-                DOT_F32: tl.constexpr):
-    """acc + A[a_rows, a_cols]ᵀ B[b_rows, b_cols] and bias + Σ_rows B; B = g dy' when B_IS_DY."""
-    a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * a_ld + a_cols[None, :], mask=row_ok[:, None] & a_ok[None, :],
-                other=0.0).to(DTYPE)
-    if B_IS_DY:
-        b = g[:, None] * _grad_out(dy_ptr, keep_ptr, b_rows, row_ok, b_cols, b_ok, M, drop_p, DROPOUT)
-    else:
-        b = tl.load(b_ptr + b_rows[:, None].to(tl.int64) * b_ld + b_cols[None, :],
-                    mask=row_ok[:, None] & b_ok[None, :], other=0.0).to(tl.float32)
-    b = b.to(DTYPE)
-    return _mma(tl.trans(a), b, acc, DOT_F32), bias + tl.sum(b.to(tl.float32), axis=0)
+def _vector_zeros_by_chunk(WIDTHS: tl.constexpr):
+    """fp32 zeros (width,) per chunk."""
+    out = ()
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            out = out + (tl.zeros((WIDTHS[i],), dtype=tl.float32),)
+    return out
 
 
 @triton.jit
-def _acc_pairs(acc, bias, pair, row_ok, x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr, ri, ri_ok, cj, cj_ok, M, D,
-               drop_p, IS_W2: tl.constexpr, K: tl.constexpr, DROPOUT: tl.constexpr, DTYPE: tl.constexpr,
-               DOT_F32: tl.constexpr):
-    """A block of pairs' contribution to a weight-gradient tile: x_nᵀ p_p (W1, V) or hc_pᵀ g_p dy'_n (W2)."""
-    tok = pair // K
-    g = tl.load(gates_ptr + pair, mask=row_ok, other=0.0)
-    if IS_W2:
-        return _acc_rows_t(acc, bias, hc_ptr, pair, D, ri, ri_ok, p_ptr, tok, M, cj, cj_ok, row_ok, g, dy_ptr,
-                           keep_ptr, drop_p, M, True, DROPOUT, DTYPE, DOT_F32)
-    return _acc_rows_t(acc, bias, x_ptr, tok, M, ri, ri_ok, p_ptr, pair, D, cj, cj_ok, row_ok, g, dy_ptr, keep_ptr,
-                       drop_p, M, False, DROPOUT, DTYPE, DOT_F32)
+def _pair_grads(x_ptr, dy_ptr, keep_ptr, da_ptr, du_ptr, hc_ptr, pair, tok, row_ok, g, w1_e, b1_e, v_e, bv_e, w2_e,
+                ds, d_ok, M, D, drop_p, R: tl.constexpr, WD: tl.constexpr, RECOMPUTE: tl.constexpr,
+                DROPOUT: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """da, du, hc (R, WD) of rows ``pair`` in d_h columns ``ds`` (DTYPE): recomputed from x and dy
+    when RECOMPUTE (a = x W1_e + b1, u = x V_e + bV, dh = g dy' W2_eᵀ over the whole m), else read
+    where the experts' backward stored them."""
+    if RECOMPUTE:
+        a = _x_times(x_ptr, tok, row_ok, w1_e, b1_e, ds, d_ok, M, D, R, WD, DTYPE, DOT_F32)
+        u = _x_times(x_ptr, tok, row_ok, v_e, bv_e, ds, d_ok, M, D, R, WD, DTYPE, DOT_F32)
+        dh = _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_e, ds, d_ok, M, drop_p, R, WD, DROPOUT, DTYPE, DOT_F32)
+        hc, da, du = _swiglu_grads(a, u, dh)
+    else:
+        offs = pair[:, None].to(tl.int64) * D + ds[None, :]
+        mask = row_ok[:, None] & d_ok[None, :]
+        da = tl.load(da_ptr + offs, mask=mask, other=0.0)
+        du = tl.load(du_ptr + offs, mask=mask, other=0.0)
+        hc = tl.load(hc_ptr + offs, mask=mask, other=0.0)
+    return da.to(DTYPE), du.to(DTYPE), hc.to(DTYPE)
 
 
 @triton.jit
-def _weight_tile(x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr, route_ptr, local_ptr, w_ptr, b_ptr, e, ti, tj,
-                 N, M, D, T, tiles, drop_p, SEP: tl.constexpr, IS_W2: tl.constexpr, K: tl.constexpr,
-                 DROPOUT: tl.constexpr, WB: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
-    """One (WB × WB) tile of dW1_e / dV_e (Σ x_nᵀ p_p, p = da or du; rows = m chunk ti, columns =
-    d_h chunk tj) or of dW2_e (Σ hc_pᵀ g_p dy'_n; rows = d_h chunk ti, columns = m chunk tj), and
-    its bias slice (stored by the tiles with ti = 0), over expert e's pairs (all pairs, in pair
-    order, when SEP is 0) in blocks of WEIGHT_BLOCK_R rows."""
-    ri = ti * WB + tl.arange(0, WB)
-    cj = tj * WB + tl.arange(0, WB)
-    if IS_W2:
-        ri_ok = ri < D
-        cj_ok = cj < M
-    else:
-        ri_ok = ri < M
-        cj_ok = cj < D
-    acc = tl.zeros((WB, WB), dtype=tl.float32)
-    bias = tl.zeros((WB,), dtype=tl.float32)
-    if SEP:
+def _add_weight_products(acc1, accv, acc2, bias2, x_ptr, dy_ptr, keep_ptr, tok, row_ok, g, da, du, hc, c0, M, drop_p,
+                         STARTS: tl.constexpr, WIDTHS: tl.constexpr, DROPOUT: tl.constexpr, DTYPE: tl.constexpr,
+                         DOT_F32: tl.constexpr):
+    """A block of pairs added per m chunk [c0 + start, c0 + start + width) of a column group:
+    acc1 + x_chunkᵀ da, accv + x_chunkᵀ du (dW1, dV) and acc2 + (g dy'_chunk)ᵀ hc (dW2ᵀ), all
+    (width, WD), and bias2 + Σ_rows g dy'_chunk (db2)."""
+    o1 = ()
+    ov = ()
+    o2 = ()
+    ob = ()
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            cols = c0 + STARTS[i] + tl.arange(0, WIDTHS[i])
+            col_ok = cols < M
+            xc = tl.load(x_ptr + tok[:, None].to(tl.int64) * M + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                         other=0.0).to(DTYPE)
+            gdy = (g[:, None] * _grad_out(dy_ptr, keep_ptr, tok, row_ok, cols, col_ok, M, drop_p, DROPOUT)).to(DTYPE)
+            o1 = o1 + (_mma(tl.trans(xc), da, acc1[i], DOT_F32),)
+            ov = ov + (_mma(tl.trans(xc), du, accv[i], DOT_F32),)
+            o2 = o2 + (_mma(tl.trans(gdy), hc, acc2[i], DOT_F32),)
+            ob = ob + (bias2[i] + tl.sum(gdy.to(tl.float32), axis=0),)
+    return o1, ov, o2, ob
+
+
+@triton.jit
+def _store_weight_grads(acc1, bias1, accv, biasv, acc2, bias2, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr,
+                        e, d0, c0, M, D, W1: tl.constexpr, V: tl.constexpr, W2: tl.constexpr,
+                        SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr, WD: tl.constexpr,
+                        STARTS: tl.constexpr, WIDTHS: tl.constexpr):
+    """The strip's gradients of those projections W1 / V / W2 names (expert e's slice of a per-expert
+    one): dW1, dV (M, D) rows of the column group at c0, columns ds; dW2 (D, M) rows ds, the
+    group's columns; db1, dbV by the strips of the first group, db2 by those of the first d_h chunk."""
+    ds = d0 + tl.arange(0, WD)
+    d_ok = ds < D
+    e64 = tl.cast(e, tl.int64)
+    first_group = (ds * 0 + c0) == 0
+    if W1:
+        tl.store(db1_ptr + SEP_W1 * e64 * D + ds, bias1.to(db1_ptr.dtype.element_ty), mask=d_ok & first_group)
+    if V:
+        tl.store(dbv_ptr + SEP_V * e64 * D + ds, biasv.to(dbv_ptr.dtype.element_ty), mask=d_ok & first_group)
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            rows = c0 + STARTS[i] + tl.arange(0, WIDTHS[i])
+            row_ok = rows < M
+            mask = row_ok[:, None] & d_ok[None, :]
+            offs = rows[:, None] * D + ds[None, :]
+            if W1:
+                tl.store(dw1_ptr + SEP_W1 * e64 * M * D + offs, acc1[i].to(dw1_ptr.dtype.element_ty), mask=mask)
+            if V:
+                tl.store(dv_ptr + SEP_V * e64 * M * D + offs, accv[i].to(dv_ptr.dtype.element_ty), mask=mask)
+            if W2:
+                w2_e = dw2_ptr + SEP_W2 * e64 * D * M
+                tl.store(w2_e + ds[None, :] * M + rows[:, None], acc2[i].to(dw2_ptr.dtype.element_ty), mask=mask)
+                tl.store(db2_ptr + SEP_W2 * e64 * M + rows, bias2[i].to(db2_ptr.dtype.element_ty),
+                         mask=row_ok & ((rows * 0 + d0) == 0))
+
+
+@triton.jit
+def _weight_strip(x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, route_ptr, local_ptr, w1_ptr, b1_ptr,
+                  v_ptr, bv_ptr, w2_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, part_ptr, e0, e1, d0, c0,
+                  M, D, T, tiles, drop_p, K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr,
+                  SEP_W2: tl.constexpr, RECOMPUTE: tl.constexpr, DROPOUT: tl.constexpr, WD: tl.constexpr,
+                  STARTS: tl.constexpr, WIDTHS: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One strip of every weight gradient: d_h columns [d0, d0 + WD) × the m column group at c0 of
+    dW1, dV (and db1, dbV), its transpose in dW2 (and db2), summed over the pairs of experts
+    [e0, e1) (expert by expert, in blocks of WEIGHT_BLOCK_R rows). A per-expert gradient is stored
+    after its expert; a shared one's partial sum over the range into ``part_ptr`` (fp32, laid out
+    dV (M·D), dbV (D), dW2 (D·M), db2 (M)), for :func:`_shared_grads_kernel` to add."""
+    ds = d0 + tl.arange(0, WD)
+    d_ok = ds < D
+    acc1 = _zeros_by_chunk(WD, WIDTHS, True)
+    accv = _zeros_by_chunk(WD, WIDTHS, True)
+    acc2 = _zeros_by_chunk(WD, WIDTHS, True)
+    bias1 = tl.zeros((WD,), dtype=tl.float32)
+    biasv = tl.zeros((WD,), dtype=tl.float32)
+    bias2 = _vector_zeros_by_chunk(WIDTHS)
+    for e in range(e0, e1):
+        if SEP_W1:
+            acc1 = _zeros_by_chunk(WD, WIDTHS, True)
+            bias1 = tl.zeros((WD,), dtype=tl.float32)
+        if SEP_V:
+            accv = _zeros_by_chunk(WD, WIDTHS, True)
+            biasv = tl.zeros((WD,), dtype=tl.float32)
+        if SEP_W2:
+            acc2 = _zeros_by_chunk(WD, WIDTHS, True)
+            bias2 = _vector_zeros_by_chunk(WIDTHS)
+        w1_e, b1_e, v_e, bv_e, w2_e, _ = _expert_weights(e, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, w2_ptr, M, D,
+                                                         SEP_W1, SEP_V, SEP_W2)
         for sc in range(0, tl.cdiv(tiles, SUPER)):
             for r0 in range(0, _expert_count(route_ptr, e, sc, tiles, T, SUPER), WEIGHT_BLOCK_R):
                 pair, row_ok = _expert_rows(route_ptr, local_ptr, e, sc, r0, tiles, T, K, WEIGHT_BLOCK_R, SUPER,
                                             BLOCK_N)
-                acc, bias = _acc_pairs(acc, bias, pair, row_ok, x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr, ri,
-                                       ri_ok, cj, cj_ok, M, D, drop_p, IS_W2, K, DROPOUT, DTYPE, DOT_F32)
-    else:
-        for p0 in range(0, N * K, WEIGHT_BLOCK_R):
-            pair = p0 + tl.arange(0, WEIGHT_BLOCK_R)
-            acc, bias = _acc_pairs(acc, bias, pair, pair < N * K, x_ptr, dy_ptr, keep_ptr, gates_ptr, p_ptr, hc_ptr,
-                                   ri, ri_ok, cj, cj_ok, M, D, drop_p, IS_W2, K, DROPOUT, DTYPE, DOT_F32)
-    ld = M if IS_W2 else D
-    w_e = w_ptr + SEP * e.to(tl.int64) * M * D
-    tl.store(w_e + ri[:, None] * ld + cj[None, :], acc.to(w_ptr.dtype.element_ty), mask=ri_ok[:, None] & cj_ok[None, :])
-    tl.store(b_ptr + SEP * e.to(tl.int64) * ld + cj, bias.to(b_ptr.dtype.element_ty), mask=cj_ok & ((cj * 0 + ti) == 0))
+                tok = pair // K
+                g = tl.load(gates_ptr + pair, mask=row_ok, other=0.0)
+                da, du, hc = _pair_grads(x_ptr, dy_ptr, keep_ptr, da_ptr, du_ptr, hc_ptr, pair, tok, row_ok, g, w1_e,
+                                         b1_e, v_e, bv_e, w2_e, ds, d_ok, M, D, drop_p, WEIGHT_BLOCK_R, WD,
+                                         RECOMPUTE, DROPOUT, DTYPE, DOT_F32)
+                bias1 += tl.sum(da.to(tl.float32), axis=0)
+                biasv += tl.sum(du.to(tl.float32), axis=0)
+                acc1, accv, acc2, bias2 = _add_weight_products(acc1, accv, acc2, bias2, x_ptr, dy_ptr, keep_ptr, tok,
+                                                               row_ok, g, da, du, hc, c0, M, drop_p, STARTS, WIDTHS,
+                                                               DROPOUT, DTYPE, DOT_F32)
+        _store_weight_grads(acc1, bias1, accv, biasv, acc2, bias2, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr,
+                            e, d0, c0, M, D, SEP_W1, SEP_V, SEP_W2, SEP_W1, SEP_V, SEP_W2, WD, STARTS, WIDTHS)
+    _store_weight_grads(acc1, bias1, accv, biasv, acc2, bias2, dw1_ptr, db1_ptr, part_ptr, part_ptr + M * D,
+                        part_ptr + M * D + D, part_ptr + 2 * M * D + D, e0, d0, c0, M, D, 1 - SEP_W1, 1 - SEP_V,
+                        1 - SEP_W2, SEP_W1, SEP_V, SEP_W2, WD, STARTS, WIDTHS)
 
 
 @triton.jit
 def _weights_dx_kernel(
     x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, dgate_ptr, dxp_ptr, route_ptr, local_ptr, wg_ptr,
-    wn_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, dwg_ptr, dwn_ptr, dx_ptr,
-    N, M, D, T, tiles, drop_p,
+    wn_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, part_ptr,
+    dwg_ptr, dwn_ptr, dx_ptr,
+    N, M, D, T, tiles, per_slot, drop_p,
     K: tl.constexpr, SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr, NOISY: tl.constexpr,
-    DROPOUT: tl.constexpr, WB: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-    DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+    DROPOUT: tl.constexpr, RECOMPUTE: tl.constexpr, WD: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    G2: tl.constexpr, G3: tl.constexpr, WB: tl.constexpr, SUPER: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Every weight gradient, each element summed by one program in a fixed order, and dx.
 
-    Programs, in order: the tiles of dW1 (per expert when SEP_W1), of dV, of dW2 (biases with
-    them), the m chunks of dW_g / dW_noise, then per token tile
+    Programs, in order: the strips of the expert weights' gradients (:func:`_weight_strip`: per
+    slot of ``per_slot`` experts, d_h chunk of WD, m column group of G0 + … + G3 columns; biases
+    with them; shared V / W2 as partial sums per slot), the m chunks (WB) of dW_g / dW_noise, then
+    per token tile
     dx = d clean W_gᵀ + d raw W_noiseᵀ + Σ_j dxp (x's dtype)."""
+    WIDTHS: tl.constexpr = (G0, G1, G2, G3)
+    STARTS: tl.constexpr = (0, G0, G0 + G1, G0 + G1 + G2)
     pid = tl.program_id(0)
     nm = tl.cdiv(M, WB)
-    nd = tl.cdiv(D, WB)
-    per = nm * nd
-    n1 = (SEP_W1 * (T - 1) + 1) * per
-    nv = (SEP_V * (T - 1) + 1) * per
-    n2 = (SEP_W2 * (T - 1) + 1) * per
-    if pid < n1:
-        _weight_tile(x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, hc_ptr, route_ptr, local_ptr, dw1_ptr, db1_ptr,
-                     pid // per, (pid % per) // nd, pid % nd, N, M, D, T, tiles, drop_p, SEP_W1, False, K, DROPOUT,
-                     WB, SUPER, BLOCK_N, DTYPE, DOT_F32)
-    elif pid < n1 + nv:
-        w = pid - n1
-        _weight_tile(x_ptr, dy_ptr, keep_ptr, gates_ptr, du_ptr, hc_ptr, route_ptr, local_ptr, dv_ptr, dbv_ptr,
-                     w // per, (w % per) // nd, w % nd, N, M, D, T, tiles, drop_p, SEP_V, False, K, DROPOUT,
-                     WB, SUPER, BLOCK_N, DTYPE, DOT_F32)
-    elif pid < n1 + nv + n2:
-        w = pid - n1 - nv
-        _weight_tile(x_ptr, dy_ptr, keep_ptr, gates_ptr, dy_ptr, hc_ptr, route_ptr, local_ptr, dw2_ptr, db2_ptr,
-                     w // per, (w % per) // nm, w % nm, N, M, D, T, tiles, drop_p, SEP_W2, True, K, DROPOUT,
-                     WB, SUPER, BLOCK_N, DTYPE, DOT_F32)
-    elif pid < n1 + nv + n2 + nm:  # dW_g, dW_noise rows of an m chunk: Σ_n x[n, chunk]ᵀ (d clean, d raw)[n]
-        ri = (pid - n1 - nv - n2) * WB + tl.arange(0, WB)
+    nd = tl.cdiv(D, WD)
+    groups = tl.cdiv(M, G0 + G1 + G2 + G3)
+    strips = tl.cdiv(T, per_slot) * nd * groups
+    if pid < strips:
+        expert_slot = pid // (nd * groups)
+        e0 = expert_slot * per_slot
+        part = part_ptr + expert_slot.to(tl.int64) * (2 * M * D + D + M)
+        _weight_strip(x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, route_ptr, local_ptr, w1_ptr, b1_ptr,
+                      v_ptr, bv_ptr, w2_ptr, dw1_ptr, db1_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, part, e0,
+                      tl.minimum(e0 + per_slot, T), (pid // groups) % nd * WD, pid % groups * (G0 + G1 + G2 + G3), M,
+                      D, T, tiles, drop_p, K, SEP_W1, SEP_V, SEP_W2, RECOMPUTE, DROPOUT, WD, STARTS, WIDTHS, SUPER,
+                      BLOCK_N, DTYPE, DOT_F32)
+    elif pid < strips + nm:  # dW_g, dW_noise rows of an m chunk: Σ_n x[n, chunk]ᵀ (d clean, d raw)[n]
+        ri = (pid - strips) * WB + tl.arange(0, WB)
         cols = tl.arange(0, BLOCK_T)
         col_ok = cols < T
         acc_g = tl.zeros((WB, BLOCK_T), dtype=tl.float32)
@@ -476,7 +568,7 @@ def _weights_dx_kernel(
         tl.store(dwg_ptr + ri[:, None] * T + cols[None, :], acc_g.to(dwg_ptr.dtype.element_ty), mask=omask)
         tl.store(dwn_ptr + ri[:, None] * T + cols[None, :], acc_n.to(dwn_ptr.dtype.element_ty), mask=omask)
     else:  # dx of a token tile
-        rows = (pid - n1 - nv - n2 - nm) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (pid - strips - nm) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_T)
         col_ok = cols < T
@@ -496,5 +588,23 @@ def _weights_dx_kernel(
                 acc += tl.load(dxp_ptr + (rows[:, None].to(tl.int64) * K + j) * M + cm[None, :], mask=mask,
                                other=0.0).to(tl.float32)
             tl.store(dx_ptr + rows[:, None].to(tl.int64) * M + cm[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _shared_grads_kernel(part_ptr, dv_ptr, dbv_ptr, dw2_ptr, db2_ptr, slots, M, D, BLOCK: tl.constexpr):
+    """Shared V / W2: dV, dbV, dW2, db2 = Σ_s part[s] over the slots in order (part (slots,
+    2·M·D + D + M) fp32 as :func:`_weight_strip` lays it out), in the parameters' dtypes."""
+    total = 2 * M * D + D + M
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(slots):
+        acc += tl.load(part_ptr + tl.cast(s, tl.int64) * total + offs, mask=offs < total, other=0.0)
+    v_end = M * D
+    bv_end = v_end + D
+    w2_end = bv_end + D * M
+    tl.store(dv_ptr + offs, acc.to(dv_ptr.dtype.element_ty), mask=offs < v_end)
+    tl.store(dbv_ptr + offs - v_end, acc.to(dbv_ptr.dtype.element_ty), mask=(offs >= v_end) & (offs < bv_end))
+    tl.store(dw2_ptr + offs - bv_end, acc.to(dw2_ptr.dtype.element_ty), mask=(offs >= bv_end) & (offs < w2_end))
+    tl.store(db2_ptr + offs - w2_end, acc.to(db2_ptr.dtype.element_ty), mask=(offs >= w2_end) & (offs < total))
+
 
 __all__ = ["ROUTE_BLOCK_N", "SUPER_TILES", "WEIGHT_BLOCK_R"]

@@ -12,8 +12,8 @@ from . import ops
 
 
 def moe_dispatch(x: Tensor, params: tuple, seed, noise: Optional[Tensor], options: MoEOptions) -> tuple[Tensor, Tensor]:
-    """(y (N, m) in x's dtype, aux_loss () fp32): three launches forward, two backward (plus the
-    seed draw when one is drawn). The arguments as :func:`mlit_kernels.functional.moe_triton`
+    """(y (N, m) in x's dtype, aux_loss () fp32): three launches forward, two backward (three with
+    shared V / W2; plus the seed draw when one is drawn). The arguments as :func:`mlit_kernels.functional.moe_triton`
     prepares them: x (N, m) and the eight parameters contiguous — w_gate, w_noise (m, t); w1
     (t, m, d_h), b1 (t, d_h); v, b_v, w2, b2 shared ((m, d_h), (d_h,), (d_h, m), (m,)) or per expert
     (a leading t) — noise (N, t) fp32 or None, seed as the caller gave it."""

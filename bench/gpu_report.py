@@ -366,7 +366,7 @@ def compile_check(arch=90, quick=False):
                 except Exception as exc:  # noqa: BLE001 - report every failure
                     usage, ok, status = {}, False, f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 failures += not ok
-                shape = m if m == "augment" else (f"attention {d_h}/{t}/{k}" if m == "attention" else f"{m}/{d_h}/{t}/{k}")
+                shape = {"augment": m, "attention": f"attention {d_h}/{t}/{k}"}.get(m, f"{m}/{d_h}/{t}/{k}")
                 row = (f"| {shape} | {str(dtype)[6:]} | {name} | {label} w{warps}s{stages} | "
                        f"{usage.get('shared', '-')} | {usage.get('reg', '-')} | {usage.get('stack', '-')} | "
                        f"{usage.get('local', '-')} | {status} |")

@@ -24,15 +24,15 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @torch.library.custom_op("mlit::attention_block", mutates_args=())
-def _block(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_b: Tensor, proj_w: Tensor, proj_b: Tensor,
-           num_heads: int, num_groups: int, eps: float, dtype: torch.dtype
-           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def fused_attention_block(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_b: Tensor, proj_w: Tensor,
+                          proj_b: Tensor, num_heads: int, num_groups: int, eps: float, dtype: torch.dtype
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The block's forward (see :func:`mlit_kernels.attention.launch.block_forward`)."""
     return block_forward(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads, num_groups, eps, dtype)
 
 
-@_block.register_fake
-def _block_fake(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads, num_groups, eps, dtype):
+@fused_attention_block.register_fake
+def _fused_attention_block_fake(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads, num_groups, eps, dtype):
     B, n, D = x.shape
     N, E = B * n, qkv_w.shape[0]
     f32 = torch.float32
@@ -41,16 +41,17 @@ def _block_fake(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads, num_grou
 
 
 @torch.library.custom_op("mlit::attention_block_backward", mutates_args=())
-def _block_backward(dy: Tensor, x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, proj_w: Tensor, qkv: Tensor,
-                    o: Tensor, lse: Tensor, mean: Tensor, rstd: Tensor, num_heads: int, num_groups: int,
-                    dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+def fused_attention_block_backward(dy: Tensor, x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, proj_w: Tensor,
+                                   qkv: Tensor, o: Tensor, lse: Tensor, mean: Tensor, rstd: Tensor, num_heads: int,
+                                   num_groups: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """(dx, flat weight gradients) of ``mlit::attention_block`` (see :func:`~.launch.block_backward`)."""
     return block_backward(dy.contiguous(), x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads,
                           num_groups, dtype)
 
 
-@_block_backward.register_fake
-def _block_backward_fake(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads, num_groups, dtype):
+@fused_attention_block_backward.register_fake
+def _fused_attention_block_backward_fake(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads,
+                                         num_groups, dtype):
     D = x.shape[-1]
     E = qkv_w.shape[0]
     return torch.empty_like(x), qkv_w.new_empty((E * D + E + 2 * D + D * D + D,))
@@ -70,14 +71,14 @@ def _backward(ctx, dy, *_unused):
     num_heads, num_groups, dtype = ctx.heads
     if dy is None:
         return (None,) * 11
-    dx, flat = _block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads, num_groups,
-                               dtype)
+    dx, flat = fused_attention_block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads,
+                                              num_groups, dtype)
     B, n, D = x.shape
     d_qkv_w, d_qkv_b, d_ln_w, d_ln_b, d_proj_w, d_proj_b = split_grads(flat, Shape(B, n, D, num_heads, num_groups))
     return dx, d_ln_w, d_ln_b, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, None, None, None, None
 
 
-_block.register_autograd(_backward, setup_context=_setup_context)
+fused_attention_block.register_autograd(_backward, setup_context=_setup_context)
 
 
 def supports(dim: int, num_heads: int, num_groups: int, dtype: torch.dtype) -> bool:
@@ -119,8 +120,8 @@ def attention_block(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_b:
             raise ValueError(f"{name} is on {w.device}, x on {x.device}")
         if w.dtype != qkv_w.dtype or not w.dtype.is_floating_point:
             raise ValueError(f"{name} is {w.dtype}; every weight must share one float dtype ({qkv_w.dtype})")
-    return _block(x.contiguous(), *(w.contiguous() for w in weights.values()), num_heads, num_groups, float(eps),
-                  dtype)[0]
+    return fused_attention_block(x.contiguous(), *(w.contiguous() for w in weights.values()), num_heads, num_groups,
+                                 float(eps), dtype)[0]
 
 
-__all__ = ["attention_block", "supports", "DTYPES"]
+__all__ = ["attention_block", "fused_attention_block", "fused_attention_block_backward", "supports", "DTYPES"]

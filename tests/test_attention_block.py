@@ -12,6 +12,8 @@ import torch.nn as nn
 
 from mlit_kernels.attention import CONFIGS, attention_block, attention_block_reference, force_config
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels through Triton's interpreter
+
 # (B, n, D, H, G): tokens 65 / 37 / 257 / 145; head dims 18, 8, 27, 48, 16
 SHAPES = [
     (1, 65, 108, 6, 3),  # mLiT-XXS: head dim 18, GQA
@@ -39,12 +41,12 @@ def _inputs(B, n, D, H, G, seed=0):
 
 
 def _run(x, weights, dy, H, G, dtype):
-    """Output and gradients [y, dx, dγ, dβ, dW_qkv, db_qkv, dW_proj, db_proj] of the fused block."""
-    x = x.to(dtype).detach().requires_grad_()
-    weights = [w.clone().requires_grad_() for w in weights]
+    """Output and gradients [y, dx, dγ, dβ, dW_qkv, db_qkv, dW_proj, db_proj] of the fused block, on the CPU."""
+    x = x.to(DEVICE, dtype).detach().requires_grad_()
+    weights = [w.detach().to(DEVICE).clone().requires_grad_() for w in weights]
     y = attention_block(x, *weights, H, G)
-    y.backward(dy.to(dtype))
-    return [y, x.grad] + [w.grad for w in weights]
+    y.backward(dy.to(DEVICE, dtype))
+    return [t.cpu() for t in [y, x.grad] + [w.grad for w in weights]]
 
 
 def _reference(x, weights, dy, H, G, dtype):
@@ -95,7 +97,8 @@ def test_autocast_compute_dtype():
     """Under autocast the products run in the autocast dtype; x and the output stay fp32."""
     B, n, D, H, G = 1, 37, 36, 2, 1
     x, weights, dy = _inputs(B, n, D, H, G, seed=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x, weights = x.to(DEVICE), [w.to(DEVICE) for w in weights]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = attention_block(x, *weights, H, G)
     assert y.dtype == torch.float32
     explicit = attention_block(x, *weights, H, G, dtype=torch.bfloat16)
@@ -125,9 +128,9 @@ def test_model_half_block_matches_torch():
     from mlit.models.attention import GroupedQueryAttention
 
     torch.manual_seed(0)
-    attn = GroupedQueryAttention(36, 2, 1)
-    norm = nn.LayerNorm(36)
-    x = torch.randn(2, 37, 36)
+    attn = GroupedQueryAttention(36, 2, 1, device=DEVICE)
+    norm = nn.LayerNorm(36, device=DEVICE)
+    x = torch.randn(2, 37, 36, device=DEVICE)
     outs = []
     for backend in ("reference", "triton"):
         attn.backend = backend
@@ -140,3 +143,14 @@ def test_model_half_block_matches_torch():
     torch.testing.assert_close(y1, y0, atol=1e-4, rtol=1e-4)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_empty_batch():
+    """No sequences: no launch, an empty output, zero weight gradients."""
+    x, weights, _ = _inputs(1, 5, 36, 6, 3)
+    x = x[:0].to(DEVICE).requires_grad_()
+    weights = [w.to(DEVICE).requires_grad_() for w in weights]
+    y = attention_block(x, *weights, 6, 3)
+    y.sum().backward()
+    assert y.shape == (0, 5, 36) and x.grad.shape == x.shape
+    assert all(w.grad is not None and not w.grad.any() for w in weights)

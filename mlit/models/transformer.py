@@ -59,7 +59,10 @@ class MoETransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None,
                 attn_weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.attn(x, attn_weights, norm=self.norm1)
+        if self.attn.uses_triton(x):  # the fused half-block x + GQA(norm1(x))
+            x = self.attn(x, norm=self.norm1)
+        else:  # norm1 outside the attention module, so profiles and meters time it as a norm
+            x = x + self.attn(self.norm1(x), attn_weights)
         y, aux_loss = self.moe(self.norm2(x), seed=seed)
         return x + y, aux_loss
 

@@ -101,6 +101,8 @@ def precision(dtype: torch.dtype) -> dict:
 
 
 def _config(kind: str, shape: Shape, dtype: torch.dtype, device: torch.device, launch) -> Config:
+    """:data:`TUNER`'s configuration for ``kind`` ("fwd" / "bwd") at this shape (timed with
+    ``launch(config)`` when it tunes)."""
     key = (kind, shape.D, shape.H, shape.G, shape.n, dtype, device.index)
     return TUNER.choose(key, device, launch)
 
@@ -122,18 +124,16 @@ def block_forward(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads: int, n
     lse = torch.empty(shape.N, num_heads, device=dev, dtype=torch.float32)
     mean = torch.empty(shape.N, device=dev, dtype=torch.float32)
     rstd = torch.empty(shape.N, device=dev, dtype=torch.float32)
-    consts = dict(**precision(dtype), **shape.pads)
-    d_pad = consts.pop("D_PAD")
-    hd_pad = consts.pop("HD_PAD")
+    consts = precision(dtype)
+    pads = shape.pads
 
     def launch(config: Config):
         _ln_qkv_fwd_kernel[(triton.cdiv(shape.N, BLOCK_M),)](
-            x2, ln_w, ln_b, qkv_w, qkv_b, qkv, mean, rstd, shape.N, D, shape.E, float(eps), D_PAD=d_pad,
+            x2, ln_w, ln_b, qkv_w, qkv_b, qkv, mean, rstd, shape.N, D, shape.E, float(eps), D_PAD=pads["D_PAD"],
             BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **consts, num_warps=config.num_warps)
         _attn_fwd_kernel[(triton.cdiv(n, BLOCK_M), B)](
             qkv, x2, proj_w, proj_b, o, lse, y, n, D, shape.E, num_heads, num_groups, shape.HD,
-            1.0 / shape.HD ** 0.5, D_PAD=d_pad, HD_PAD=hd_pad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **consts,
-            num_warps=config.num_warps)
+            1.0 / shape.HD ** 0.5, **pads, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **consts, num_warps=config.num_warps)
 
     if shape.N:
         launch(_config("fwd", shape, dtype, dev, launch))
@@ -158,7 +158,7 @@ def block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, nu
     delta = torch.empty(shape.N, num_heads, device=dev, dtype=torch.float32)
     dqkv = torch.empty(shape.N, shape.E, device=dev, dtype=dtype)
     part = torch.empty(shape.splits, shape.grad_numel, device=dev, dtype=torch.float32)
-    consts = dict(**precision(dtype))
+    consts = precision(dtype)
     pads = shape.pads
     kv_tiles = triton.cdiv(n, BLOCK_N)
     wp_off = shape.E * D + shape.E + 2 * D

@@ -63,12 +63,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(qkv, o, lse, mean, rstd)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd)
-    ctx.heads = (num_heads, num_groups, dtype)
+    ctx.options = (num_heads, num_groups, dtype)
 
 
 def _backward(ctx, dy, *_unused):
     x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd = ctx.saved_tensors
-    num_heads, num_groups, dtype = ctx.heads
+    num_heads, num_groups, dtype = ctx.options
     if dy is None:
         return (None,) * 11
     dx, flat = fused_attention_block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads,

@@ -308,7 +308,7 @@ def _attention_jobs(dim, heads, groups, dtype, quick):
         jobs += [(kernels._ln_qkv_fwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M,
                                                    BLOCK_E=launch.BLOCK_E, **base), w, 1),
                  (kernels._attn_fwd_kernel, dict(**pads, BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N, **base), w, 1),
-                 (kernels._proj_bwd_kernel, dict(**pads, BLOCK_M=launch.PROJ_ROWS, **base), w, 1),
+                 (kernels._proj_bwd_kernel, dict(**pads, ROWS=launch.PROJ_ROWS, BLOCK_M=launch.BLOCK_M, **base), w, 1),
                  (kernels._attn_bwd_kernel, dict(HD_PAD=pads["HD_PAD"], BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N,
                                                  **base), w, 1),
                  (kernels._ln_qkv_bwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M,

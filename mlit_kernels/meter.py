@@ -234,8 +234,8 @@ def _attn_bwd_flops(a: dict) -> int:
 
 
 def _ln_qkv_bwd_flops(a: dict) -> int:
-    """dqkvᵀ LN(x) (dW_qkv) and dqkv W_qkv (dx)."""
-    return 4 * a["N"] * a["D"] * a["E"]
+    """dqkvᵀ LN(x) (dW_qkv), and dqkv W_qkv twice (for dx in the token-tile programs, for dγ, dβ in the splits)."""
+    return 6 * a["N"] * a["D"] * a["E"]
 
 
 #: Matmul FLOPs of the Triton kernels with matmul work, from their arguments by name (a kernel not

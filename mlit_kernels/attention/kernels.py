@@ -10,19 +10,21 @@ forward (two launches)
                            logsumexp saved in log2 units), its output o (N, D) saved, the output
                            projection summed over the heads, + bias + the residual x → y (N, D)
 backward (four launches)
-  ``_proj_bwd_kernel``     per split of tokens: dO = dy W_proj per head, Δ = rowsum(dO ⊙ O),
-                           the split's partial dW_proj, db_proj
+  ``_proj_bwd_kernel``     per split of tokens: the split's partial dW_proj, db_proj; per token
+                           tile: dO = dy W_proj per head, Δ = rowsum(dO ⊙ O)
   ``_attn_bwd_kernel``     per (key tile | query tile, sequence): key-tile programs sum dK, dV over
                            their group's heads and every query tile (no atomics); query-tile programs
                            compute dQ over every key tile; both recompute P from the logsumexp
-  ``_ln_qkv_bwd_kernel``   per split: the partial dW_qkv, db_qkv, dγ, dβ of the split, and dx =
-                           LayerNorm backward of dqkv W_qkv + dy (the residual)
+  ``_ln_qkv_bwd_kernel``   per split: the partial dW_qkv, db_qkv, dγ, dβ of the split; per token
+                           tile: dx = LayerNorm backward of dqkv W_qkv + dy (the residual)
   ``_attn_sum_splits_kernel``  the partial weight gradients summed over the splits in split order
 
 Weights arrive in their own dtype (fp32 under autocast) and are cast in registers to DTYPE, the
 compute dtype of the products; every product accumulates in fp32. Reduction boundaries (BLOCK_M,
 BLOCK_N, BLOCK_E, the splits) are fixed by the shape, never by the tuned configuration (warps), so
-results are bitwise independent of it. No kernel loads a buffer it stores.
+results are bitwise independent of it. The weight gradients are summed by few long programs (the
+splits) while, in the same launch, one short program per token tile does the per-token work, so
+the per-token work spreads over the whole GPU. No kernel loads a buffer it stores.
 """
 
 from __future__ import annotations
@@ -137,43 +139,53 @@ def _attn_fwd_kernel(qkv_ptr, x_ptr, pw_ptr, pb_ptr, o_ptr, lse_ptr, y_ptr, n_to
 
 
 @triton.jit
-def _proj_bwd_kernel(dy_ptr, o_ptr, pw_ptr, do_ptr, delta_ptr, part_ptr, N, D, H, HD, rows_per_split, P, wp_off,
-                     D_PAD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DTYPE: tl.constexpr,
-                     DOT_F32: tl.constexpr):
-    """dy (N, D), o (N, D), W_proj (D, D) → dO = dy W_proj (N, D) DTYPE, Δ (N, H) fp32, and this
-    split's partial dW_proj (D, D), db_proj (D,) fp32 at ``part[split, wp_off:]``. Grid: (splits,)."""
-    split = tl.program_id(0)
-    r0 = split * rows_per_split
-    r_end = tl.minimum(r0 + rows_per_split, N)
+def _proj_bwd_kernel(dy_ptr, o_ptr, pw_ptr, do_ptr, delta_ptr, part_ptr, N, D, H, HD, splits, rows_per_split, P,
+                     wp_off, D_PAD: tl.constexpr, HD_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """dy (N, D), o (N, D), W_proj (D, D) → dO = dy W_proj (N, D) DTYPE, Δ (N, H) fp32, and the
+    partial dW_proj (D, D), db_proj (D,) fp32 of every split at ``part[split, wp_off:]``.
+    Grid: (splits + token tiles,): the first ``splits`` programs sum the weight gradients of their
+    rows, ROWS at a time; the others compute dO and Δ of BLOCK_M tokens, every head."""
+    pid = tl.program_id(0)
     cols = tl.arange(0, D_PAD)
     cmask = cols < D
     dcols = tl.arange(0, HD_PAD)
     dmask = dcols < HD
-    part = part_ptr + split * P + wp_off
-    for h in range(H):
-        wp = tl.load(pw_ptr + cols[:, None] * D + h * HD + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
-                     other=0.0).to(DTYPE)  # (D_PAD, HD_PAD): W_proj[:, head h]
-        dw = tl.zeros((D_PAD, HD_PAD), tl.float32)
-        for t0 in range(r0, r_end, BLOCK_M):
-            rows = t0 + tl.arange(0, BLOCK_M)
-            rmask = rows < r_end
-            dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                         other=0.0).to(DTYPE)
-            hmask = rmask[:, None] & dmask[None, :]
-            o = tl.load(o_ptr + rows[:, None] * D + h * HD + dcols[None, :], mask=hmask, other=0.0)
+    if pid < splits:
+        r0 = pid * rows_per_split
+        r_end = tl.minimum(r0 + rows_per_split, N)
+        part = part_ptr + pid * P + wp_off
+        for h in range(H):
+            dw = tl.zeros((D_PAD, HD_PAD), tl.float32)
+            for t0 in range(r0, r_end, ROWS):
+                rows = t0 + tl.arange(0, ROWS)
+                rmask = rows < r_end
+                dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                             other=0.0).to(DTYPE)
+                o = tl.load(o_ptr + rows[:, None] * D + h * HD + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
+                            other=0.0)
+                dw = _mma(tl.trans(dy), o, dw, DOT_F32)
+            tl.store(part + cols[:, None] * D + h * HD + dcols[None, :], dw, mask=cmask[:, None] & dmask[None, :])
+        db = tl.zeros((D_PAD,), tl.float32)
+        for t0 in range(r0, r_end, ROWS):
+            rows = t0 + tl.arange(0, ROWS)
+            dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=(rows < r_end)[:, None] & cmask[None, :],
+                         other=0.0).to(tl.float32)
+            db += tl.sum(dy, axis=0)
+        tl.store(part + D * D + cols, db, mask=cmask)
+    else:
+        rows = (pid - splits) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                     other=0.0).to(DTYPE)
+        hmask = rmask[:, None] & dmask[None, :]
+        for h in range(H):
+            wp = tl.load(pw_ptr + cols[:, None] * D + h * HD + dcols[None, :], mask=cmask[:, None] & dmask[None, :],
+                         other=0.0).to(DTYPE)  # (D_PAD, HD_PAD): W_proj[:, head h]
             do = _mma(dy, wp, tl.zeros((BLOCK_M, HD_PAD), tl.float32), DOT_F32).to(DTYPE)
             tl.store(do_ptr + rows[:, None] * D + h * HD + dcols[None, :], do, mask=hmask)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-            tl.store(delta_ptr + rows * H + h, delta, mask=rmask)
-            dw = _mma(tl.trans(dy), o, dw, DOT_F32)
-        tl.store(part + cols[:, None] * D + h * HD + dcols[None, :], dw, mask=cmask[:, None] & dmask[None, :])
-    db = tl.zeros((D_PAD,), tl.float32)
-    for t0 in range(r0, r_end, BLOCK_M):
-        rows = t0 + tl.arange(0, BLOCK_M)
-        dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=(rows < r_end)[:, None] & cmask[None, :],
-                     other=0.0).to(tl.float32)
-        db += tl.sum(dy, axis=0)
-    tl.store(part + D * D + cols, db, mask=cmask)
+            o = tl.load(o_ptr + rows[:, None] * D + h * HD + dcols[None, :], mask=hmask, other=0.0)
+            tl.store(delta_ptr + rows * H + h, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1), mask=rmask)
 
 
 @triton.jit
@@ -246,50 +258,69 @@ def _attn_bwd_kernel(qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, n_tok, D, E,
 
 
 @triton.jit
-def _ln_qkv_bwd_kernel(x_ptr, dy_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_ptr, dqkv_ptr, dx_ptr, part_ptr, N, D,
-                       E, rows_per_split, P, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
-                       DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
-    """x, dy (N, D), γ, β (D,), W_qkv (E, D), mean, rstd (N,), dqkv (N, E) → dx (N, D) in dx's dtype
-    (LayerNorm backward of dqkv W_qkv, + dy) and this split's partial dW_qkv (E, D), db_qkv (E,),
-    dγ, dβ (D,) fp32 at ``part[split, :E·D + E + 2·D]``. Grid: (splits,)."""
-    split = tl.program_id(0)
-    r0 = split * rows_per_split
-    r_end = tl.minimum(r0 + rows_per_split, N)
-    cols = tl.arange(0, D_PAD)
-    cmask = cols < D
-    part = part_ptr + split * P
-    gamma = tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    beta = tl.load(lnb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    for e0 in range(0, E, BLOCK_E):  # dW_qkv, db_qkv: one chunk of output rows at a time
+def _dxn(dqkv_ptr, w_ptr, rows, rmask, cols, cmask, D, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+         D_PAD: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """The gradient of a token tile's normalised input: dqkv (BLOCK_M, E) W_qkv (E, D) → (BLOCK_M, D_PAD) fp32."""
+    dxn = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    for e0 in range(0, E, BLOCK_E):
         es = e0 + tl.arange(0, BLOCK_E)
         emask = es < E
-        dw = tl.zeros((BLOCK_E, D_PAD), tl.float32)
-        db = tl.zeros((BLOCK_E,), tl.float32)
-        for t0 in range(r0, r_end, BLOCK_M):
-            rows = t0 + tl.arange(0, BLOCK_M)
-            rmask = rows < r_end
-            xhat, _ = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, D)
-            xn = tl.where(rmask[:, None], xhat * gamma[None, :] + beta[None, :], 0.0).to(DTYPE)
-            dq = tl.load(dqkv_ptr + rows[:, None] * E + es[None, :], mask=rmask[:, None] & emask[None, :], other=0.0)
-            dw = _mma(tl.trans(dq), xn, dw, DOT_F32)
-            db += tl.sum(dq.to(tl.float32), axis=0)
-        tl.store(part + es[:, None] * D + cols[None, :], dw, mask=emask[:, None] & cmask[None, :])
-        tl.store(part + E * D + es, db, mask=emask)
-    dgamma = tl.zeros((D_PAD,), tl.float32)
-    dbeta = tl.zeros((D_PAD,), tl.float32)
-    for t0 in range(r0, r_end, BLOCK_M):  # dx and the LayerNorm's parameters
-        rows = t0 + tl.arange(0, BLOCK_M)
-        rmask = rows < r_end
-        dxn = tl.zeros((BLOCK_M, D_PAD), tl.float32)
-        for e0 in range(0, E, BLOCK_E):
+        dq = tl.load(dqkv_ptr + rows[:, None] * E + es[None, :], mask=rmask[:, None] & emask[None, :], other=0.0)
+        w = tl.load(w_ptr + es[:, None] * D + cols[None, :], mask=emask[:, None] & cmask[None, :], other=0.0)
+        dxn = _mma(dq, w.to(DTYPE), dxn, DOT_F32)
+    return dxn
+
+
+@triton.jit
+def _ln_qkv_bwd_kernel(x_ptr, dy_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_ptr, dqkv_ptr, dx_ptr, part_ptr, N, D,
+                       E, splits, rows_per_split, P, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_E: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """x, dy (N, D), γ, β (D,), W_qkv (E, D), mean, rstd (N,), dqkv (N, E) → dx (N, D) in dx's dtype
+    (LayerNorm backward of dqkv W_qkv, + dy) and the partial dW_qkv (E, D), db_qkv (E,), dγ, dβ (D,)
+    fp32 of every split at ``part[split, :E·D + E + 2·D]``. Grid: (splits + token tiles,): the first
+    ``splits`` programs sum the weight gradients of their rows (recomputing dqkv W_qkv for dγ, dβ),
+    the others compute dx of BLOCK_M tokens."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, D_PAD)
+    cmask = cols < D
+    gamma = tl.load(lnw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if pid < splits:
+        r0 = pid * rows_per_split
+        r_end = tl.minimum(r0 + rows_per_split, N)
+        part = part_ptr + pid * P
+        beta = tl.load(lnb_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        for e0 in range(0, E, BLOCK_E):  # dW_qkv, db_qkv: one chunk of output rows at a time
             es = e0 + tl.arange(0, BLOCK_E)
             emask = es < E
-            dq = tl.load(dqkv_ptr + rows[:, None] * E + es[None, :], mask=rmask[:, None] & emask[None, :], other=0.0)
-            w = tl.load(w_ptr + es[:, None] * D + cols[None, :], mask=emask[:, None] & cmask[None, :], other=0.0)
-            dxn = _mma(dq, w.to(DTYPE), dxn, DOT_F32)
+            dw = tl.zeros((BLOCK_E, D_PAD), tl.float32)
+            db = tl.zeros((BLOCK_E,), tl.float32)
+            for t0 in range(r0, r_end, BLOCK_M):
+                rows = t0 + tl.arange(0, BLOCK_M)
+                rmask = rows < r_end
+                xhat, _ = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, D)
+                xn = tl.where(rmask[:, None], xhat * gamma[None, :] + beta[None, :], 0.0).to(DTYPE)
+                dq = tl.load(dqkv_ptr + rows[:, None] * E + es[None, :], mask=rmask[:, None] & emask[None, :],
+                             other=0.0)
+                dw = _mma(tl.trans(dq), xn, dw, DOT_F32)
+                db += tl.sum(dq.to(tl.float32), axis=0)
+            tl.store(part + es[:, None] * D + cols[None, :], dw, mask=emask[:, None] & cmask[None, :])
+            tl.store(part + E * D + es, db, mask=emask)
+        dgamma = tl.zeros((D_PAD,), tl.float32)
+        dbeta = tl.zeros((D_PAD,), tl.float32)
+        for t0 in range(r0, r_end, BLOCK_M):  # the LayerNorm's parameters
+            rows = t0 + tl.arange(0, BLOCK_M)
+            rmask = rows < r_end
+            dxn = _dxn(dqkv_ptr, w_ptr, rows, rmask, cols, cmask, D, E, BLOCK_M, BLOCK_E, D_PAD, DTYPE, DOT_F32)
+            xhat, _ = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, D)
+            dgamma += tl.sum(dxn * xhat, axis=0)
+            dbeta += tl.sum(dxn, axis=0)
+        tl.store(part + E * D + E + cols, dgamma, mask=cmask)
+        tl.store(part + E * D + E + D + cols, dbeta, mask=cmask)
+    else:
+        rows = (pid - splits) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        dxn = _dxn(dqkv_ptr, w_ptr, rows, rmask, cols, cmask, D, E, BLOCK_M, BLOCK_E, D_PAD, DTYPE, DOT_F32)
         xhat, rstd = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, D)
-        dgamma += tl.sum(dxn * xhat, axis=0)
-        dbeta += tl.sum(dxn, axis=0)
         gx = dxn * gamma[None, :]
         c1 = tl.sum(gx * xhat, axis=1) / D
         c2 = tl.sum(gx, axis=1) / D
@@ -297,8 +328,6 @@ def _ln_qkv_bwd_kernel(x_ptr, dy_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_pt
         dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dx = (gx - xhat * c1[:, None] - c2[:, None]) * rstd[:, None] + dy
         tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(part + E * D + E + cols, dgamma, mask=cmask)
-    tl.store(part + E * D + E + D + cols, dbeta, mask=cmask)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from .kernels import (TL_DTYPES, _attn_bwd_kernel, _attn_fwd_kernel, _attn_sum_s
 BLOCK_M = 32  # query rows of an attention program; token rows of the LayerNorm / projection tiles
 BLOCK_N = 32  # keys per step of the attention loops
 BLOCK_E = 32  # qkv columns per step of the LayerNorm + qkv kernels
-PROJ_ROWS = 16  # token rows per step of the projection's backward (its (D, head dim) gradient tile stays in registers)
+PROJ_ROWS = 16  # token rows per step of dW_proj's sums (its (D, head dim) gradient tile stays in registers)
 MAX_SPLITS = 64  # weight-gradient partial sums (programs of the backward's per-token kernels)
 SUM_BLOCK = 1024  # gradient entries a program of the split sum adds
 MAX_DIM = 256  # widths the register tiles hold (D_PAD)
@@ -161,19 +161,21 @@ def block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, nu
     consts = precision(dtype)
     pads = shape.pads
     kv_tiles = triton.cdiv(n, BLOCK_N)
+    tiles = triton.cdiv(shape.N, BLOCK_M)  # token tiles of the per-token programs
     wp_off = shape.E * D + shape.E + 2 * D
 
     def launch(config: Config):
         w = config.num_warps
-        _proj_bwd_kernel[(shape.splits,)](
-            dy2, o, proj_w, d_o, delta, part, shape.N, D, num_heads, shape.HD, shape.rows_per_split,
-            shape.grad_numel, wp_off, **pads, BLOCK_M=PROJ_ROWS, **consts, num_warps=w)
+        _proj_bwd_kernel[(shape.splits + tiles,)](
+            dy2, o, proj_w, d_o, delta, part, shape.N, D, num_heads, shape.HD, shape.splits, shape.rows_per_split,
+            shape.grad_numel, wp_off, **pads, ROWS=PROJ_ROWS, BLOCK_M=BLOCK_M, **consts, num_warps=w)
         _attn_bwd_kernel[(kv_tiles + triton.cdiv(n, BLOCK_M), B)](
             qkv, d_o, lse, delta, dqkv, n, D, shape.E, num_heads, num_groups, shape.HD, 1.0 / shape.HD ** 0.5,
             kv_tiles, HD_PAD=pads["HD_PAD"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **consts, num_warps=w)
-        _ln_qkv_bwd_kernel[(shape.splits,)](
-            x2, dy2, ln_w, ln_b, qkv_w, mean, rstd, dqkv, dx, part, shape.N, D, shape.E, shape.rows_per_split,
-            shape.grad_numel, D_PAD=pads["D_PAD"], BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **consts, num_warps=w)
+        _ln_qkv_bwd_kernel[(shape.splits + tiles,)](
+            x2, dy2, ln_w, ln_b, qkv_w, mean, rstd, dqkv, dx, part, shape.N, D, shape.E, shape.splits,
+            shape.rows_per_split, shape.grad_numel, D_PAD=pads["D_PAD"], BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **consts,
+            num_warps=w)
         _attn_sum_splits_kernel[(triton.cdiv(shape.grad_numel, SUM_BLOCK),)](
             part, grads, shape.splits, shape.grad_numel, BLOCK=SUM_BLOCK)
 

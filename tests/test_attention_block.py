@@ -154,3 +154,21 @@ def test_empty_batch():
     y.sum().backward()
     assert y.shape == (0, 5, 36) and x.grad.shape == x.shape
     assert all(w.grad is not None and not w.grad.any() for w in weights)
+
+
+def test_opcheck():
+    """The custom ops' schemas, fake implementations and autograd registration (torch.library.opcheck)."""
+    from mlit_kernels.attention.ops import fused_attention_block, fused_attention_block_backward
+
+    B, n, D, H, G = 1, 5, 16, 2, 1
+    x, weights, dy = _inputs(B, n, D, H, G, seed=3)
+    x = x.to(DEVICE).requires_grad_()
+    weights = [w.to(DEVICE).requires_grad_() for w in weights]
+    args = (x, *weights, H, G, 1e-5, torch.float32)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(fused_attention_block, args, test_utils=checks)
+    with torch.no_grad():
+        _, qkv, o, lse, mean, rstd = fused_attention_block(*args)
+    ln_w, ln_b, qkv_w, _, proj_w, _ = (w.detach() for w in weights)
+    bwd = (dy.to(DEVICE), x.detach(), ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, H, G, torch.float32)
+    torch.library.opcheck(fused_attention_block_backward, bwd, test_utils=checks)

@@ -73,8 +73,8 @@ class MoETransformer(nn.Module):
     forward(x (B, n, dim)) → (x (B, n, dim), the auxiliary losses summed over layers ()). Under
     autocast the attention projections of all torch-attention layers are cast once (one launch, one
     for their gradients: :func:`mlit.models.amp.autocast_weights`) instead of per layer; fused
-    (Triton) attention casts its weights in registers. ``device`` /
-    ``dtype``: torch.nn's factory keywords, for every parameter.
+    (Triton) attention casts its weights in registers. ``device`` / ``dtype``: torch.nn's factory
+    keywords, for every parameter.
     """
 
     def __init__(self, cfg: TransformerConfig, backend: str = "reference", *,

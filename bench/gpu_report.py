@@ -173,10 +173,15 @@ _DISPATCH_PTRS = {"da_ptr": "act", "du_ptr": "act", "hc_ptr": "act", "o_ptr": "a
 _DISPATCH_KERNELS = {"_gate_route_kernel", "_experts_fwd_kernel", "_combine_kernel", "_experts_bwd_kernel",
                      "_weights_dx_kernel", "_shared_grads_kernel"}
 _FLOAT_SCALARS = {"noise_eps", "drop_p", "w_importance", "w_load", "scale_lo", "scale_span", "ratio_lo", "ratio_span",
-                  "hflip"}
+                  "hflip", "eps", "sm_scale"}
 # ... and of the augmentation kernels (uint8 images, float uniforms and tables; the output uint8
 # between AutoAugment slots, float32 normalised at the end: ``out_ptr`` per NORMALISE).
 _AUGMENT_PTRS = {"src_ptr": "u8", "x_ptr": "u8", "ops_ptr": "i64", "signed_ptr": "i1"}
+# ... and of the fused attention block (x, y, dy, dx, the weights fp32; q | k | v, the attention
+# output and their gradients in the compute dtype; statistics and partial sums fp32).
+_ATTENTION_PTRS = {"qkv_ptr": "act", "o_ptr": "act", "do_ptr": "act", "dqkv_ptr": "act"}
+_ATTENTION_KERNELS = {"_ln_qkv_fwd_kernel", "_attn_fwd_kernel", "_proj_bwd_kernel", "_attn_bwd_kernel",
+                      "_ln_qkv_bwd_kernel", "_attn_sum_splits_kernel"}
 
 
 def _pointer_type(kernel_name, name, dtype, constexprs):
@@ -187,8 +192,8 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
     if kernel_name.startswith("_fused") or kernel_name == "_reduce_kernel":
         kind = _FUSED_PTRS.get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
-    if kernel_name in _DISPATCH_KERNELS:
-        kind = _DISPATCH_PTRS.get(name, "fp32")
+    if kernel_name in _DISPATCH_KERNELS | _ATTENTION_KERNELS:
+        kind = (_DISPATCH_PTRS if kernel_name in _DISPATCH_KERNELS else _ATTENTION_PTRS).get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
     return "i64" if name == "seed_ptr" else "fp32"  # gate_noise's kernel
 
@@ -307,6 +312,29 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
     return jobs
 
 
+def _attention_jobs(dim, heads, groups, dtype, quick):
+    """(kernel, constexprs, warps, stages) of the fused attention block, every tuning configuration
+    (the first with --quick); the split sum has one."""
+    from mlit_kernels.attention import kernels, launch
+
+    shape = launch.Shape(256, 145, dim, heads, groups)
+    pads = shape.pads
+    base = dict(DTYPE=kernels.TL_DTYPES[dtype], DOT_F32=dtype == torch.float32)
+    jobs = []
+    for config in launch.CONFIGS[:1] if quick else launch.CONFIGS:
+        w = config.num_warps
+        jobs += [(kernels._ln_qkv_fwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M,
+                                                   BLOCK_E=launch.BLOCK_E, **base), w, 1),
+                 (kernels._attn_fwd_kernel, dict(**pads, BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N, **base), w, 1),
+                 (kernels._proj_bwd_kernel, dict(**pads, ROWS=launch.PROJ_ROWS, BLOCK_M=launch.BLOCK_M, **base), w, 1),
+                 (kernels._attn_bwd_kernel, dict(HD_PAD=pads["HD_PAD"], BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N,
+                                                 **base), w, 1),
+                 (kernels._ln_qkv_bwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M,
+                                                   BLOCK_E=launch.BLOCK_E, **base), w, 1)]
+    jobs.append((kernels._attn_sum_splits_kernel, dict(BLOCK=launch.SUM_BLOCK), 4, 1))
+    return jobs
+
+
 def _augment_jobs():
     """(kernel, constexprs, warps, stages) of the augmentation kernels at 36 × 36 (28 uniforms an image)."""
     from mlit.data import augment_kernels
@@ -326,13 +354,18 @@ def compile_check(arch=90, quick=False):
     # the dispatch path at the many-expert shapes (t > 8; m 192-1024, d_h 256-4096)
     many = [(192, 768, 16, 2), (384, 1536, 64, 2), (1024, 4096, 64, 4)] if not quick else [(1024, 4096, 64, 2)]
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if not quick else [torch.float16]
+    # the fused attention block of S, XS and XXS (and the MAE decoder): (width, heads, groups)
+    attention = [(144, 8, 4), (128, 8, 4), (108, 6, 3)] if not quick else [(108, 6, 3)]
     rows, failures = [], 0
-    shapes_ = [("augment", None, None, None)] + shapes_ + many
+    shapes_ = [("augment", None, None, None)] + shapes_ + many + [("attention", *a) for a in attention]
     for m, d_h, t, k in shapes_:
         sizes = dict(M=m, D=d_h, T=t, N=256 * 145, H_in=32, W_in=32)
         for dtype in dtypes if m != "augment" else [torch.float32]:
             if m == "augment":
                 jobs = _augment_jobs()
+            elif m == "attention":
+                jobs = _attention_jobs(d_h, t, k, dtype, quick)
+                sizes = dict(N=256 * 145, n_tok=145, D=d_h, E=d_h + 2 * k * (d_h // t), H=t, G=k, HD=d_h // t)
             elif (m, d_h, t, k) in many:
                 jobs = _dispatch_jobs(m, d_h, t, k, dtype, quick)
             else:
@@ -351,7 +384,7 @@ def compile_check(arch=90, quick=False):
                 except Exception as exc:  # noqa: BLE001 - report every failure
                     usage, ok, status = {}, False, f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 failures += not ok
-                shape = m if m == "augment" else f"{m}/{d_h}/{t}/{k}"
+                shape = {"augment": m, "attention": f"attention {d_h}/{t}/{k}"}.get(m, f"{m}/{d_h}/{t}/{k}")
                 row = (f"| {shape} | {str(dtype)[6:]} | {name} | {label} w{warps}s{stages} | "
                        f"{usage.get('shared', '-')} | {usage.get('reg', '-')} | {usage.get('stack', '-')} | "
                        f"{usage.get('local', '-')} | {status} |")

@@ -211,6 +211,36 @@ def _dispatch_weights_flops(a: dict) -> int:
     return n * a["K"] * (6 + recompute) * m * a["D"] + _gate_flops(n, m, a["T"], a["NOISY"])
 
 
+def _attn_pairs(a: dict) -> int:
+    """(query, key) pairs of every head: N tokens × n keys × H heads (N from the qkv buffer)."""
+    return a["qkv_ptr"].shape[0] * a["n_tok"] * a["H"]
+
+
+def _ln_qkv_fwd_flops(a: dict) -> int:
+    """LN(x) W_qkvᵀ."""
+    return 2 * a["N"] * a["D"] * a["E"]
+
+
+def _attn_fwd_flops(a: dict) -> int:
+    """q kᵀ and p v of every head, then the output projection."""
+    return 4 * _attn_pairs(a) * a["HD"] + 2 * a["qkv_ptr"].shape[0] * a["D"] ** 2
+
+
+def _proj_bwd_flops(a: dict) -> int:
+    """dy W_proj (dO) and dyᵀ o (dW_proj)."""
+    return 4 * a["N"] * a["D"] ** 2
+
+
+def _attn_bwd_flops(a: dict) -> int:
+    """Key-tile programs: q kᵀ recomputed, pᵀ dO, dO vᵀ, dsᵀ q; query-tile programs: q kᵀ, dO vᵀ, ds k."""
+    return 14 * _attn_pairs(a) * a["HD"]
+
+
+def _ln_qkv_bwd_flops(a: dict) -> int:
+    """dqkvᵀ LN(x) (dW_qkv), and dqkv W_qkv twice (for dx in the token-tile programs, for dγ, dβ in the splits)."""
+    return 6 * a["N"] * a["D"] * a["E"]
+
+
 #: Matmul FLOPs of the Triton kernels with matmul work, from their arguments by name (a kernel not
 #: listed counts 0: element-wise or reduction work, bound by its bytes; see Meter.unmodelled).
 TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
@@ -221,10 +251,15 @@ TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
     "_experts_fwd_kernel": _dispatch_experts_fwd_flops,
     "_experts_bwd_kernel": _dispatch_experts_bwd_flops,
     "_weights_dx_kernel": _dispatch_weights_flops,
+    "_ln_qkv_fwd_kernel": _ln_qkv_fwd_flops,
+    "_attn_fwd_kernel": _attn_fwd_flops,
+    "_proj_bwd_kernel": _proj_bwd_flops,
+    "_attn_bwd_kernel": _attn_bwd_flops,
+    "_ln_qkv_bwd_kernel": _ln_qkv_bwd_flops,
 }
 #: Triton kernels known to do no matmul work (their 0 FLOPs are the model, not a gap).
 TRITON_NO_MATMUL = {"_fused_aux_kernel", "_reduce_kernel", "_crop_kernel", "_op_kernel", "noise_kernel",
-                    "_combine_kernel", "_shared_grads_kernel"}
+                    "_combine_kernel", "_shared_grads_kernel", "_attn_sum_splits_kernel"}
 
 
 def _kernel_arguments(fn, args, kwargs) -> dict:

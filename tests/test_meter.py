@@ -126,8 +126,10 @@ def test_matmul_and_sdpa_flops():
 
 
 def test_fused_moe_flops_from_the_launch_arguments():
-    """The dense and dispatch kernels' FLOPs come from their launch arguments (dry runs at N = 300)."""
+    """The dense and dispatch kernels' FLOPs (and the fused attention block's) come from their
+    launch arguments (dry runs at N = 300)."""
     from mlit_kernels import SharedSwiGLUMoE
+    from mlit_kernels.attention import attention_block
     from mlit_kernels.meter import TRITON_FLOPS
 
     n, m, d_h, k = 300, 27, 40, 2
@@ -138,6 +140,10 @@ def test_fused_moe_flops_from_the_launch_arguments():
         for layer in (dense, dispatch):
             y, aux = layer(x)
             torch.autograd.backward((y, aux), (torch.randn(n, m), torch.ones(())))
+        D, H, G, E = 36, 6, 3, 36 + 2 * 3 * 6
+        weights = [torch.ones(D), torch.zeros(D), torch.randn(E, D), torch.zeros(E), torch.randn(D, D), torch.zeros(D)]
+        attention_block(x.new_zeros(2, n // 2, D, requires_grad=True), *[w.requires_grad_() for w in weights], H,
+                        G).sum().backward()
     flops = {r.name.removeprefix("triton."): r.flops for r in meter.records if r.kind == "triton"}
     noisy = 2  # clean and noisy gate logits
     assert flops["_fused_fwd_kernel"] == n * (2 * m * 5 * noisy + 2 * m * d_h * (5 + 1) + 2 * d_h * m)
@@ -146,6 +152,9 @@ def test_fused_moe_flops_from_the_launch_arguments():
     assert flops["_experts_fwd_kernel"] == n * k * 6 * m * d_h  # x W_e, x V, h W_2 once per pair
     assert flops["_weights_dx_kernel"] == n * k * 12 * m * d_h + n * 2 * m * 12 * noisy  # a, u, dh recomputed
     assert flops["_fused_bwd_tokens_kernel"] > 0 and flops["_experts_bwd_kernel"] > 0
+    assert flops["_ln_qkv_fwd_kernel"] == 2 * n * D * E and flops["_ln_qkv_bwd_kernel"] == 6 * n * D * E
+    assert flops["_attn_fwd_kernel"] == 4 * n * (n // 2) * H * (D // H) + 2 * n * D * D
+    assert flops["_attn_bwd_kernel"] == 14 * n * (n // 2) * H * (D // H) and flops["_proj_bwd_kernel"] == 4 * n * D * D
     assert set(TRITON_FLOPS) <= set(flops)
     assert not meter.unmodelled()
 

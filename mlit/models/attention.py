@@ -26,13 +26,20 @@ class GroupedQueryAttention(nn.Module):
     explicitly; zeros add nothing to q kᵀ and the padded output columns are cut off, so the result
     and its gradients are unchanged. ``device`` / ``dtype``: torch.nn's factory keywords.
 
-    forward(x (B, n, dim), weights=None) → (B, n, dim); ``weights``: (qkv weight, qkv bias, proj
-    weight, proj bias) to use instead of the module's own (their autocast copies, cast for a whole
-    stack at once: :func:`mlit.models.amp.autocast_weights`). :meth:`weights` lists the module's.
+    forward(x (B, n, dim), weights=None, norm=None) → (B, n, dim); ``weights``: (qkv weight, qkv
+    bias, proj weight, proj bias) to use instead of the module's own (their autocast copies, cast
+    for a whole stack at once: :func:`mlit.models.amp.autocast_weights`). :meth:`weights` lists
+    the module's. With ``norm`` (the pre-norm LayerNorm) it returns the whole half-block
+    ``x + attention(norm(x))``, which the Triton ``backend`` computes with the fused kernels of
+    :mod:`mlit_kernels.attention` (LayerNorm + qkv in one launch, attention + projection + residual
+    in one, four for the backward; the weights in their own dtype, cast in registers, so ``weights``
+    is not needed there). ``backend``: "reference" (torch: SDPA), "triton", or "auto" (Triton on
+    CUDA); shapes or dtypes the kernels do not take use torch.
     """
 
-    def __init__(self, dim: int, num_heads: int, num_groups: int, pad_head_dim: bool | str = "auto", *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, dim: int, num_heads: int, num_groups: int, pad_head_dim: bool | str = "auto",
+                 backend: str = "reference", *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         if dim % num_heads or num_heads % num_groups:
             raise ValueError(f"need dim % num_heads == 0 and num_heads % num_groups == 0, got {dim}, {num_heads}, {num_groups}")
@@ -42,12 +49,33 @@ class GroupedQueryAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim + 2 * kv_dim, device=device, dtype=dtype)
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
         self.pad_head_dim = pad_head_dim
+        self.backend = backend
 
     def weights(self) -> list[torch.Tensor]:
         """The projections' parameters, in the order ``forward``'s ``weights`` takes them."""
         return [self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias]
 
-    def forward(self, x: torch.Tensor, weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        """Whether a half-block call (``norm`` given) on x runs the fused Triton kernels."""
+        if self.backend == "reference" or (self.backend == "auto" and not x.is_cuda):
+            return False
+        from mlit_kernels.attention import supports  # imports Triton: only once a Triton backend is asked for
+
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return supports(self.proj.in_features, self.num_heads, self.num_groups, dtype)
+
+    def forward(self, x: torch.Tensor, weights: Sequence[torch.Tensor] | None = None,
+                norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        if norm is None:
+            return self._attend(x, weights)
+        if self.uses_triton(x) and norm.weight is not None and norm.bias is not None:
+            from mlit_kernels.attention import attention_block
+
+            return attention_block(x, norm.weight, norm.bias, *self.weights(), self.num_heads, self.num_groups,
+                                   norm.eps)
+        return x + self._attend(norm(x), weights)
+
+    def _attend(self, x: torch.Tensor, weights: Sequence[torch.Tensor] | None) -> torch.Tensor:
         B, n, dim = x.shape
         d = self.head_dim
         qkv = self.qkv(x) if weights is None else F.linear(x, weights[0], weights[1])

@@ -29,7 +29,10 @@ def biases_and_norms(module: nn.Module) -> set[str]:
 
 
 def set_moe_backend(module: nn.Module, backend: str) -> int:
-    """Set ``backend`` on every SharedSwiGLUMoE inside ``module``; returns how many layers."""
+    """Set ``backend`` on every SharedSwiGLUMoE (and GroupedQueryAttention: its fused half-block)
+    inside ``module``; returns how many MoE layers."""
+    for attn in (m for m in module.modules() if isinstance(m, GroupedQueryAttention)):
+        attn.backend = backend
     layers = [m for m in module.modules() if isinstance(m, SharedSwiGLUMoE)]
     for layer in layers:
         layer.backend = backend
@@ -42,20 +45,24 @@ class MoETransformerLayer(nn.Module):
     forward(x (B, n, dim), seed=None, attn_weights=None) → (x (B, n, dim), the MoE auxiliary loss
     ()); ``seed`` goes to the MoE layer (its Triton kernels' Philox seed), ``attn_weights`` to the
     attention (its projections' autocast copies). ``device`` / ``dtype`` (torch.nn's factory
-    keywords) place the norms and the attention; ``moe`` comes built.
+    keywords) place the norms and the attention; ``moe`` comes built; ``backend`` is the
+    attention's (its fused half-block ``x + GQA(norm1(x))``: :class:`GroupedQueryAttention`).
     """
 
-    def __init__(self, dim: int, num_heads: int, num_groups: int, moe: SharedSwiGLUMoE, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, dim: int, num_heads: int, num_groups: int, moe: SharedSwiGLUMoE, backend: str = "reference",
+                 *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, device=device, dtype=dtype)
-        self.attn = GroupedQueryAttention(dim, num_heads, num_groups, device=device, dtype=dtype)
+        self.attn = GroupedQueryAttention(dim, num_heads, num_groups, backend=backend, device=device, dtype=dtype)
         self.norm2 = nn.LayerNorm(dim, device=device, dtype=dtype)
         self.moe = moe
 
     def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None,
                 attn_weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.norm1(x), attn_weights)
+        if self.attn.uses_triton(x):  # the fused half-block x + GQA(norm1(x))
+            x = self.attn(x, norm=self.norm1)
+        else:  # norm1 outside the attention module, so profiles and meters time it as a norm
+            x = x + self.attn(self.norm1(x), attn_weights)
         y, aux_loss = self.moe(self.norm2(x), seed=seed)
         return x + y, aux_loss
 
@@ -64,9 +71,10 @@ class MoETransformer(nn.Module):
     """cfg.depth MoE transformer layers with depth-wise hidden sizes and staged expert counts.
 
     forward(x (B, n, dim)) → (x (B, n, dim), the auxiliary losses summed over layers ()). Under
-    autocast the attention projections of all layers are cast once (one launch, one for their
-    gradients: :func:`mlit.models.amp.autocast_weights`) instead of per layer. ``device`` /
-    ``dtype``: torch.nn's factory keywords, for every parameter.
+    autocast the attention projections of all torch-attention layers are cast once (one launch, one
+    for their gradients: :func:`mlit.models.amp.autocast_weights`) instead of per layer; fused
+    (Triton) attention casts its weights in registers. ``device`` / ``dtype``: torch.nn's factory
+    keywords, for every parameter.
     """
 
     def __init__(self, cfg: TransformerConfig, backend: str = "reference", *,
@@ -88,6 +96,7 @@ class MoETransformer(nn.Module):
                     backend=backend,
                     **factory,
                 ),
+                backend,
                 **factory,
             )
             for i in range(cfg.depth)
@@ -95,11 +104,13 @@ class MoETransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seeds = self._gate_seeds(x)
-        per_layer = [layer.attn.weights() for layer in self.layers]
+        per_layer = [[] if layer.attn.uses_triton(x) else layer.attn.weights() for layer in self.layers]
         cast = autocast_weights([w for ws in per_layer for w in ws], x.device.type)
-        aux_losses = []
+        aux_losses, start = [], 0
         for i, layer in enumerate(self.layers):
-            weights = None if cast is None else cast[i * len(per_layer[i]) : (i + 1) * len(per_layer[i])]
+            count = len(per_layer[i])
+            weights = None if cast is None or not count else cast[start : start + count]
+            start += count
             x, aux_loss = layer(x, None if seeds is None else seeds[i : i + 1], weights)
             aux_losses.append(aux_loss)
         return x, torch.stack(aux_losses).sum()

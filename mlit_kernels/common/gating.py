@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm import normalized_cols
 from .settings import CV_EPS, NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX
 
 _CV_EPS = tl.constexpr(CV_EPS)
@@ -33,15 +34,17 @@ def softplus(z):
 
 @triton.jit
 def gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """clean = x W_g and raw = x W_noise (fp32, (BLOCK_N, BLOCK_T)) for a tile of rows of x (N, M)."""
+                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ln_w_ptr=None, ln_b_ptr=None, mean=None, rstd=None,
+                NORM: tl.constexpr = False):
+    """clean = x W_g and raw = x W_noise (fp32, (BLOCK_N, BLOCK_T)) for a tile of rows of x (N, M);
+    with NORM, of LayerNorm(x) (weight, bias at ln_w_ptr / ln_b_ptr, the rows' mean and rstd
+    (BLOCK_N,): :mod:`mlit_kernels.common.norm`)."""
     clean = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     raw = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for k0 in range(0, M, GATE_BLOCK_K):
         ks = k0 + tl.arange(0, GATE_BLOCK_K)
         k_ok = ks < M
-        xb = tl.load(x_ptr + rows[:, None].to(tl.int64) * M + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                     other=0.0).to(tl.float32)
+        xb = normalized_cols(x_ptr, rows, row_ok, ks, k_ok, M, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
         wmask = k_ok[:, None] & col_ok[None, :]
         wg = tl.load(wg_ptr + ks[:, None] * T + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
         clean += tl.dot(xb, wg, input_precision="ieee")
@@ -62,10 +65,13 @@ def gate_noise_tile(noise_ptr, seed, rows, row_ok, cols, col_ok, T, NOISE_MODE: 
 
 @triton.jit
 def gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T, noise_eps,
-              NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+              NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+              ln_w_ptr=None, ln_b_ptr=None, mean=None, rstd=None, NORM: tl.constexpr = False):
     """clean, raw, the noise scale std = softplus(raw) + eps, the noise ε and the logits h of a
-    token tile (fp32, (BLOCK_N, BLOCK_T)); without noise std = 1, ε = 0 and h = clean."""
-    clean, raw = gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY, BLOCK_N, BLOCK_T)
+    token tile (fp32, (BLOCK_N, BLOCK_T)); without noise std = 1, ε = 0 and h = clean. The
+    trailing arguments: a LayerNorm before the gate (see :func:`gate_logits`)."""
+    clean, raw = gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY, BLOCK_N, BLOCK_T,
+                             ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
     std = tl.full(clean.shape, 1.0, tl.float32)
     eps = tl.zeros(clean.shape, dtype=tl.float32)
     h = clean
@@ -187,11 +193,14 @@ def token_tile(tile, seed_ptr, N, T, NEEDS_SEED: tl.constexpr, BLOCK_N: tl.const
 @triton.jit
 def gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps,
                          K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
+                         BLOCK_T: tl.constexpr, ln_w_ptr=None, ln_b_ptr=None, mean=None, rstd=None,
+                         NORM: tl.constexpr = False):
     """The gate of a token tile recomputed with the forward's stored selection (so that recomputed
-    logits can never pick other experts): clean, raw, std, ε, h, sel, g, kth, kth_col, nxt, nxt_col."""
+    logits can never pick other experts): clean, raw, std, ε, h, sel, g, kth, kth_col, nxt, nxt_col.
+    The trailing arguments: a LayerNorm before the gate (see :func:`gate_logits`)."""
     clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
-                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean,
+                                        rstd, NORM)
     key, taken = selection_key(h, col_ok)
     taken, kth_col = load_top_k(taken, cols, idx_ptr, rows, row_ok, K)
     sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)

@@ -162,8 +162,8 @@ _DISPATCH_PTRS = {"da_ptr": "act", "du_ptr": "act", "hc_ptr": "act", "o_ptr": "a
                   "route_ptr": "i32", "local_ptr": "i32", "seed_ptr": "i64", "keep_ptr": "u8"}
 _DISPATCH_KERNELS = {"_gate_route_kernel", "_experts_fwd_kernel", "_combine_kernel", "_experts_bwd_kernel",
                      "_weights_dx_kernel"}
-_FLOAT_SCALARS = {"noise_eps", "drop_p", "w_importance", "w_load", "scale_lo", "scale_span", "ratio_lo", "ratio_span",
-                  "hflip"}
+_FLOAT_SCALARS = {"noise_eps", "drop_p", "ln_eps", "w_importance", "w_load", "scale_lo", "scale_span", "ratio_lo",
+                  "ratio_span", "hflip"}
 # ... and of the augmentation kernels (uint8 images, float uniforms and tables; the output uint8
 # between AutoAugment slots, float32 normalised at the end: ``out_ptr`` per NORMALISE).
 _AUGMENT_PTRS = {"src_ptr": "u8", "x_ptr": "u8", "ops_ptr": "i64", "signed_ptr": "i1"}
@@ -235,20 +235,22 @@ def _fused_jobs(m, d_h, t, k, dtype, quick):
     jobs = []
     precision = dict(K=k, DTYPE=kernels.TL_DTYPES[dtype], DOT_F32=dtype == torch.float32)
     configs = launch.CONFIGS[:1] if quick else launch.CONFIGS
-    modes = [dict(NOISY=True, NOISE_MODE=2, LOAD_P=k < t, DROPOUT=True)]
+    # training (noise, dropout) with the pre-MLP LayerNorm folded in (the mLiT layer) and without
+    modes = [dict(NOISY=True, NOISE_MODE=2, LOAD_P=k < t, DROPOUT=True, NORM=norm) for norm in (True, False)]
     if not quick:
-        modes.append(dict(NOISY=False, NOISE_MODE=0, LOAD_P=False, DROPOUT=False))
+        modes.append(dict(NOISY=False, NOISE_MODE=0, LOAD_P=False, DROPOUT=False, NORM=True))
     for i, config in enumerate(configs):
         geo = launch.Geometry(256 * 145, m, d_h, t, config.block_n, config.num_warps)
         for mode in modes:
             jobs.append((kernels._fused_fwd_kernel, {**precision, **geo.token_constexprs(), **mode,
                                                       "SUM_ROWS": SUM_ROWS}, config.num_warps, 1))
             jobs.append((kernels._fused_bwd_tokens_kernel, {**precision, **geo.token_constexprs(), **mode,
-                                                             "SQUARED": True, "UNBIASED": True}, config.num_warps, 1))
+                                                             "SQUARED": True, "UNBIASED": True, "SUM_ROWS": SUM_ROWS},
+                         config.num_warps, 1))
             if i == 0:
                 jobs.append((kernels._fused_bwd_weights_kernel, {**precision, **geo.weight_constexprs(),
-                                                                 "NOISY": mode["NOISY"], "DROPOUT": mode["DROPOUT"]},
-                             WGRAD_WARPS, 1))
+                                                                 "NOISY": mode["NOISY"], "DROPOUT": mode["DROPOUT"],
+                                                                 "NORM": mode["NORM"]}, WGRAD_WARPS, 1))
     jobs.append((kernels._fused_aux_kernel, dict(SQUARED=True, UNBIASED=True, BLOCK_P=launch.AUX_BLOCK_P,
                                                  BLOCK_T=BLOCK_T), 4, 1))
     jobs.append((kernels._reduce_kernel, dict(BLOCK=launch.REDUCE_BLOCK), 4, 1))
@@ -322,8 +324,8 @@ def compile_check(arch=90, quick=False):
             for kernel, constexprs, warps, stages in jobs:
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
-                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT", "NORMALISE",
-                                             "SLOT"))
+                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT", "NORM",
+                                             "NORMALISE", "SLOT"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024

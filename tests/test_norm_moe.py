@@ -114,3 +114,56 @@ def test_reference_norm_is_layer_norm_then_the_layer():
     y, aux = reference.moe_reference(x, *args, 2, True, noise=noise, norm=(p["ln_w"], p["ln_b"], EPS))
     y2, aux2 = reference.moe_reference(F.layer_norm(x, (m,), p["ln_w"], p["ln_b"], EPS), *args, 2, True, noise=noise)
     assert torch.equal(y, y2) and torch.equal(aux, aux2)
+
+
+def test_layer_with_norm_matches_the_reference_backend():
+    """SharedSwiGLUMoE(x, norm=nn.LayerNorm): the Triton backend (norm folded in) and the
+    reference backend (norm then the layer) agree in eval, values and every gradient."""
+    torch.manual_seed(3)
+    layers = {b: SharedSwiGLUMoE(27, 16, 3, k=2, dropout=0.0, backend=b).to(DEVICE).eval()
+              for b in ("reference", "triton")}
+    layers["triton"].load_state_dict(layers["reference"].state_dict())
+    with torch.no_grad():
+        layers["reference"].w_gate.normal_(0, 0.5)
+    layers["triton"].load_state_dict(layers["reference"].state_dict())
+    norms = {b: torch.nn.LayerNorm(27).to(DEVICE) for b in layers}
+    with torch.no_grad():
+        norms["reference"].weight.uniform_(0.5, 1.5)
+        norms["reference"].bias.uniform_(-0.2, 0.2)
+    norms["triton"].load_state_dict(norms["reference"].state_dict())
+    x = torch.randn(2, 11, 27, device=DEVICE) * 3 + 1
+    out = {}
+    for b, layer in layers.items():
+        xb = x.clone().requires_grad_()
+        y, aux = layer(xb, norm=norms[b])
+        (y.square().sum() + aux).backward()
+        out[b] = [y, xb.grad, norms[b].weight.grad, norms[b].bias.grad, *(p.grad for p in layer.parameters())]
+    for i, (a, r) in enumerate(zip(out["triton"], out["reference"])):
+        if a is None or r is None:  # W_noise in eval
+            assert a is None or not a.any()
+            continue
+        assert row_error(a, r) <= 1e-4, f"output {i} (0 y, 1 dx, 2/3 norm, 4.. the layer's parameters)"
+
+
+def test_norm_arguments_are_checked():
+    layer = SharedSwiGLUMoE(27, 16, 3, backend="triton").to(DEVICE)
+    x = torch.randn(4, 27, device=DEVICE)
+    with pytest.raises(ValueError, match="norm must be None or an nn.LayerNorm"):
+        layer(x, norm=torch.nn.LayerNorm(16).to(DEVICE))
+    with pytest.raises(ValueError, match="norm must be None or an nn.LayerNorm"):
+        layer(x, norm=torch.nn.LayerNorm(27, elementwise_affine=False).to(DEVICE))
+    params = [p for _, p in layer.named_parameters()]
+    with pytest.raises(ValueError, match="norm weight must be a tensor of shape"):
+        moe_triton(x, *params, 2, True, norm=(torch.ones(26, device=DEVICE), torch.zeros(27, device=DEVICE), 1e-5))
+    with pytest.raises(ValueError, match="norm eps must be a positive number"):
+        moe_triton(x, *params, 2, True, norm=(torch.ones(27, device=DEVICE), torch.zeros(27, device=DEVICE), 0.0))
+
+
+def test_no_tokens_with_norm():
+    """N = 0: an empty output and zero gradients, the norm's included."""
+    layer = SharedSwiGLUMoE(27, 16, 3, backend="triton").to(DEVICE)
+    norm = torch.nn.LayerNorm(27).to(DEVICE)
+    x = torch.randn(0, 27, device=DEVICE, requires_grad=True)
+    y, aux = layer(x, norm=norm)
+    (y.sum() + aux).backward()
+    assert y.shape == (0, 27) and torch.equal(norm.weight.grad, torch.zeros(27, device=DEVICE))

@@ -56,7 +56,7 @@ class MoETransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None,
                 attn_weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.norm1(x), attn_weights)
-        y, aux_loss = self.moe(self.norm2(x), seed=seed)
+        y, aux_loss = self.moe(x, seed=seed, norm=self.norm2)  # the dense kernels fold norm2 in
         return x + y, aux_loss
 
 

@@ -34,8 +34,7 @@ def softplus(z):
 
 @triton.jit
 def gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ln_w_ptr=None, ln_b_ptr=None, mean=None, rstd=None,
-                NORM: tl.constexpr = False):
+                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ln_w_ptr, ln_b_ptr, mean, rstd, NORM: tl.constexpr):
     """clean = x W_g and raw = x W_noise (fp32, (BLOCK_N, BLOCK_T)) for a tile of rows of x (N, M);
     with NORM, of LayerNorm(x) (weight, bias at ln_w_ptr / ln_b_ptr, the rows' mean and rstd
     (BLOCK_N,): :mod:`mlit_kernels.common.norm`)."""
@@ -65,11 +64,18 @@ def gate_noise_tile(noise_ptr, seed, rows, row_ok, cols, col_ok, T, NOISE_MODE: 
 
 @triton.jit
 def gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T, noise_eps,
-              NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-              ln_w_ptr=None, ln_b_ptr=None, mean=None, rstd=None, NORM: tl.constexpr = False):
+              NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     """clean, raw, the noise scale std = softplus(raw) + eps, the noise ε and the logits h of a
-    token tile (fp32, (BLOCK_N, BLOCK_T)); without noise std = 1, ε = 0 and h = clean. The
-    trailing arguments: a LayerNorm before the gate (see :func:`gate_logits`)."""
+    token tile (fp32, (BLOCK_N, BLOCK_T)); without noise std = 1, ε = 0 and h = clean."""
+    return gate_tile_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T, noise_eps,
+                            NOISY, NOISE_MODE, BLOCK_N, BLOCK_T, x_ptr, x_ptr, 0.0, 0.0, False)
+
+
+@triton.jit
+def gate_tile_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T, noise_eps,
+                     NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                     ln_w_ptr, ln_b_ptr, mean, rstd, NORM: tl.constexpr):
+    """:func:`gate_tile` of LayerNorm(x) with NORM (the trailing arguments: see :func:`gate_logits`)."""
     clean, raw = gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY, BLOCK_N, BLOCK_T,
                              ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
     std = tl.full(clean.shape, 1.0, tl.float32)
@@ -193,12 +199,20 @@ def token_tile(tile, seed_ptr, N, T, NEEDS_SEED: tl.constexpr, BLOCK_N: tl.const
 @triton.jit
 def gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps,
                          K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_T: tl.constexpr, ln_w_ptr=None, ln_b_ptr=None, mean=None, rstd=None,
-                         NORM: tl.constexpr = False):
+                         BLOCK_T: tl.constexpr):
     """The gate of a token tile recomputed with the forward's stored selection (so that recomputed
-    logits can never pick other experts): clean, raw, std, ε, h, sel, g, kth, kth_col, nxt, nxt_col.
-    The trailing arguments: a LayerNorm before the gate (see :func:`gate_logits`)."""
-    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
+    logits can never pick other experts): clean, raw, std, ε, h, sel, g, kth, kth_col, nxt, nxt_col."""
+    return gate_from_selection_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T,
+                                      noise_eps, K, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T, x_ptr, x_ptr, 0.0, 0.0, False)
+
+
+@triton.jit
+def gate_from_selection_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T,
+                               noise_eps, K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ln_w_ptr, ln_b_ptr, mean, rstd,
+                               NORM: tl.constexpr):
+    """:func:`gate_from_selection` of LayerNorm(x) with NORM (the trailing arguments: see :func:`gate_logits`)."""
+    clean, raw, std, eps, h = gate_tile_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean,
                                         rstd, NORM)
     key, taken = selection_key(h, col_ok)
@@ -255,6 +269,7 @@ def gate_noise(seed: int | torch.Tensor, n_tokens: int, num_experts: int, device
     return out
 
 
-__all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "selection_key", "select_top_k", "load_top_k",
+__all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "gate_tile_normed", "gate_from_selection_normed",
+           "selection_key", "select_top_k", "load_top_k",
            "gate_probs", "load_probability", "gate_grads", "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN",
            "NOISE_PHILOX", "token_tile", "gate_from_selection", "pick_next", "noise_kernel", "gate_noise"]

@@ -7,7 +7,7 @@ rstd = 1 / sqrt(var + eps) over the row's m columns (biased variance, as torch),
 x's dtype as ``nn.LayerNorm``'s output is. The forward stores mean and rstd (N,) fp32 each; the
 backward recomputes xn from them and, holding whole rows of dL/dxn, applies
 
-    dx = rstd · (ĝ − mean_row(ĝ) − x̂ · mean_row(ĝ ⊙ x̂)),   ĝ = dL/dxn ⊙ w,   x̂ = (x − mean) · rstd
+    dx = rstd · (ĝ − mean_row(ĝ) − x̂ · mean_row(ĝ ⊙ x̂)),  ĝ = dL/dxn ⊙ w,  x̂ = (x − mean) · rstd
 
 and emits dL/dxn ⊙ x̂ and dL/dxn for the weight and bias gradients (summed over tokens in a fixed
 order by the caller). Widths come as the chunks of :func:`mlit_kernels.common.tiling.width_chunks`

@@ -46,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.gating import (cv_grad, cv_value, gate_from_selection, gate_grads, gate_probs, gate_tile,
-                             load_probability, select_top_k, selection_key, token_tile)
+from ..common.gating import (cv_grad, cv_value, gate_from_selection_normed, gate_grads, gate_probs,
+                             gate_tile_normed, load_probability, select_top_k, selection_key, token_tile)
 from ..common.norm import norm_backward_sums, norm_input_grad, norm_row_stats, normalized_cols
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -373,7 +373,7 @@ def _fused_fwd_kernel(
         tl.store(ln_stats_ptr + N + rows, rstd, mask=row_ok)
 
     # gate
-    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
+    clean, raw, std, eps, h = gate_tile_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
                                         noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean,
                                         rstd, NORM)
     key, taken = selection_key(h, col_ok)
@@ -453,10 +453,9 @@ def _fused_bwd_tokens_kernel(
 
     # the gates, recomputed with the forward's selection (recomputed once more after the experts
     # for the gate's own gradient: cheaper than keeping its tiles live through the d_h loop)
-    _, _, _, _, _, sel, g, _, _, _, _ = gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows,
-                                                             row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
-                                                             NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean,
-                                                             rstd, NORM)
+    _, _, _, _, _, sel, g, _, _, _, _ = gate_from_selection_normed(
+        x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
+        NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
     d_aux = tl.load(daux_ptr)
     dg = tl.where(valid, (w_importance * d_aux) * cv_grad(stats_ptr, cols, col_ok, T, SQUARED, UNBIASED)[None, :], 0.0)
 
@@ -497,7 +496,7 @@ def _fused_bwd_tokens_kernel(
         tl.store(du_ptr + tile, du.to(du_ptr.dtype.element_ty), mask=tile_mask)
         dx = _add_product_by_chunk(dx, du.to(DTYPE), v_ptr, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE, DOT_F32)
     # the gate's part: through Softmax_k, the noise scale and P(x)
-    clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection(
+    clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection_normed(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
         NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
     d_load = (w_load * d_aux) * cv_grad(stats_ptr + T, cols, col_ok, T, SQUARED, UNBIASED)

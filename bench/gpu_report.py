@@ -235,10 +235,12 @@ def _fused_jobs(m, d_h, t, k, dtype, quick):
     jobs = []
     precision = dict(K=k, DTYPE=kernels.TL_DTYPES[dtype], DOT_F32=dtype == torch.float32)
     configs = launch.CONFIGS[:1] if quick else launch.CONFIGS
-    # training (noise, dropout) with the pre-MLP LayerNorm folded in (the mLiT layer) and without
-    modes = [dict(NOISY=True, NOISE_MODE=2, LOAD_P=k < t, DROPOUT=True, NORM=norm) for norm in (True, False)]
+    # training (noise, dropout) with the pre-MLP LayerNorm and the residual add folded in (the mLiT
+    # layer) and without
+    modes = [dict(NOISY=True, NOISE_MODE=2, LOAD_P=k < t, DROPOUT=True, NORM=block, RESIDUAL=block)
+             for block in (True, False)]
     if not quick:
-        modes.append(dict(NOISY=False, NOISE_MODE=0, LOAD_P=False, DROPOUT=False, NORM=True))
+        modes.append(dict(NOISY=False, NOISE_MODE=0, LOAD_P=False, DROPOUT=False, NORM=True, RESIDUAL=True))
     for i, config in enumerate(configs):
         geo = launch.Geometry(256 * 145, m, d_h, t, config.block_n, config.num_warps)
         for mode in modes:

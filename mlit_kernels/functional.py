@@ -107,6 +107,7 @@ def moe_triton(
     unbiased_cv: bool = True,
     variant: str = "auto",
     norm: tuple | None = None,
+    residual: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE layer (shared V, W_2) with the Triton kernels: (y (N, m), aux_loss () fp32).
 
@@ -122,7 +123,8 @@ def moe_triton(
     (weight (m,), bias (m,), eps) of a LayerNorm applied to x first — the layer is then
     MoE(LayerNorm(x)), gradients to the norm's weight and bias included; the dense variant folds
     it into its kernels (no launch of its own, nor an autocast cast of its output), the dispatch
-    variant runs ``F.layer_norm`` first.
+    variant runs ``F.layer_norm`` first. ``residual``: y = x + the layer's output (the pre-norm
+    block's residual add; folded into the dense kernels' store with ``norm``, else one add).
     """
     variant = resolve_variant(variant, w_gate.shape[1] if w_gate.dim() == 2 else 0,
                               per_expert=v.dim() == 3 or w2.dim() == 3)
@@ -137,13 +139,14 @@ def moe_triton(
     params = tuple(p.contiguous() for p in (w_gate, w_noise, w1, b1, v, b_v, w2, b2))
     options = MoEOptions(k, training, noisy, float(dropout) if training else 0.0, float(noise_eps),
                          float(w_importance), float(w_load), bool(squared_cv), bool(unbiased_cv), dtype)
-    if norm is None:
-        return _RUN[variant](x.contiguous(), params, seed, noise, options)
-    if variant == "dense":
+    x = x.contiguous()
+    if norm is not None and variant == "dense":
         weight, bias, eps = norm
-        return _RUN[variant](x.contiguous(), params, seed, noise, options,
-                             norm=(weight.contiguous(), bias.contiguous(), float(eps)))
-    return _RUN[variant](F.layer_norm(x, x.shape[1:], *norm).contiguous(), params, seed, noise, options)
+        return _RUN[variant](x, params, seed, noise, options, norm=(weight.contiguous(), bias.contiguous(), float(eps)),
+                             residual=bool(residual))
+    y, aux = _RUN[variant](x if norm is None else F.layer_norm(x, x.shape[1:], *norm).contiguous(), params, seed,
+                           noise, options)
+    return (x + y if residual else y), aux
 
 
 __all__ = ["moe_triton", "check_inputs", "check_norm"]

@@ -26,7 +26,8 @@ from mlit_kernels.functional import moe_triton  # noqa: E402
 
 def _forward_backward(n, m, d_h, t, k, dropout, norm=False):
     """y, aux and every gradient of one training step (fp16, Philox noise and dropout); with
-    ``norm`` of MoE(LayerNorm(x)), the norm folded in (its weight and bias gradients last)."""
+    ``norm`` of x + MoE(LayerNorm(x)), norm and residual folded in (its weight and bias gradients
+    last)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(n, m, generator=g).to(DEVICE, torch.float16).requires_grad_()
     shapes = [(m, t), (m, t), (t, m, d_h), (t, d_h), (m, d_h), (d_h,), (d_h, m), (m,)]
@@ -35,7 +36,7 @@ def _forward_backward(n, m, d_h, t, k, dropout, norm=False):
     ln = [(1 + 0.2 * torch.randn(m, generator=g)).to(DEVICE).requires_grad_(),
           (0.2 * torch.randn(m, generator=g)).to(DEVICE).requires_grad_()] if norm else []
     y, aux = moe_triton(x, *params, k, True, seed=11, dropout=dropout, variant="dense",
-                        norm=(*ln, 1e-5) if norm else None)
+                        norm=(*ln, 1e-5) if norm else None, residual=norm)
     dy = torch.randn(n, m, generator=g).to(DEVICE, torch.float16)
     grads = torch.autograd.grad((y, aux), [x, *params, *ln], (dy, torch.ones((), device=DEVICE)))
     return [y, aux, *grads]

@@ -36,8 +36,8 @@ def _params(m, d_h, t, seed):
             "w2": r(d_h, m) / d_h**0.5, "b2": r(m) * 0.1}
 
 
-def _run(x, params, k, train, noise, triton_dtype=None, seed=None, rounding=None):
-    """(x, params, y, aux) of MoE(LN(x)): the Triton kernels in ``triton_dtype`` (the gate
+def _run(x, params, k, train, noise, residual, triton_dtype=None, seed=None, rounding=None):
+    """(x, params, y, aux) of MoE(LN(x)) (+ x with ``residual``): the Triton kernels in ``triton_dtype`` (the gate
     weights and the norm in fp32), else the float64 reference; with ``rounding`` the reference's
     LayerNorm output is rounded to that dtype (straight through), as nn.LayerNorm's output in x's
     dtype is, and so the kernels' (the values they see)."""
@@ -54,8 +54,9 @@ def _run(x, params, k, train, noise, triton_dtype=None, seed=None, rounding=None
         xn = F.layer_norm(xs, (xs.shape[1],), norm[0], norm[1], EPS)
         xn = xn + (_rounded(xn, rounding) - xn).detach()
         y, aux = reference.moe_reference(xn, *args, k, train, noise=noise)
+        y = xs + y if residual else y
     else:
-        y, aux = moe_triton(xs, *args, k, train, noise=noise, seed=seed, variant="dense", norm=norm)
+        y, aux = moe_triton(xs, *args, k, train, noise=noise, seed=seed, variant="dense", norm=norm, residual=residual)
     return xs, ps, y, aux
 
 
@@ -67,17 +68,17 @@ def _rounded(x, dtype):
     return x.to(dtype).double()
 
 
-CASES = [  # N, m, d_h, t, k, train, dtype, noise
-    (37, 144, 144, 3, 2, True, torch.float32, "philox"),  # mLiT-S layer 0; N not a multiple of the tile
-    (33, 108, 27, 5, 1, True, torch.float16, "tensor"),  # XXS last layer, k = 1
-    (21, 81, 81, 5, 5, True, torch.float32, "philox"),  # k = t
-    (18, 27, 27, 5, 2, False, torch.float16, None),  # eval
-    (19, 108, 81, 4, 2, True, torch.bfloat16, "philox"),  # XXS first layer width
+CASES = [  # N, m, d_h, t, k, train, dtype, noise, residual
+    (37, 144, 144, 3, 2, True, torch.float32, "philox", True),  # mLiT-S layer 0; N not a multiple of the tile
+    (33, 108, 27, 5, 1, True, torch.float16, "tensor", False),  # XXS last layer, k = 1
+    (21, 81, 81, 5, 5, True, torch.float32, "philox", False),  # k = t
+    (18, 27, 27, 5, 2, False, torch.float16, None, True),  # eval
+    (19, 108, 81, 4, 2, True, torch.bfloat16, "philox", True),  # XXS first layer width
 ]
 
 
-@pytest.mark.parametrize("n, m, d_h, t, k, train, dtype, noise_mode", CASES)
-def test_norm_moe_matches_the_reference(n, m, d_h, t, k, train, dtype, noise_mode):
+@pytest.mark.parametrize("n, m, d_h, t, k, train, dtype, noise_mode, residual", CASES)
+def test_norm_moe_matches_the_reference(n, m, d_h, t, k, train, dtype, noise_mode, residual):
     torch.manual_seed(n)
     x = (torch.randn(n, m, dtype=torch.float64) * 2 + 0.5).to(dtype).double()
     params = {name: (p.to(torch.float32 if name in ("w_gate", "w_noise", "ln_w", "ln_b") else dtype).double())
@@ -90,8 +91,8 @@ def test_norm_moe_matches_the_reference(n, m, d_h, t, k, train, dtype, noise_mod
         noise_arg = noise_ref.to(DEVICE, torch.float32)
     else:
         noise_ref = noise_arg = None
-    xt, pt, y, aux = _run(x, params, k, train, noise_arg, dtype, seed.to(DEVICE))
-    xr, pr, yr, auxr = _run(x, params, k, train, noise_ref, rounding=dtype)
+    xt, pt, y, aux = _run(x, params, k, train, noise_arg, residual, dtype, seed.to(DEVICE))
+    xr, pr, yr, auxr = _run(x, params, k, train, noise_ref, residual, rounding=dtype)
     dy = torch.randn(n, m, dtype=torch.float64).to(dtype)
     torch.autograd.backward((y, aux), (dy.to(DEVICE), torch.tensor(10.0, device=DEVICE)))
     torch.autograd.backward((yr, auxr), (dy.double(), torch.tensor(10.0, dtype=torch.float64)))
@@ -105,20 +106,20 @@ def test_norm_moe_matches_the_reference(n, m, d_h, t, k, train, dtype, noise_mod
 
 
 def test_reference_norm_is_layer_norm_then_the_layer():
-    """moe_reference(norm=...) is F.layer_norm then the layer, values and gradients."""
+    """moe_reference(norm=..., residual=True) is x + the layer on F.layer_norm(x)."""
     m, d_h, t = 27, 16, 3
     p = _params(m, d_h, t, 1)
     x = torch.randn(9, m, dtype=torch.float64)
     noise = torch.randn(9, t, dtype=torch.float64)
     args = [p[n] for n in NAMES]
-    y, aux = reference.moe_reference(x, *args, 2, True, noise=noise, norm=(p["ln_w"], p["ln_b"], EPS))
+    y, aux = reference.moe_reference(x, *args, 2, True, noise=noise, norm=(p["ln_w"], p["ln_b"], EPS), residual=True)
     y2, aux2 = reference.moe_reference(F.layer_norm(x, (m,), p["ln_w"], p["ln_b"], EPS), *args, 2, True, noise=noise)
-    assert torch.equal(y, y2) and torch.equal(aux, aux2)
+    assert torch.equal(y, x + y2) and torch.equal(aux, aux2)
 
 
 def test_layer_with_norm_matches_the_reference_backend():
-    """SharedSwiGLUMoE(x, norm=nn.LayerNorm): the Triton backend (norm folded in) and the
-    reference backend (norm then the layer) agree in eval, values and every gradient."""
+    """SharedSwiGLUMoE(x, norm=nn.LayerNorm, residual=True): the Triton backend (norm and residual
+    folded in) and the reference backend agree in eval, values and every gradient."""
     torch.manual_seed(3)
     layers = {b: SharedSwiGLUMoE(27, 16, 3, k=2, dropout=0.0, backend=b).to(DEVICE).eval()
               for b in ("reference", "triton")}
@@ -135,7 +136,7 @@ def test_layer_with_norm_matches_the_reference_backend():
     out = {}
     for b, layer in layers.items():
         xb = x.clone().requires_grad_()
-        y, aux = layer(xb, norm=norms[b])
+        y, aux = layer(xb, norm=norms[b], residual=True)
         (y.square().sum() + aux).backward()
         out[b] = [y, xb.grad, norms[b].weight.grad, norms[b].bias.grad, *(p.grad for p in layer.parameters())]
     for i, (a, r) in enumerate(zip(out["triton"], out["reference"])):

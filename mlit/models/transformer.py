@@ -56,8 +56,8 @@ class MoETransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None,
                 attn_weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.norm1(x), attn_weights)
-        y, aux_loss = self.moe(x, seed=seed, norm=self.norm2)  # the dense kernels fold norm2 in
-        return x + y, aux_loss
+        # x + MoE(norm2(x)): the dense kernels fold norm2 and the residual add in
+        return self.moe(x, seed=seed, norm=self.norm2, residual=True)
 
 
 class MoETransformer(nn.Module):

@@ -149,9 +149,10 @@ def _keep_mask(seed, rows, M, c0: tl.constexpr, W: tl.constexpr, drop_p):
 
 
 @triton.jit
-def _store_out(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, drop_p,
-               DROPOUT: tl.constexpr):
-    """y + b_2 for a column chunk, dropout (keep mask stored as uint8), stored in y's dtype."""
+def _store_out(y, b2_ptr, y_ptr, keep_ptr, x_ptr, seed, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, drop_p,
+               DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y + b_2 for a column chunk, dropout (keep mask stored as uint8), + x with RESIDUAL, stored in
+    y's dtype."""
     cols = c0 + tl.arange(0, W)
     col_ok = cols < M
     mask = row_ok[:, None] & col_ok[None, :]
@@ -161,7 +162,19 @@ def _store_out(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, c0: tl.constex
         keep = _keep_mask(seed, rows, M, c0, W, drop_p)
         y = tl.where(keep, y / (1.0 - drop_p), 0.0)
         tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=mask)
+    if RESIDUAL:
+        y += tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _plus_residual_grad(dx, dy_ptr, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, RESIDUAL: tl.constexpr):
+    """dx of a column chunk, + dy there with RESIDUAL (the gradient through the residual add)."""
+    if RESIDUAL:
+        cols = c0 + tl.arange(0, W)
+        mask = row_ok[:, None] & (cols < M)[None, :]
+        dx += tl.load(dy_ptr + rows[:, None].to(tl.int64) * M + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return dx
 
 
 @triton.jit
@@ -276,22 +289,25 @@ def _add_product_by_chunk(acc, p, w_ptr, ds, d_ok, M, D, STARTS: tl.constexpr, W
 
 
 @triton.jit
-def _store_output(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, drop_p, STARTS: tl.constexpr,
-                  WIDTHS: tl.constexpr, DROPOUT: tl.constexpr):
+def _store_output(y, b2_ptr, y_ptr, keep_ptr, x_ptr, seed, rows, row_ok, M, drop_p, STARTS: tl.constexpr,
+                  WIDTHS: tl.constexpr, DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr):
     """:func:`_store_out` per chunk."""
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            _store_out(y[i], b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, STARTS[i], WIDTHS[i], drop_p, DROPOUT)
+            _store_out(y[i], b2_ptr, y_ptr, keep_ptr, x_ptr, seed, rows, row_ok, M, STARTS[i], WIDTHS[i], drop_p,
+                       DROPOUT, RESIDUAL)
 
 
 @triton.jit
-def _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T,
-                      STARTS: tl.constexpr, WIDTHS: tl.constexpr, NOISY: tl.constexpr):
-    """dx + the gate's part (dclean W_gᵀ + draw W_noiseᵀ) per chunk, stored in dx's dtype."""
+def _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dy_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T,
+                      STARTS: tl.constexpr, WIDTHS: tl.constexpr, NOISY: tl.constexpr, RESIDUAL: tl.constexpr):
+    """dx + the gate's part (dclean W_gᵀ + draw W_noiseᵀ) (+ dy with RESIDUAL) per chunk, stored in
+    dx's dtype."""
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            _store_rows(dx_ptr, _gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, STARTS[i],
-                                         WIDTHS[i], NOISY), rows, row_ok, M, STARTS[i], WIDTHS[i])
+            grad = _gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, STARTS[i], WIDTHS[i], NOISY)
+            _store_rows(dx_ptr, _plus_residual_grad(grad, dy_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], RESIDUAL),
+                        rows, row_ok, M, STARTS[i], WIDTHS[i])
 
 
 @triton.jit
@@ -324,11 +340,13 @@ def _store_norm_group_sums(part_ptr, dw, db, rows, N, M, pid, c0: tl.constexpr, 
 
 
 @triton.jit
-def _store_norm_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, x_ptr, ln_w_ptr, mean, rstd, dx_ptr, ln_part_ptr, pid,
-                           rows, row_ok, cols, col_ok, N, M, T, STARTS: tl.constexpr, WIDTHS: tl.constexpr,
-                           NOISY: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dL/dxn = dx + the gate's part per chunk, through the LayerNorm: dx (x's dtype) and the
-    token groups' partial sums of dL/dxn ⊙ x̂ and dL/dxn (the norm's weight and bias gradients)."""
+def _store_norm_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, x_ptr, ln_w_ptr, mean, rstd, dy_ptr, dx_ptr, ln_part_ptr,
+                           pid, rows, row_ok, cols, col_ok, N, M, T, STARTS: tl.constexpr, WIDTHS: tl.constexpr,
+                           NOISY: tl.constexpr, RESIDUAL: tl.constexpr, SUM_ROWS: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """dL/dxn = dx + the gate's part per chunk, through the LayerNorm: dx (+ dy with RESIDUAL; x's
+    dtype) and the token groups' partial sums of dL/dxn ⊙ x̂ and dL/dxn (the norm's weight and bias
+    gradients)."""
     dxn = ()
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
@@ -339,6 +357,7 @@ def _store_norm_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, x_ptr, ln_w_ptr, me
         if WIDTHS[i] > 0:
             ms = STARTS[i] + tl.arange(0, WIDTHS[i])
             grad, xhat = norm_input_grad(dxn[i], x_ptr, ln_w_ptr, rows, row_ok, ms, ms < M, M, mean, rstd, s_g, s_gx)
+            grad = _plus_residual_grad(grad, dy_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], RESIDUAL)
             _store_rows(dx_ptr, grad, rows, row_ok, M, STARTS[i], WIDTHS[i])
             _store_norm_group_sums(ln_part_ptr, dxn[i] * xhat, tl.where(row_ok[:, None], dxn[i], 0.0), rows, N, M,
                                    pid, STARTS[i], WIDTHS[i], SUM_ROWS, BLOCK_N)
@@ -354,7 +373,7 @@ def _fused_fwd_kernel(
     y_ptr, idx_ptr, part_ptr, keep_ptr, ln_w_ptr, ln_b_ptr, ln_stats_ptr,
     N, M, D, T, noise_eps, drop_p, ln_eps,
     K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr, DROPOUT: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SUM_ROWS: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -401,7 +420,7 @@ def _fused_fwd_kernel(
                              DTYPE, DOT_F32)
                 c += _expert_column(g, cols, e)[:, None] * (a * tl.sigmoid(a))
         y = _add_product_by_chunk(y, (c * u).to(DTYPE), w2_ptr, ds, d_ok, M, D, STARTS, WIDTHS, False, DTYPE, DOT_F32)
-    _store_output(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, drop_p, STARTS, WIDTHS, DROPOUT)
+    _store_output(y, b2_ptr, y_ptr, keep_ptr, x_ptr, seed, rows, row_ok, M, drop_p, STARTS, WIDTHS, DROPOUT, RESIDUAL)
 
 
 @triton.jit
@@ -436,7 +455,7 @@ def _fused_bwd_tokens_kernel(
     dx_ptr, da_ptr, du_ptr, h_ptr, dgate_ptr, ln_part_ptr,
     N, M, D, T, noise_eps, drop_p, w_importance, w_load,
     K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr, DROPOUT: tl.constexpr,
-    SQUARED: tl.constexpr, UNBIASED: tl.constexpr, NORM: tl.constexpr,
+    SQUARED: tl.constexpr, UNBIASED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SUM_ROWS: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -506,11 +525,12 @@ def _fused_bwd_tokens_kernel(
     tl.store(dgate_ptr + gslot, dclean, mask=valid)
     tl.store(dgate_ptr + gslot + T, draw, mask=valid)
     if NORM:
-        _store_norm_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, x_ptr, ln_w_ptr, mean, rstd, dx_ptr, ln_part_ptr, pid,
-                               rows, row_ok, cols, col_ok, N, M, T, STARTS, WIDTHS, NOISY, SUM_ROWS, BLOCK_N)
+        _store_norm_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, x_ptr, ln_w_ptr, mean, rstd, dy_ptr, dx_ptr,
+                               ln_part_ptr, pid, rows, row_ok, cols, col_ok, N, M, T, STARTS, WIDTHS, NOISY, RESIDUAL,
+                               SUM_ROWS, BLOCK_N)
     else:
-        _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T, STARTS, WIDTHS,
-                          NOISY)
+        _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dy_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T, STARTS,
+                          WIDTHS, NOISY, RESIDUAL)
 
 
 @triton.jit

@@ -141,14 +141,16 @@ def _norm_args(norm, fallback: torch.Tensor) -> tuple:
     return weight, bias, float(eps), True
 
 
-def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options: MoEOptions, norm=None):
+def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options: MoEOptions, norm=None,
+                  residual: bool = False):
     """The layer's forward in two launches.
 
     x (N, m) any float dtype; weights in any float dtype (converted in registers); seed (1,)
     int64 on x's device (Philox key of the gate noise and the dropout); noise (N, t) fp32 or None;
     ``options.dtype`` the compute dtype of the expert products; ``norm`` None, or (weight (m,),
     bias (m,), eps) of a LayerNorm applied to x first (in the kernel, fp32, its output rounded to
-    x's dtype as nn.LayerNorm's). Returns y (N, m) in x's dtype, aux_loss () fp32, topk_idx (N, k)
+    x's dtype as nn.LayerNorm's); ``residual``: y = x + the layer's output (the pre-norm block's
+    residual add, in the store). Returns y (N, m) in x's dtype, aux_loss () fp32, topk_idx (N, k)
     int32, stats (2, t) fp32 (importance, load), keep (N, m) uint8 (the dropout keep mask; (0,)
     without dropout) and ln_stats (2, N) fp32 (the norm's mean and rstd per token; (0,) without)."""
     n, m = x.shape
@@ -170,7 +172,7 @@ def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, optio
         _fused_fwd_kernel[(geo.tiles,)](
             x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, noise_arg, seed, y, idx, part, keep, ln_w, ln_b,
             ln_stats if has_norm else stats, n, m, d_h, t, float(options.noise_eps), float(options.dropout), ln_eps,
-            NORM=has_norm, **scalars, **geo.token_constexprs(), num_warps=geo.num_warps)
+            NORM=has_norm, RESIDUAL=bool(residual), **scalars, **geo.token_constexprs(), num_warps=geo.num_warps)
 
     geo = _geometry("fwd", x, m, d_h, t, options, launch, has_norm)
     if n:
@@ -184,13 +186,13 @@ def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, optio
 
 
 def fused_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, idx, stats, keep,
-                   options: MoEOptions, norm=None, ln_stats=None):
+                   options: MoEOptions, norm=None, ln_stats=None, residual: bool = False):
     """Gradients of :func:`fused_forward` in three launches: dx (x's dtype) and one flat buffer in
     the parameters' dtype holding dW_g, dW_noise, dW_1, db_1, dV, db_V, dW_2, db_2 (+ the norm's
     dweight, dbias with ``norm``; see :func:`split_grads`).
 
-    dy (N, m) any float dtype; d_aux () fp32; the rest (``norm``, ``ln_stats`` included) as given
-    to and saved by the forward."""
+    dy (N, m) any float dtype; d_aux () fp32; the rest (``norm``, ``ln_stats``, ``residual``
+    included) as given to and saved by the forward (with ``residual`` dx includes dy)."""
     n, m = x.shape
     t, _, d_h = w1.shape
     dev = x.device
@@ -215,8 +217,8 @@ def fused_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, nois
             dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, noise_arg, seed, idx, stats, keep_arg, ln_w, ln_b,
             ln_stats, dx, da, du, h, dgate, ln_part_arg, n, m, d_h, t, float(options.noise_eps), float(options.dropout),
             float(options.w_importance), float(options.w_load), SQUARED=bool(options.squared_cv),
-            UNBIASED=bool(options.unbiased_cv), NORM=has_norm, SUM_ROWS=SUM_ROWS, **scalars, **flags,
-            **geo.token_constexprs(), num_warps=geo.num_warps)
+            UNBIASED=bool(options.unbiased_cv), NORM=has_norm, RESIDUAL=bool(residual), SUM_ROWS=SUM_ROWS, **scalars,
+            **flags, **geo.token_constexprs(), num_warps=geo.num_warps)
 
     geo = _geometry("bwd", x, m, d_h, t, options, launch_tokens, has_norm)
     grads = torch.empty(geo.grad_numel, device=dev, dtype=w1.dtype)

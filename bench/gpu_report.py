@@ -162,8 +162,8 @@ _DISPATCH_PTRS = {"da_ptr": "act", "du_ptr": "act", "hc_ptr": "act", "o_ptr": "a
                   "route_ptr": "i32", "local_ptr": "i32", "seed_ptr": "i64", "keep_ptr": "u8"}
 _DISPATCH_KERNELS = {"_gate_route_kernel", "_experts_fwd_kernel", "_combine_kernel", "_experts_bwd_kernel",
                      "_weights_dx_kernel"}
-_FLOAT_SCALARS = {"noise_eps", "drop_p", "ln_eps", "w_importance", "w_load", "scale_lo", "scale_span", "ratio_lo",
-                  "ratio_span", "hflip"}
+_FLOAT_SCALARS = {"noise_eps", "drop_p", "ln_eps", "smoothing", "aux_weight", "w_importance", "w_load", "scale_lo",
+                  "scale_span", "ratio_lo", "ratio_span", "hflip"}
 # ... and of the augmentation kernels (uint8 images, float uniforms and tables; the output uint8
 # between AutoAugment slots, float32 normalised at the end: ``out_ptr`` per NORMALISE).
 _AUGMENT_PTRS = {"src_ptr": "u8", "x_ptr": "u8", "ops_ptr": "i64", "signed_ptr": "i1"}
@@ -177,6 +177,8 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
     if kernel_name.startswith("_fused") or kernel_name == "_reduce_kernel":
         kind = _FUSED_PTRS.get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
+    if kernel_name in ("_loss_fwd_kernel", "_loss_bwd_kernel"):
+        return {"logits_ptr": "fp16", "dlogits_ptr": "fp16", "labels_ptr": "i64"}.get(name, "fp32")
     if kernel_name in _DISPATCH_KERNELS:
         kind = _DISPATCH_PTRS.get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
@@ -305,6 +307,14 @@ def _augment_jobs():
     return jobs
 
 
+def _loss_jobs():
+    """(kernel, constexprs, warps, stages) of the classification loss (10 and 100 classes)."""
+    from mlit.train import loss_kernels
+
+    return [(kernel, dict(BLOCK_B=loss_kernels.BLOCK_B, BLOCK_C=c), 4, 1)
+            for kernel in (loss_kernels._loss_fwd_kernel, loss_kernels._loss_bwd_kernel) for c in (16, 128)]
+
+
 def compile_check(arch=90, quick=False):
     """Compile every kernel for sm_<arch> at the paper's shapes; returns markdown rows and failures."""
     shapes_ = [(144, 144, 3, 2), (144, 72, 5, 2), (108, 81, 3, 2), (108, 27, 5, 2)] if not quick else [
@@ -313,12 +323,14 @@ def compile_check(arch=90, quick=False):
     many = [(192, 768, 16, 2), (384, 1536, 64, 2), (1024, 4096, 64, 4)] if not quick else [(1024, 4096, 64, 2)]
     dtypes = [torch.float16, torch.bfloat16, torch.float32] if not quick else [torch.float16]
     rows, failures = [], 0
-    shapes_ = [("augment", None, None, None)] + shapes_ + many
+    shapes_ = [("augment", None, None, None), ("loss", None, None, None)] + shapes_ + many
     for m, d_h, t, k in shapes_:
         sizes = dict(M=m, D=d_h, T=t, N=256 * 145, H_in=32, W_in=32)
-        for dtype in dtypes if m != "augment" else [torch.float32]:
+        for dtype in dtypes if m not in ("augment", "loss") else [torch.float16 if m == "loss" else torch.float32]:
             if m == "augment":
                 jobs = _augment_jobs()
+            elif m == "loss":
+                jobs = _loss_jobs()
             elif (m, d_h, t, k) in many:
                 jobs = _dispatch_jobs(m, d_h, t, k, dtype, quick)
             else:
@@ -337,7 +349,7 @@ def compile_check(arch=90, quick=False):
                 except Exception as exc:  # noqa: BLE001 - report every failure
                     usage, ok, status = {}, False, f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 failures += not ok
-                shape = m if m == "augment" else f"{m}/{d_h}/{t}/{k}"
+                shape = m if m in ("augment", "loss") else f"{m}/{d_h}/{t}/{k}"
                 row = (f"| {shape} | {str(dtype)[6:]} | {name} | {label} w{warps}s{stages} | "
                        f"{usage.get('shared', '-')} | {usage.get('reg', '-')} | {usage.get('stack', '-')} | "
                        f"{usage.get('local', '-')} | {status} |")

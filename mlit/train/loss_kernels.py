@@ -120,6 +120,7 @@ def _loss_backward_op_fake(grad, logits, labels, smoothing, aux_weight):
 def _setup_context(ctx, inputs, output):
     logits, labels, aux, smoothing, aux_weight = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the metrics
     ctx.save_for_backward(logits, labels)
     ctx.smoothing, ctx.aux_weight, ctx.aux_dtype = smoothing, aux_weight, aux.dtype
 

@@ -177,6 +177,8 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
     if kernel_name.startswith("_fused") or kernel_name == "_reduce_kernel":
         kind = _FUSED_PTRS.get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
+    if kernel_name in ("_embed_fwd_kernel", "_embed_bwd_kernel", "_embed_reduce_kernel"):
+        return "fp32"
     if kernel_name in ("_loss_fwd_kernel", "_loss_bwd_kernel"):
         return {"logits_ptr": "fp16", "dlogits_ptr": "fp16", "labels_ptr": "i64"}.get(name, "fp32")
     if kernel_name in _DISPATCH_KERNELS:
@@ -308,11 +310,18 @@ def _augment_jobs():
 
 
 def _loss_jobs():
-    """(kernel, constexprs, warps, stages) of the classification loss (10 and 100 classes)."""
+    """(kernel, constexprs, warps, stages) of the classification loss (10 and 100 classes) and of the
+    patch embedding (m = 108 and 144)."""
+    from mlit.models import embed_kernels as ek
     from mlit.train import loss_kernels
 
-    return [(kernel, dict(BLOCK_B=loss_kernels.BLOCK_B, BLOCK_C=c), 4, 1)
+    jobs = [(kernel, dict(BLOCK_B=loss_kernels.BLOCK_B, BLOCK_C=c), 4, 1)
             for kernel in (loss_kernels._loss_fwd_kernel, loss_kernels._loss_bwd_kernel) for c in (16, 128)]
+    for block_m in (128, 256):
+        jobs.append((ek._embed_fwd_kernel, dict(P=3, BLOCK_T=ek.BLOCK_T, BLOCK_M=block_m, K_PAD=ek.K_PAD), 4, 1))
+        jobs.append((ek._embed_bwd_kernel, dict(P=3, BLOCK_B=ek.BLOCK_B, BLOCK_M=block_m, K_PAD=ek.K_PAD), 4, 1))
+    jobs.append((ek._embed_reduce_kernel, dict(BLOCK=ek.REDUCE_BLOCK), 4, 1))
+    return jobs
 
 
 def compile_check(arch=90, quick=False):

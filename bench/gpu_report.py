@@ -318,7 +318,7 @@ def _loss_jobs():
     jobs = [(kernel, dict(BLOCK_B=loss_kernels.BLOCK_B, BLOCK_C=c), 4, 1)
             for kernel in (loss_kernels._loss_fwd_kernel, loss_kernels._loss_bwd_kernel) for c in (16, 128)]
     for block_m in (128, 256):
-        jobs.append((ek._embed_fwd_kernel, dict(P=3, BLOCK_T=ek.BLOCK_T, BLOCK_M=block_m, K_PAD=ek.K_PAD), 4, 1))
+        jobs.append((ek._embed_fwd_kernel, dict(C=3, P=3, BLOCK_T=ek.BLOCK_T, BLOCK_M=block_m), 4, 1))
         jobs.append((ek._embed_bwd_kernel, dict(P=3, BLOCK_B=ek.BLOCK_B, BLOCK_M=block_m, K_PAD=ek.K_PAD), 4, 1))
     jobs.append((ek._embed_reduce_kernel, dict(BLOCK=ek.REDUCE_BLOCK), 4, 1))
     return jobs
@@ -334,7 +334,7 @@ def compile_check(arch=90, quick=False):
     rows, failures = [], 0
     shapes_ = [("augment", None, None, None), ("loss", None, None, None)] + shapes_ + many
     for m, d_h, t, k in shapes_:
-        sizes = dict(M=m, D=d_h, T=t, N=256 * 145, H_in=32, W_in=32)
+        sizes = dict(N=256 * 145, H_in=32, W_in=32, **(dict(M=m, D=d_h, T=t) if isinstance(m, int) else {}))
         for dtype in dtypes if m not in ("augment", "loss") else [torch.float16 if m == "loss" else torch.float32]:
             if m == "augment":
                 jobs = _augment_jobs()
@@ -348,7 +348,7 @@ def compile_check(arch=90, quick=False):
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
                                   if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT", "NORM",
-                                             "NORMALISE", "SLOT"))
+                                             "NORMALISE", "SLOT", "BLOCK_C", "BLOCK_M"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024

@@ -7,8 +7,8 @@ casts, the matmul and the add (and their gradients: the matmul, the casts, the b
                                                 n = 144: the dummy patch (zeros)
 
 * ``_embed_fwd_kernel`` — one program per BLOCK_T tokens of the flattened (B · 145) rows: gathers
-  each token's 27 pixels from the image (B, C, H, W), fp32 IEEE product with Wᵀ (27 → K_PAD),
-  + pos[n]; tokens in the promoted dtype of W and pos (fp32 under autocast: no casts).
+  each token's 27 pixels from the image (B, C, H, W), one fp32 rank-1 update of the tile per
+  pixel value (x Wᵀ), + pos[n]; tokens in the promoted dtype of W and pos (fp32 under autocast).
 * ``_embed_bwd_kernel`` — one program per position n: dpos[n] = Σ_b dtokens[b, n] and the partial
   dW_n = Σ_b dtokens[b, n]ᵀ patch(b, n), images BLOCK_B at a time (fixed order);
 * ``_embed_reduce_kernel`` — dW = Σ_n dW_n in position order (the weight's dtype).
@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_T = 32  # tokens a forward program embeds
+BLOCK_T = 16  # tokens a forward program embeds (32: the int64 addresses of a 32 × 256 tile spill on sm_90)
 BLOCK_B = 16  # images a backward step sums
-K_PAD = 32  # the patch's 27 values padded for tl.dot
+K_PAD = 32  # the patch's 27 values padded for the backward's tl.dot
 REDUCE_BLOCK = 1024
 
 
@@ -47,22 +47,29 @@ def _patch_values(img_ptr, b, n, ok, C, H, W, P: tl.constexpr, K_PAD: tl.constex
 
 
 @triton.jit
-def _embed_fwd_kernel(img_ptr, w_ptr, pos_ptr, out_ptr, B, C, H, W, M, P: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_M: tl.constexpr, K_PAD: tl.constexpr):
-    """tokens (B, n_tok, M) for BLOCK_T flattened token rows; W (M, C·P·P) row-major, pos (n_tok, M)."""
-    n_tok = (H // P) * (W // P) + 1
+def _embed_fwd_kernel(img_ptr, w_ptr, pos_ptr, out_ptr, B, H, W, M, C: tl.constexpr, P: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
+    """tokens (B, n_tok, M) for BLOCK_T flattened token rows; W (M, C·P·P) row-major, pos (n_tok, M).
+    The C·P·P values a patch has are taken one at a time (a rank-1 update each, fp32)."""
+    per_row = W // P
+    num_patches = (H // P) * per_row
+    n_tok = num_patches + 1
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = rows < B * n_tok
     b = rows // n_tok
     n = rows % n_tok
-    patch = _patch_values(img_ptr, b, n, ok, C, H, W, P, K_PAD)
-    j = tl.arange(0, K_PAD)
+    is_patch = ok & (n < num_patches)
+    top = (n // per_row) * P
+    left = (n % per_row) * P
     o = tl.arange(0, BLOCK_M)
     o_ok = o < M
-    wt = tl.load(w_ptr + o[None, :] * (C * P * P) + j[:, None], mask=(j < C * P * P)[:, None] & o_ok[None, :],
-                 other=0.0).to(tl.float32)
+    tokens = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    for j in range(C * P * P):  # value j of a patch: (py, px, c); a loop, not unrolled (hoisted loads spill)
+        offs = ((b.to(tl.int64) * C + j % C) * H + top + j // (C * P)) * W + left + (j // C) % P
+        value = tl.load(img_ptr + offs, mask=is_patch, other=0.0).to(tl.float32)
+        weight = tl.load(w_ptr + o * (C * P * P) + j, mask=o_ok, other=0.0).to(tl.float32)
+        tokens += value[:, None] * weight[None, :]
     mask = ok[:, None] & o_ok[None, :]
-    tokens = tl.dot(patch, wt, input_precision="ieee")
     tokens += tl.load(pos_ptr + n[:, None] * M + o[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * M + o[None, :], tokens.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -117,9 +124,8 @@ def patch_embed(images: Tensor, weight: Tensor, pos: Tensor, patch_size: int) ->
     n_tok = _tokens(images, patch_size)
     out = images.new_empty((b, n_tok, m), dtype=torch.promote_types(weight.dtype, pos.dtype))
     if out.numel():
-        _embed_fwd_kernel[(triton.cdiv(b * n_tok, BLOCK_T),)](images, weight, pos, out, b, c, h, w, m, P=patch_size,
-                                                              BLOCK_T=BLOCK_T, BLOCK_M=triton.next_power_of_2(m),
-                                                              K_PAD=K_PAD)
+        _embed_fwd_kernel[(triton.cdiv(b * n_tok, BLOCK_T),)](images, weight, pos, out, b, h, w, m, C=c, P=patch_size,
+                                                              BLOCK_T=BLOCK_T, BLOCK_M=triton.next_power_of_2(m))
     return out
 
 

@@ -34,3 +34,15 @@ def test_fused_embed_matches_the_torch_path(size, batch):
         assert a.dtype == r.dtype and a.shape == r.shape
         assert row_error(a.reshape(-1, a.shape[-1]), r.reshape(-1, r.shape[-1])) <= 1e-5, f"output {i}"
     assert torch.equal(out["triton"][0][:, -1], encoder.pos_embed[0, -1].expand(batch, -1))  # the dummy patch
+
+
+def test_opcheck_embed_ops():
+    """Schemas, fake tensors and autograd registration of mlit::patch_embed and its backward."""
+    images = torch.rand(2, 3, 36, 36, device=DEVICE)
+    weight = torch.randn(108, 27, device=DEVICE, requires_grad=True)
+    pos = torch.randn(145, 108, device=DEVICE, requires_grad=True)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.mlit.patch_embed, (images, weight, pos, 3), test_utils=checks)
+    torch.library.opcheck(torch.ops.mlit.patch_embed_backward,
+                          (torch.randn(2, 145, 108, device=DEVICE), images, weight.detach(), pos.detach(), 3),
+                          test_utils=checks)

@@ -55,3 +55,14 @@ def test_fused_loss_checks_its_arguments():
         classification_loss(z, labels[:3], aux, 0.1, 0.01, fused=True)
     with pytest.raises(ValueError, match="aux must be"):
         classification_loss(z, labels, aux.view(1), 0.1, 0.01, fused=True)
+
+
+def test_opcheck_loss_ops():
+    """Schemas, fake tensors and autograd registration: torch.compile traces the ops, graphs capture them."""
+    z = torch.randn(5, 10, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 10, (5,), device=DEVICE)
+    aux = torch.rand((), device=DEVICE, requires_grad=True)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.mlit.classification_loss, (z, labels, aux, 0.1, 0.01), test_utils=checks)
+    torch.library.opcheck(torch.ops.mlit.classification_loss_backward,
+                          (torch.tensor(2.0, device=DEVICE), z.detach(), labels, 0.1, 0.01), test_utils=checks)

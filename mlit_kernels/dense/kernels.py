@@ -26,6 +26,13 @@ Backward
      tokens in registers, ROWS at a time; writes per-split partials.
   5. ``_reduce_kernel``: sums the splits in a fixed order into the gradients (parameter dtype).
 
+With NORM the layer's input is LayerNorm(x) (:mod:`mlit_kernels.common.norm`): kernel 1 computes
+each row's mean and rstd and stores them ((2, N) fp32), every kernel normalizes x where it reads
+it, kernel 3 applies the norm's backward per row (it holds whole rows of dL/dLN(x)) and writes
+the per-16-token partial sums of the norm's weight and bias gradients, which kernel 4 adds up per
+split in extra programs (appended to the flat gradient). With RESIDUAL the output is x + y (added
+in the store) and dx gets dy added.
+
 Nothing uses float atomics, and every sum over tokens has boundaries fixed by the shape
 (:mod:`mlit_kernels.common.settings`: SUM_ROWS, the splits, ROWS), not by the tuned BLOCK_N: every
 configuration gives the same bits. Widths m are covered by up to four power-of-two chunks

@@ -172,8 +172,8 @@ _DISPATCH_PTRS = {"da_ptr": "act", "du_ptr": "act", "hc_ptr": "act", "o_ptr": "a
                   "route_ptr": "i32", "local_ptr": "i32", "seed_ptr": "i64", "keep_ptr": "u8"}
 _DISPATCH_KERNELS = {"_gate_route_kernel", "_experts_fwd_kernel", "_combine_kernel", "_experts_bwd_kernel",
                      "_weights_dx_kernel", "_shared_grads_kernel"}
-_FLOAT_SCALARS = {"noise_eps", "drop_p", "w_importance", "w_load", "scale_lo", "scale_span", "ratio_lo", "ratio_span",
-                  "hflip", "eps", "sm_scale"}
+_FLOAT_SCALARS = {"noise_eps", "drop_p", "ln_eps", "smoothing", "aux_weight", "w_importance", "w_load", "scale_lo",
+                  "scale_span", "ratio_lo", "ratio_span", "hflip", "eps", "sm_scale"}
 # ... and of the augmentation kernels (uint8 images, float uniforms and tables; the output uint8
 # between AutoAugment slots, float32 normalised at the end: ``out_ptr`` per NORMALISE).
 _AUGMENT_PTRS = {"src_ptr": "u8", "x_ptr": "u8", "ops_ptr": "i64", "signed_ptr": "i1"}
@@ -192,6 +192,10 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
     if kernel_name.startswith("_fused") or kernel_name == "_reduce_kernel":
         kind = _FUSED_PTRS.get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
+    if kernel_name in ("_embed_fwd_kernel", "_embed_bwd_kernel", "_embed_reduce_kernel"):
+        return "fp32"
+    if kernel_name in ("_loss_fwd_kernel", "_loss_bwd_kernel"):
+        return {"logits_ptr": "fp16", "dlogits_ptr": "fp16", "labels_ptr": "i64"}.get(name, "fp32")
     if kernel_name in _DISPATCH_KERNELS | _ATTENTION_KERNELS:
         kind = (_DISPATCH_PTRS if kernel_name in _DISPATCH_KERNELS else _ATTENTION_PTRS).get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
@@ -250,20 +254,24 @@ def _fused_jobs(m, d_h, t, k, dtype, quick):
     jobs = []
     precision = dict(K=k, DTYPE=kernels.TL_DTYPES[dtype], DOT_F32=dtype == torch.float32)
     configs = launch.CONFIGS[:1] if quick else launch.CONFIGS
-    modes = [dict(NOISY=True, NOISE_MODE=2, LOAD_P=k < t, DROPOUT=True)]
+    # training (noise, dropout) with the pre-MLP LayerNorm and the residual add folded in (the mLiT
+    # layer) and without
+    modes = [dict(NOISY=True, NOISE_MODE=2, LOAD_P=k < t, DROPOUT=True, NORM=block, RESIDUAL=block)
+             for block in (True, False)]
     if not quick:
-        modes.append(dict(NOISY=False, NOISE_MODE=0, LOAD_P=False, DROPOUT=False))
+        modes.append(dict(NOISY=False, NOISE_MODE=0, LOAD_P=False, DROPOUT=False, NORM=True, RESIDUAL=True))
     for i, config in enumerate(configs):
         geo = launch.Geometry(256 * 145, m, d_h, t, config.block_n, config.num_warps)
         for mode in modes:
             jobs.append((kernels._fused_fwd_kernel, {**precision, **geo.token_constexprs(), **mode,
                                                       "SUM_ROWS": SUM_ROWS}, config.num_warps, 1))
             jobs.append((kernels._fused_bwd_tokens_kernel, {**precision, **geo.token_constexprs(), **mode,
-                                                             "SQUARED": True, "UNBIASED": True}, config.num_warps, 1))
+                                                             "SQUARED": True, "UNBIASED": True, "SUM_ROWS": SUM_ROWS},
+                         config.num_warps, 1))
             if i == 0:
                 jobs.append((kernels._fused_bwd_weights_kernel, {**precision, **geo.weight_constexprs(),
-                                                                 "NOISY": mode["NOISY"], "DROPOUT": mode["DROPOUT"]},
-                             WGRAD_WARPS, 1))
+                                                                 "NOISY": mode["NOISY"], "DROPOUT": mode["DROPOUT"],
+                                                                 "NORM": mode["NORM"]}, WGRAD_WARPS, 1))
     jobs.append((kernels._fused_aux_kernel, dict(SQUARED=True, UNBIASED=True, BLOCK_P=launch.AUX_BLOCK_P,
                                                  BLOCK_T=BLOCK_T), 4, 1))
     jobs.append((kernels._reduce_kernel, dict(BLOCK=launch.REDUCE_BLOCK), 4, 1))
@@ -347,6 +355,21 @@ def _augment_jobs():
     return jobs
 
 
+def _loss_jobs():
+    """(kernel, constexprs, warps, stages) of the classification loss (10 and 100 classes) and of the
+    patch embedding (m = 108 and 144)."""
+    from mlit.models import embed_kernels as ek
+    from mlit.train import loss_kernels
+
+    jobs = [(kernel, dict(BLOCK_B=loss_kernels.BLOCK_B, BLOCK_C=c), 4, 1)
+            for kernel in (loss_kernels._loss_fwd_kernel, loss_kernels._loss_bwd_kernel) for c in (16, 128)]
+    for block_m in (128, 256):
+        jobs.append((ek._embed_fwd_kernel, dict(C=3, P=3, BLOCK_T=ek.BLOCK_T, BLOCK_M=block_m), 4, 1))
+        jobs.append((ek._embed_bwd_kernel, dict(P=3, BLOCK_B=ek.BLOCK_B, BLOCK_M=block_m, K_PAD=ek.K_PAD), 4, 1))
+    jobs.append((ek._embed_reduce_kernel, dict(BLOCK=ek.REDUCE_BLOCK), 4, 1))
+    return jobs
+
+
 def compile_check(arch=90, quick=False):
     """Compile every kernel for sm_<arch> at the paper's shapes; returns markdown rows and failures."""
     shapes_ = [(144, 144, 3, 2), (144, 72, 5, 2), (108, 81, 3, 2), (108, 27, 5, 2)] if not quick else [
@@ -357,15 +380,18 @@ def compile_check(arch=90, quick=False):
     # the fused attention block of S, XS and XXS (and the MAE decoder): (width, heads, groups)
     attention = [(144, 8, 4), (128, 8, 4), (108, 6, 3)] if not quick else [(108, 6, 3)]
     rows, failures = [], 0
-    shapes_ = [("augment", None, None, None)] + shapes_ + many + [("attention", *a) for a in attention]
+    shapes_ = ([("augment", None, None, None), ("loss", None, None, None)] + shapes_ + many
+               + [("attention", *a) for a in attention])
     for m, d_h, t, k in shapes_:
-        sizes = dict(M=m, D=d_h, T=t, N=256 * 145, H_in=32, W_in=32)
-        for dtype in dtypes if m != "augment" else [torch.float32]:
+        sizes = dict(N=256 * 145, H_in=32, W_in=32, **(dict(M=m, D=d_h, T=t) if isinstance(m, int) else {}))
+        for dtype in dtypes if m not in ("augment", "loss") else [torch.float16 if m == "loss" else torch.float32]:
             if m == "augment":
                 jobs = _augment_jobs()
             elif m == "attention":
                 jobs = _attention_jobs(d_h, t, k, dtype, quick)
                 sizes = dict(N=256 * 145, n_tok=145, D=d_h, E=d_h + 2 * k * (d_h // t), H=t, G=k, HD=d_h // t)
+            elif m == "loss":
+                jobs = _loss_jobs()
             elif (m, d_h, t, k) in many:
                 jobs = _dispatch_jobs(m, d_h, t, k, dtype, quick)
             else:
@@ -373,8 +399,8 @@ def compile_check(arch=90, quick=False):
             for kernel, constexprs, warps, stages in jobs:
                 name = (kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel).__name__
                 label = ", ".join(f"{key}={val}" for key, val in constexprs.items()
-                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT",
-                                             "NORMALISE", "SLOT", "RECOMPUTE"))
+                                  if key in ("BLOCK_N", "BLOCK_R", "BR", "ROWS", "SEP_V", "NOISY", "DROPOUT", "NORM",
+                                             "NORMALISE", "SLOT", "RECOMPUTE", "BLOCK_C", "BLOCK_M"))
                 try:
                     usage = _compile_one(kernel, dtype, constexprs, warps, stages, arch, sizes)
                     ok = usage["shared"] <= 227 * 1024
@@ -384,7 +410,7 @@ def compile_check(arch=90, quick=False):
                 except Exception as exc:  # noqa: BLE001 - report every failure
                     usage, ok, status = {}, False, f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 failures += not ok
-                shape = {"augment": m, "attention": f"attention {d_h}/{t}/{k}"}.get(m, f"{m}/{d_h}/{t}/{k}")
+                shape = {"augment": m, "loss": m, "attention": f"attention {d_h}/{t}/{k}"}.get(m, f"{m}/{d_h}/{t}/{k}")
                 row = (f"| {shape} | {str(dtype)[6:]} | {name} | {label} w{warps}s{stages} | "
                        f"{usage.get('shared', '-')} | {usage.get('reg', '-')} | {usage.get('stack', '-')} | "
                        f"{usage.get('local', '-')} | {status} |")

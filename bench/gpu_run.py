@@ -205,7 +205,7 @@ def failed_modes(path: Path) -> dict:
 
 
 def child_env(ctx: Context) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", MLIT_UNCLEARED_KERNELS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if not ctx.cuda:
         env.setdefault("TRITON_INTERPRET", "1")  # Triton kernels through the interpreter on the CPU

@@ -68,8 +68,10 @@ def export_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
         raise ExportError(f"only classifiers can be exported (got {type(model).__name__})")
     layers = [m for m in model.modules() if isinstance(m, SharedSwiGLUMoE)]
     backends, was_training = [m.backend for m in layers], model.training
+    embed_backend = model.encoder.backend
     try:
         model.eval()
+        model.encoder.backend = "reference"  # the patch embedding in torch ops, as the MoE layers
         for layer in layers:
             layer.backend = "reference"
         image = model.encoder.image
@@ -86,6 +88,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
     finally:
         model.train(was_training)
+        model.encoder.backend = embed_backend
         for layer, backend in zip(layers, backends):
             layer.backend = backend
     for key, value in {"mlit.version": __version__, "mlit.preprocessing": PREPROCESSING, **(metadata or {})}.items():

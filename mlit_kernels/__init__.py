@@ -10,10 +10,10 @@ before ``import mlit_kernels``.
 
 Layout: :mod:`.reference` (plain PyTorch), :mod:`.layer` (the nn.Module), :mod:`.functional`
 (``moe_triton``: checks, then the variant), :mod:`.variants` (which variant runs; name →
-implementation), :mod:`.common` (what every variant shares: settings, options, gate math, tiling,
-seed, tuner), one folder per variant (:mod:`.dense`, :mod:`.dispatch`), :mod:`.ops` (every
-custom op), :mod:`.meter`; :mod:`.attention` (imported on its own, not through this package's
-names) is the rest of a transformer layer: the fused pre-norm attention half-block.
+implementation), :mod:`.common` (what every variant shares: settings, options, gate math, the folded
+LayerNorm, tiling, seed, tuner), one folder per variant (:mod:`.dense`, :mod:`.dispatch`),
+:mod:`.ops` (every custom op), :mod:`.meter`; :mod:`.attention` (imported on its own, not through
+this package's names) is the rest of a transformer layer: the fused pre-norm attention half-block.
 
 Adding a variant: a folder ``mlit_kernels/<name>/`` with its kernels, launch code, custom ops and a
 function ``fn(x, params, seed, noise, options) -> (y, aux_loss)`` (see :mod:`.variants`), and one

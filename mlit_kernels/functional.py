@@ -13,6 +13,7 @@ per expert in-kernel (:mod:`mlit_kernels.dispatch`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .common.options import MoEOptions
 from .common.settings import AUX_LOSS_WEIGHT, NOISE_EPS
@@ -21,6 +22,22 @@ from .variants import COMPUTE_DTYPES, IMPLEMENTATIONS, compute_dtype, implementa
 
 # variant -> its function, imported with this module (not while torch.compile traces moe_triton)
 _RUN = {variant: implementation(variant) for variant in IMPLEMENTATIONS}
+
+
+def check_norm(norm, x) -> None:
+    """Raise ValueError / TypeError naming the argument for a ``norm`` the kernels cannot take."""
+    if not (isinstance(norm, (tuple, list)) and len(norm) == 3):
+        raise ValueError(f"norm must be None or a tuple (weight (m,), bias (m,), eps), got {type(norm).__name__}")
+    m = x.shape[1]
+    for name, tensor in (("norm weight", norm[0]), ("norm bias", norm[1])):
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (m,):
+            raise ValueError(f"{name} must be a tensor of shape (m={m},), got {getattr(tensor, 'shape', type(tensor))}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    if not isinstance(norm[2], (int, float)) or not norm[2] > 0:
+        raise ValueError(f"norm eps must be a positive number, got {norm[2]!r}")
 
 
 def check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype) -> None:
@@ -89,6 +106,8 @@ def moe_triton(
     squared_cv: bool = True,
     unbiased_cv: bool = True,
     variant: str = "auto",
+    norm: tuple | None = None,
+    residual: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE layer (shared V, W_2) with the Triton kernels: (y (N, m), aux_loss () fp32).
 
@@ -100,20 +119,34 @@ def moe_triton(
     ``noise`` (N, t) if given, else drawn in-kernel by Philox from ``seed`` (an int or a (1,)
     int64 tensor; drawn on the device with ``torch.randint`` when None — reproducible with
     ``torch.manual_seed``); :func:`mlit_kernels.gate_noise` gives the exact draws. ``dropout``
-    applies to y in training (fused into the kernel on the dense variant).
+    applies to y in training (fused into the kernel on the dense variant). ``norm``: None, or
+    (weight (m,), bias (m,), eps) of a LayerNorm applied to x first — the layer is then
+    MoE(LayerNorm(x)), gradients to the norm's weight and bias included; the dense variant folds
+    it into its kernels (no launch of its own, nor an autocast cast of its output), the dispatch
+    variant runs ``F.layer_norm`` first. ``residual``: y = x + the layer's output (the pre-norm
+    block's residual add; folded into the dense kernels' store with ``norm``, else one add).
     """
     variant = resolve_variant(variant, w_gate.shape[1] if w_gate.dim() == 2 else 0,
                               per_expert=v.dim() == 3 or w2.dim() == 3, device=x.device)
     dtype = compute_dtype(x)
     if not torch.compiler.is_compiling():
         check_inputs(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, k, noise, dtype)
+        if norm is not None:
+            check_norm(norm, x)
     training = bool(training)
     noisy = training and bool(noisy_gating)
     noise = None if noise is None or not noisy else noise.float().contiguous()
     params = tuple(p.contiguous() for p in (w_gate, w_noise, w1, b1, v, b_v, w2, b2))
     options = MoEOptions(k, training, noisy, float(dropout) if training else 0.0, float(noise_eps),
                          float(w_importance), float(w_load), bool(squared_cv), bool(unbiased_cv), dtype)
-    return _RUN[variant](x.contiguous(), params, seed, noise, options)
+    x = x.contiguous()
+    if norm is not None and variant == "dense":
+        weight, bias, eps = norm
+        return _RUN[variant](x, params, seed, noise, options, norm=(weight.contiguous(), bias.contiguous(), float(eps)),
+                             residual=bool(residual))
+    y, aux = _RUN[variant](x if norm is None else F.layer_norm(x, x.shape[1:], *norm).contiguous(), params, seed,
+                           noise, options)
+    return (x + y if residual else y), aux
 
 
-__all__ = ["moe_triton", "check_inputs"]
+__all__ = ["moe_triton", "check_inputs", "check_norm"]

@@ -75,10 +75,15 @@ class SharedSwiGLUMoE(nn.Module):
     b1 (t, d_h); v (m, d_h) and b_v (d_h,); w2 (d_h, m) and b2 (m,). A projection that is not
     shared gets a leading expert dimension t.
 
-    forward(x (..., m), noise=None (N, t) with N = x.numel() // m, seed=None) → (y (..., m),
+    forward(x (..., m), noise=None (N, t) with N = x.numel() // m, seed=None, norm=None) → (y (..., m),
     aux_loss ()), or y alone with ``return_aux=False``. ``seed``: the (1,) int64 device tensor the
     Triton kernels draw the gate noise and dropout from (drawn per call with ``torch.randint`` when
     None; a model can draw all its layers' seeds in one launch); the reference path uses torch's RNG.
+    ``norm``: an ``nn.LayerNorm(dim)`` (with weight and bias) the layer applies to x first, y =
+    MoE(norm(x)) — the pre-norm of a transformer block, owned by the caller (its parameters stay
+    where they are in the state_dict); the dense Triton kernels fold it in (no launch of its own,
+    its gradients computed with the layer's), the other paths run it first. ``residual=True``:
+    the layer returns x + y (the block's residual add; in the dense kernels' store with ``norm``).
     """
 
     def __init__(
@@ -236,12 +241,21 @@ class SharedSwiGLUMoE(nn.Module):
             if not noise.is_floating_point():
                 raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, seed: torch.Tensor | None = None):
+    def _check_norm(self, norm) -> None:
+        if not (isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (self.dim,)
+                and norm.weight is not None and norm.bias is not None):
+            raise ValueError(f"norm must be None or an nn.LayerNorm({self.dim}) with weight and bias, got {norm!r}")
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, seed: torch.Tensor | None = None,
+                norm: nn.LayerNorm | None = None, residual: bool = False):
         self._check_input(x, noise)
+        if norm is not None:
+            self._check_norm(norm)
         tokens = x.reshape(-1, self.dim)
         options = dict(noise=noise, noisy_gating=self.noisy_gating, noise_eps=self.noise_eps, dropout=self.dropout.p,
                        w_importance=self.w_importance, w_load=self.w_load, squared_cv=self.squared_cv,
-                       unbiased_cv=self.unbiased_cv)
+                       unbiased_cv=self.unbiased_cv, norm=None if norm is None else (norm.weight, norm.bias, norm.eps),
+                       residual=residual)
         params = (self.w_gate, self.w_noise, self.w1, self.b1, self.v, self.b_v, self.w2, self.b2)
         if self.uses_triton(tokens):
             from .functional import moe_triton  # lazily: Triton fixes interpret-or-compile when kernels are defined

@@ -241,6 +241,14 @@ def _ln_qkv_bwd_flops(a: dict) -> int:
     return 6 * a["N"] * a["D"] * a["E"]
 
 
+def _patch_embed_flops(a: dict) -> int:
+    """mlit.models.embed_kernels: per token (patches + the dummy) its C·P·P values times Wᵀ (forward),
+    or their product with the token's gradient (dW, backward)."""
+    p = a["P"]
+    tokens = a["B"] * ((a["H"] // p) * (a["W"] // p) + 1)
+    return tokens * 2 * a["C"] * p * p * a["M"]
+
+
 #: Matmul FLOPs of the Triton kernels with matmul work, from their arguments by name (a kernel not
 #: listed counts 0: element-wise or reduction work, bound by its bytes; see Meter.unmodelled).
 TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
@@ -256,10 +264,13 @@ TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
     "_proj_bwd_kernel": _proj_bwd_flops,
     "_attn_bwd_kernel": _attn_bwd_flops,
     "_ln_qkv_bwd_kernel": _ln_qkv_bwd_flops,
+    "_embed_fwd_kernel": _patch_embed_flops,
+    "_embed_bwd_kernel": _patch_embed_flops,
 }
 #: Triton kernels known to do no matmul work (their 0 FLOPs are the model, not a gap).
 TRITON_NO_MATMUL = {"_fused_aux_kernel", "_reduce_kernel", "_crop_kernel", "_op_kernel", "noise_kernel",
-                    "_combine_kernel", "_shared_grads_kernel", "_attn_sum_splits_kernel"}
+                    "_combine_kernel", "_shared_grads_kernel", "_attn_sum_splits_kernel", "_loss_fwd_kernel",
+                    "_loss_bwd_kernel", "_embed_reduce_kernel"}
 
 
 def _kernel_arguments(fn, args, kwargs) -> dict:

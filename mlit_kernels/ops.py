@@ -1,7 +1,8 @@
 """Every Triton kernel of the package as a ``torch.library`` custom op (the only callers of the
 kernels), gathered in one namespace: ``mlit_kernels.ops.fused_moe`` is ``torch.ops.mlit.fused_moe``.
 
-* dense variant (:mod:`mlit_kernels.dense.ops`): ``fused_moe``, ``fused_moe_backward``;
+* dense variant (:mod:`mlit_kernels.dense.ops`): ``fused_moe``, ``fused_moe_backward``, and
+  ``fused_norm_moe``, ``fused_norm_moe_backward`` (a LayerNorm before the layer folded in);
 * dispatch variant (:mod:`mlit_kernels.dispatch.ops`): ``dispatch_moe``, ``dispatch_moe_backward``;
 * the attention half-block (:mod:`mlit_kernels.attention.ops`): ``fused_attention_block``
   (``mlit::attention_block``), ``fused_attention_block_backward``.
@@ -13,8 +14,8 @@ Limitation: no double backward (the backward ops have no autograd).
 """
 
 from .attention.ops import fused_attention_block, fused_attention_block_backward
-from .dense.ops import fused_moe, fused_moe_backward
+from .dense.ops import fused_moe, fused_moe_backward, fused_norm_moe, fused_norm_moe_backward
 from .dispatch.ops import dispatch_moe, dispatch_moe_backward
 
-__all__ = ["fused_moe", "fused_moe_backward", "dispatch_moe", "dispatch_moe_backward", "fused_attention_block",
-           "fused_attention_block_backward"]
+__all__ = ["fused_moe", "fused_moe_backward", "fused_norm_moe", "fused_norm_moe_backward", "dispatch_moe",
+           "dispatch_moe_backward", "fused_attention_block", "fused_attention_block_backward"]

@@ -224,13 +224,24 @@ def moe_reference(
     w_load: float = AUX_LOSS_WEIGHT,
     squared_cv: bool = True,
     unbiased_cv: bool = True,
+    norm: tuple | None = None,
+    residual: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole MoE layer in plain PyTorch: (y (N, m), aux_loss ()), the twin of
     :func:`mlit_kernels.moe_triton` with the same arguments (any sharing of W_1, V, W_2).
+    ``norm``: None, or (weight (m,), bias (m,), eps) of a LayerNorm applied to x first
+    (``F.layer_norm``; outside autocast its weight and bias are cast to x's dtype); ``residual``:
+    y = x + the layer's output.
 
     The gate and the balancing loss run in at least float32, also under autocast; the experts
     under autocast in its dtype, else in x's dtype (the weights are cast to it). ``dropout``
     applies to y in training (one mask per token, after the combine)."""
+    inputs = x
+    if norm is not None:
+        weight, bias, eps = norm
+        if not torch.is_autocast_enabled(x.device.type):
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        x = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     gate_dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         gates, _, load = noisy_top_k_gating(x.to(gate_dtype), w_gate.to(gate_dtype), w_noise.to(gate_dtype), k,
@@ -238,5 +249,5 @@ def moe_reference(
         aux = auxiliary_loss(gates, load, w_importance, w_load, squared_cv, unbiased_cv)
     if not torch.is_autocast_enabled(x.device.type):
         w1, b1, v, b_v, w2, b2 = (p.to(x.dtype) for p in (w1, b1, v, b_v, w2, b2))
-    y = shared_swiglu_experts(x, gates, w1, b1, v, b_v, w2, b2)
-    return F.dropout(y, dropout, training), aux
+    y = F.dropout(shared_swiglu_experts(x, gates, w1, b1, v, b_v, w2, b2), dropout, training)
+    return (inputs + y if residual else y), aux

@@ -64,6 +64,23 @@ def test_opcheck_fused(training, noise_mode, dropout):
     torch.library.opcheck(ops.fused_moe_backward, bwd, test_utils=OPCHECK)
 
 
+def test_opcheck_fused_norm():
+    """The dense layer with the LayerNorm and the residual add folded in (mlit::fused_norm_moe)."""
+    n, m, d_h, t, k = 37, 27, 40, 5, 2
+    p = _params(m, d_h, t)
+    x = torch.randn(n, m, device=DEVICE, requires_grad=True)
+    ln = (torch.ones(m, device=DEVICE, requires_grad=True), torch.zeros(m, device=DEVICE, requires_grad=True))
+    options = (k, True, True, 0.2, 1e-2, 1e-2, 1e-2, True, True, torch.float32)
+    args = (x, *ln, 1e-5, True, *p.values(), _seed(7), None, *options)
+    torch.library.opcheck(ops.fused_norm_moe, args, test_utils=OPCHECK)
+    with torch.no_grad():
+        _, _, idx, stats, keep, ln_stats = ops.fused_norm_moe(*args)
+    detached = [a.detach() for a in (x, *ln)] + [1e-5, True] + [a.detach() for a in p.values()][:7]
+    bwd = (torch.randn(n, m, device=DEVICE), torch.tensor(3.0, device=DEVICE), *detached, _seed(7), None, idx, stats,
+           keep, ln_stats, *options)
+    torch.library.opcheck(ops.fused_norm_moe_backward, bwd, test_utils=OPCHECK)
+
+
 @pytest.mark.parametrize("training,noise_mode,dropout,separate", [(True, "seed", 0.2, False), (True, "tensor", 0.0, True),
                                                                  (False, None, 0.0, False)])
 def test_opcheck_dispatch(training, noise_mode, dropout, separate):

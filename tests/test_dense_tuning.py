@@ -24,27 +24,34 @@ from mlit_kernels.dense import CONFIGS, force_config  # noqa: E402
 from mlit_kernels.functional import moe_triton  # noqa: E402
 
 
-def _forward_backward(n, m, d_h, t, k, dropout):
-    """y, aux and every gradient of one training step (fp16, Philox noise and dropout)."""
+def _forward_backward(n, m, d_h, t, k, dropout, norm=False):
+    """y, aux and every gradient of one training step (fp16, Philox noise and dropout); with
+    ``norm`` of x + MoE(LayerNorm(x)), norm and residual folded in (its weight and bias gradients
+    last)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(n, m, generator=g).to(DEVICE, torch.float16).requires_grad_()
     shapes = [(m, t), (m, t), (t, m, d_h), (t, d_h), (m, d_h), (d_h,), (d_h, m), (m,)]
     params = [(torch.randn(*s, generator=g) * 0.3).to(DEVICE, torch.float32 if i < 2 else torch.float16)
               .requires_grad_() for i, s in enumerate(shapes)]
-    y, aux = moe_triton(x, *params, k, True, seed=11, dropout=dropout, variant="dense")
+    ln = [(1 + 0.2 * torch.randn(m, generator=g)).to(DEVICE).requires_grad_(),
+          (0.2 * torch.randn(m, generator=g)).to(DEVICE).requires_grad_()] if norm else []
+    y, aux = moe_triton(x, *params, k, True, seed=11, dropout=dropout, variant="dense",
+                        norm=(*ln, 1e-5) if norm else None, residual=norm)
     dy = torch.randn(n, m, generator=g).to(DEVICE, torch.float16)
-    grads = torch.autograd.grad((y, aux), [x, *params], (dy, torch.ones((), device=DEVICE)))
+    grads = torch.autograd.grad((y, aux), [x, *params, *ln], (dy, torch.ones((), device=DEVICE)))
     return [y, aux, *grads]
 
 
-def test_every_configuration_gives_the_same_bits():
+@pytest.mark.parametrize("norm", [False, True])
+def test_every_configuration_gives_the_same_bits(norm):
     """Partial sums, weight-gradient splits and row steps are fixed by the shape: forcing each
-    tuning candidate gives bitwise-identical outputs and gradients."""
+    tuning candidate gives bitwise-identical outputs and gradients (with a LayerNorm folded in
+    too: its weight and bias gradients are sums of fixed token groups)."""
     results = {}
     for config in CONFIGS:
         with force_config(config):
             # 260 tokens: two weight-gradient splits, a ragged last tile and partial-sum group
-            results[config] = _forward_backward(260, 40, 16, 3, 2, dropout=0.1)
+            results[config] = _forward_backward(260, 40, 16, 3, 2, dropout=0.1, norm=norm)
     first = results[CONFIGS[0]]
     for config, outs in results.items():
         differ = [i for i, (a, b) in enumerate(zip(first, outs)) if not torch.equal(a, b)]

@@ -390,6 +390,23 @@ def test_uncleared_kernels_stay_off_cuda_unless_asked_for(monkeypatch):
         resolve_variant("auto", 3, device="cuda")
 
 
+def test_every_uncleared_family_stays_off_cuda(monkeypatch):
+    """The families no GPU run has cleared run torch on CUDA under "auto" (the augmentation as the
+    model's other sites do); every family runs off CUDA; an unknown family is named."""
+    from mlit.data.augment import GPUAugment
+
+    monkeypatch.delenv(clearance.ENV, raising=False)
+    uncleared = [f for f in clearance.FAMILIES if f not in clearance.CLEARED]
+    assert uncleared and all(not clearance.may_run(f, "cuda") and clearance.may_run(f, "cpu") for f in uncleared)
+    assert all(clearance.may_run(f, "cuda:0") for f in clearance.CLEARED)
+    augment = GPUAugment(train=True, backend="auto")
+    assert not augment.uses_triton(torch.device("cuda")) and GPUAugment(train=True, backend="triton").uses_triton("cuda")
+    monkeypatch.setenv(clearance.ENV, "1")
+    assert augment.uses_triton(torch.device("cuda"))
+    with pytest.raises(ValueError, match="family must be one of"):
+        clearance.may_run("moe", "cuda")
+
+
 def _args(n=9, m=16, d_h=27, t=5, dtype=torch.float32):
     p = make_params(m, d_h, t)
     return torch.randn(n, m, device=DEVICE, dtype=dtype), {name: v.to(DEVICE, dtype) for name, v in p.items()}

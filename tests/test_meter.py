@@ -126,8 +126,9 @@ def test_matmul_and_sdpa_flops():
 
 
 def test_fused_moe_flops_from_the_launch_arguments():
-    """The dense and dispatch kernels' FLOPs (and the fused attention block's) come from their
-    launch arguments (dry runs at N = 300)."""
+    """The dense and dispatch kernels' FLOPs (and the fused attention block's, the patch
+    embedding's) come from their launch arguments (dry runs at N = 300)."""
+    from mlit.models.embed_kernels import fused_patch_embed
     from mlit_kernels import SharedSwiGLUMoE
     from mlit_kernels.attention import attention_block
     from mlit_kernels.meter import TRITON_FLOPS
@@ -144,6 +145,8 @@ def test_fused_moe_flops_from_the_launch_arguments():
         weights = [torch.ones(D), torch.zeros(D), torch.randn(E, D), torch.zeros(E), torch.randn(D, D), torch.zeros(D)]
         attention_block(x.new_zeros(2, n // 2, D, requires_grad=True), *[w.requires_grad_() for w in weights], H,
                         G).sum().backward()
+        patch_weight = torch.randn(m, 3 * 4 * 4, requires_grad=True)  # 2 images of 2 x 2 patches of 4 x 4
+        fused_patch_embed(torch.randn(2, 3, 8, 8), patch_weight, torch.zeros(5, m, requires_grad=True), 4).sum().backward()
     flops = {r.name.removeprefix("triton."): r.flops for r in meter.records if r.kind == "triton"}
     noisy = 2  # clean and noisy gate logits
     assert flops["_fused_fwd_kernel"] == n * (2 * m * 5 * noisy + 2 * m * d_h * (5 + 1) + 2 * d_h * m)
@@ -155,6 +158,7 @@ def test_fused_moe_flops_from_the_launch_arguments():
     assert flops["_ln_qkv_fwd_kernel"] == 2 * n * D * E and flops["_ln_qkv_bwd_kernel"] == 6 * n * D * E
     assert flops["_attn_fwd_kernel"] == 4 * n * (n // 2) * H * (D // H) + 2 * n * D * D
     assert flops["_attn_bwd_kernel"] == 14 * n * (n // 2) * H * (D // H) and flops["_proj_bwd_kernel"] == 4 * n * D * D
+    assert flops["_embed_fwd_kernel"] == flops["_embed_bwd_kernel"] == 2 * 5 * 2 * 48 * m  # + the dummy patch
     assert set(TRITON_FLOPS) <= set(flops)
     assert not meter.unmodelled()
 

@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mlit_kernels.common.clearance import may_run
+
 from .crop_ratio import LOG_RATIO, exp_taylor
 
 OPS = (
@@ -300,7 +302,8 @@ class GPUAugment:
                 f"hflip={self.hflip}, autoaugment={self.autoaugment!r}, backend={self.backend!r})")
 
     def uses_triton(self, device: torch.device) -> bool:
-        return self.train and (self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"))
+        return self.train and (self.backend == "triton" or (
+            self.backend == "auto" and torch.device(device).type == "cuda" and may_run("augment", device)))
 
     def prepare(self, device: str | torch.device) -> GPUAugment:
         """Put the policy tables on ``device`` now (a host-to-device copy), not in the first call."""

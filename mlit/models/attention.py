@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mlit_kernels.common.clearance import may_run
+
 PAD_MULTIPLE = 8  # PyTorch's fused attention kernels (flash, memory-efficient) need head dims that are multiples of 8
 
 
@@ -34,7 +36,7 @@ class GroupedQueryAttention(nn.Module):
     :mod:`mlit_kernels.attention` (LayerNorm + qkv in one launch, attention + projection + residual
     in one, four for the backward; the weights in their own dtype, cast in registers, so ``weights``
     is not needed there). ``backend``: "reference" (torch: SDPA), "triton", or "auto" (Triton on
-    CUDA); shapes or dtypes the kernels do not take use torch.
+    CUDA once a GPU run has cleared the kernels: :mod:`mlit_kernels.common.clearance`); shapes or dtypes the kernels do not take use torch.
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, pad_head_dim: bool | str = "auto",
@@ -57,7 +59,7 @@ class GroupedQueryAttention(nn.Module):
 
     def uses_triton(self, x: torch.Tensor) -> bool:
         """Whether a half-block call (``norm`` given) on x runs the fused Triton kernels."""
-        if self.backend == "reference" or (self.backend == "auto" and not x.is_cuda):
+        if self.backend == "reference" or (self.backend == "auto" and not (x.is_cuda and may_run("attention", x.device))):
             return False
         from mlit_kernels.attention import supports  # imports Triton: only once a Triton backend is asked for
 

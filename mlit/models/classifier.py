@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..config import ImageConfig, TransformerConfig
 from .encoder import MLiTEncoder
-from .transformer import biases_and_norms, set_moe_backend
+from .transformer import biases_and_norms
 
 
 class MLiTClassifier(nn.Module):
@@ -55,8 +55,9 @@ class MLiTClassifier(nn.Module):
         return self.forward_head(features), aux_loss
 
     def set_backend(self, backend: str) -> None:
-        """Switch every MoE layer to ``backend`` ("reference", "triton", "auto"); same parameters."""
-        set_moe_backend(self, backend)
+        """Switch every MoE layer and the patch embedding to ``backend`` ("reference", "triton",
+        "auto"); same parameters."""
+        self.encoder.set_backend(backend)
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters AdamW must not decay: biases, norms, the position table."""

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mlit_kernels.common.clearance import may_run
+
 from ..config import ImageConfig, TransformerConfig
 from .transformer import MoETransformer, biases_and_norms, set_moe_backend
 
@@ -24,7 +26,8 @@ class MLiTEncoder(nn.Module):
     """Patch embedding (no bias) + positional embedding of 145 tokens + layers + final LayerNorm.
 
     The 145th token is the embedding of an all-zero dummy patch; a classifier reads it.
-    embed(images (B, 3, 36, 36)) → tokens (B, 145, m) with positions added;
+    embed(images (B, 3, 36, 36)) → tokens (B, 145, m) with positions added (with the Triton
+    backend — ``"triton"``, or ``"auto"`` on CUDA once cleared (:mod:`mlit_kernels.common.clearance`) — one kernel: :mod:`mlit.models.embed_kernels`);
     forward(images) → (features (B, 145, m), auxiliary loss ()).
     ``device`` / ``dtype``: torch.nn's factory keywords, for every parameter.
     """
@@ -33,7 +36,7 @@ class MLiTEncoder(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
-        self.cfg, self.image = cfg, image
+        self.cfg, self.image, self.backend = cfg, image, backend
         self.patch_embed = nn.Linear(image.patch_dim, cfg.embed_dim, bias=False, **factory)
         self.pos_embed = nn.Parameter(torch.empty(1, image.num_patches + 1, cfg.embed_dim, **factory))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -44,6 +47,10 @@ class MLiTEncoder(nn.Module):
         expected = (self.image.in_chans, self.image.image_size, self.image.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+        if self.backend == "triton" or (self.backend == "auto" and images.is_cuda and may_run("patch_embed", images.device)):
+            from .embed_kernels import fused_patch_embed  # lazily: Triton decides interpret-or-compile on definition
+
+            return fused_patch_embed(images, self.patch_embed.weight, self.pos_embed, self.image.patch_size)
         patches = F.pad(patchify(images, self.image.patch_size), (0, 0, 0, 1))  # + the all-zero dummy patch
         return self.patch_embed(patches) + self.pos_embed
 
@@ -56,8 +63,10 @@ class MLiTEncoder(nn.Module):
         return self.encode(self.embed(images))
 
     def set_backend(self, backend: str) -> None:
-        """Switch every MoE layer to ``backend`` ("reference", "triton", "auto"); same parameters."""
+        """Switch every MoE layer and the patch embedding to ``backend`` ("reference", "triton",
+        "auto"); same parameters."""
         set_moe_backend(self, backend)
+        self.backend = backend
 
     def no_weight_decay(self) -> set[str]:
         """Biases, norms and the position table (MAE practice)."""

@@ -87,8 +87,10 @@ class MMLiT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_cfg.embed_dim, image.patch_dim, bias=False, **factory)
 
     def set_backend(self, backend: str) -> None:
-        """Switch every MoE layer (encoder and decoder) to ``backend``; same parameters."""
+        """Switch every MoE layer (encoder and decoder) and the patch embedding to ``backend``; same
+        parameters."""
         set_moe_backend(self, backend)
+        self.encoder.backend = backend
 
     def no_weight_decay(self) -> set[str]:
         """Biases, norms, both position tables and the mask token (MAE practice)."""

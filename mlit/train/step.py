@@ -19,11 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlit_kernels.common.clearance import may_run
+
 from ..config import encoder_config
 from ..models import MLiTClassifier, MMLiT
 from . import distributed as D
 from .capture import DeviceSchedule, StepGraph, capture_unavailable, quiet_capturable_warning, side_stream
 from .checkpoint import CheckpointError
+from .loss import classification_loss
 from .optim import WarmupCosine, build_optimizer
 from .progress import bar
 from .recipes import Recipe
@@ -252,6 +255,9 @@ class Trainer:
         self.scheduler = WarmupCosine(self.optimizer, recipe.peak_lr, recipe.epochs * steps_per_epoch,
                                       round(recipe.warmup_epochs * steps_per_epoch), recipe.min_lr)
         aug_backend = augment_backend(backend)
+        # the classification loss in one Triton launch (mlit.train.loss) where the kernels run
+        self.fused_loss = aug_backend == "triton" or (aug_backend == "auto" and may_run("loss", self.device)
+                                                       and self.device.type == "cuda")
         if recipe.augment:
             self.augment = GPUAugment(train=True, crop_scale=recipe.crop_scale, hflip=recipe.hflip,
                                       autoaugment=recipe.autoaugment, backend=aug_backend)
@@ -278,10 +284,9 @@ class Trainer:
             out = model(x)
             return out.loss, [out.loss, out.masked_mse, out.unmasked_mse, out.moe_loss]
         logits, aux = model(x)
-        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.label_smoothing)
-        loss = torch.add(ce, aux.float(), alpha=self.recipe.aux_weight)
-        correct = (logits.argmax(-1) == labels).sum()
-        return loss, [loss, ce, aux.float(), correct]
+        loss, (ce, aux, correct) = classification_loss(logits, labels, aux, self.recipe.label_smoothing,
+                                                       self.recipe.aux_weight, fused=self.fused_loss)
+        return loss, [loss, ce, aux, correct]
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor | None, update: bool = True) -> torch.Tensor:
         """Everything one step does on the device; returns its (K,) float64 values.

@@ -17,6 +17,9 @@ import os
 import torch
 
 #: family -> the GPU run that cleared it (device torch reports, Triton version, date; bench/RESULTS.md)
+#: The families: "dense", "dispatch" (the MoE variants), "attention" (mlit_kernels.attention),
+#: "loss" (mlit.train.loss), "patch_embed" (mlit.models.embed_kernels), "augment" (mlit.data).
+FAMILIES = ("dense", "dispatch", "attention", "loss", "patch_embed", "augment")
 CLEARED = {
     "dispatch": "NVIDIA H200, Triton 3.6.0, 2026-12-04: gate race, fresh-process and float64 checks passed",
 }
@@ -25,6 +28,8 @@ ENV = "MLIT_UNCLEARED_KERNELS"
 
 def may_run(family: str, device: torch.device | str | None) -> bool:
     """Whether an automatic choice may run ``family``'s kernels on ``device`` (None: not CUDA)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if device is None or torch.device(device).type != "cuda" or family in CLEARED:
         return True
     value = os.environ.get(ENV, "0")
@@ -33,4 +38,4 @@ def may_run(family: str, device: torch.device | str | None) -> bool:
     return value == "1"
 
 
-__all__ = ["CLEARED", "ENV", "may_run"]
+__all__ = ["FAMILIES", "CLEARED", "ENV", "may_run"]

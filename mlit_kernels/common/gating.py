@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .norm import normalized_cols
 from .settings import CV_EPS, NOISE_GIVEN, NOISE_NONE, NOISE_PHILOX
 
 _CV_EPS = tl.constexpr(CV_EPS)
@@ -33,15 +34,16 @@ def softplus(z):
 
 @triton.jit
 def gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """clean = x W_g and raw = x W_noise (fp32, (BLOCK_N, BLOCK_T)) for a tile of rows of x (N, M)."""
+                BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ln_w_ptr, ln_b_ptr, mean, rstd, NORM: tl.constexpr):
+    """clean = x W_g and raw = x W_noise (fp32, (BLOCK_N, BLOCK_T)) for a tile of rows of x (N, M);
+    with NORM, of LayerNorm(x) (weight, bias at ln_w_ptr / ln_b_ptr, the rows' mean and rstd
+    (BLOCK_N,): :mod:`mlit_kernels.common.norm`)."""
     clean = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     raw = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for k0 in range(0, M, GATE_BLOCK_K):
         ks = k0 + tl.arange(0, GATE_BLOCK_K)
         k_ok = ks < M
-        xb = tl.load(x_ptr + rows[:, None].to(tl.int64) * M + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                     other=0.0).to(tl.float32)
+        xb = normalized_cols(x_ptr, rows, row_ok, ks, k_ok, M, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
         wmask = k_ok[:, None] & col_ok[None, :]
         wg = tl.load(wg_ptr + ks[:, None] * T + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
         clean += tl.dot(xb, wg, input_precision="ieee")
@@ -65,7 +67,17 @@ def gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok
               NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
     """clean, raw, the noise scale std = softplus(raw) + eps, the noise ε and the logits h of a
     token tile (fp32, (BLOCK_N, BLOCK_T)); without noise std = 1, ε = 0 and h = clean."""
-    clean, raw = gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY, BLOCK_N, BLOCK_T)
+    return gate_tile_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T, noise_eps,
+                            NOISY, NOISE_MODE, BLOCK_N, BLOCK_T, x_ptr, x_ptr, 0.0, 0.0, False)
+
+
+@triton.jit
+def gate_tile_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T, noise_eps,
+                     NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                     ln_w_ptr, ln_b_ptr, mean, rstd, NORM: tl.constexpr):
+    """:func:`gate_tile` of LayerNorm(x) with NORM (the trailing arguments: see :func:`gate_logits`)."""
+    clean, raw = gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY, BLOCK_N, BLOCK_T,
+                             ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
     std = tl.full(clean.shape, 1.0, tl.float32)
     eps = tl.zeros(clean.shape, dtype=tl.float32)
     h = clean
@@ -190,8 +202,19 @@ def gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, r
                          BLOCK_T: tl.constexpr):
     """The gate of a token tile recomputed with the forward's stored selection (so that recomputed
     logits can never pick other experts): clean, raw, std, ε, h, sel, g, kth, kth_col, nxt, nxt_col."""
-    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
-                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+    return gate_from_selection_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T,
+                                      noise_eps, K, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T, x_ptr, x_ptr, 0.0, 0.0, False)
+
+
+@triton.jit
+def gate_from_selection_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T,
+                               noise_eps, K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, ln_w_ptr, ln_b_ptr, mean, rstd,
+                               NORM: tl.constexpr):
+    """:func:`gate_from_selection` of LayerNorm(x) with NORM (the trailing arguments: see :func:`gate_logits`)."""
+    clean, raw, std, eps, h = gate_tile_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
+                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean,
+                                        rstd, NORM)
     key, taken = selection_key(h, col_ok)
     taken, kth_col = load_top_k(taken, cols, idx_ptr, rows, row_ok, K)
     sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
@@ -246,6 +269,7 @@ def gate_noise(seed: int | torch.Tensor, n_tokens: int, num_experts: int, device
     return out
 
 
-__all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "selection_key", "select_top_k", "load_top_k",
+__all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "gate_tile_normed", "gate_from_selection_normed",
+           "selection_key", "select_top_k", "load_top_k",
            "gate_probs", "load_probability", "gate_grads", "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN",
            "NOISE_PHILOX", "token_tile", "gate_from_selection", "pick_next", "noise_kernel", "gate_noise"]

@@ -2,11 +2,13 @@
 launches, every expert a token tile routes to computed for the tile and masked by the gates.
 
 :mod:`.kernels` (Triton), :mod:`.launch` (shapes, tuning, buffers, the forward and backward
-launchers), :mod:`.ops` (the custom ops ``mlit::fused_moe`` / ``mlit::fused_moe_backward`` and
+launchers), :mod:`.ops` (the custom ops ``mlit::fused_moe`` / ``mlit::fused_moe_backward``, their
+forms with a LayerNorm folded in ``mlit::fused_norm_moe`` / ``mlit::fused_norm_moe_backward``, and
 :func:`~.ops.moe_dense`, this variant's entry in :data:`mlit_kernels.variants.IMPLEMENTATIONS`).
 """
 
 from .launch import CONFIGS, TUNER, Config, force_config
-from .ops import fused_moe, fused_moe_backward, moe_dense
+from .ops import fused_moe, fused_moe_backward, fused_norm_moe, fused_norm_moe_backward, moe_dense
 
-__all__ = ["CONFIGS", "TUNER", "Config", "force_config", "fused_moe", "fused_moe_backward", "moe_dense"]
+__all__ = ["CONFIGS", "TUNER", "Config", "force_config", "fused_moe", "fused_moe_backward", "fused_norm_moe",
+           "fused_norm_moe_backward", "moe_dense"]

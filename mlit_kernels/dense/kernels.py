@@ -26,6 +26,13 @@ Backward
      tokens in registers, ROWS at a time; writes per-split partials.
   5. ``_reduce_kernel``: sums the splits in a fixed order into the gradients (parameter dtype).
 
+With NORM the layer's input is LayerNorm(x) (:mod:`mlit_kernels.common.norm`): kernel 1 computes
+each row's mean and rstd and stores them ((2, N) fp32), every kernel normalizes x where it reads
+it, kernel 3 applies the norm's backward per row (it holds whole rows of dL/dLN(x)) and writes
+the per-16-token partial sums of the norm's weight and bias gradients, which kernel 4 adds up per
+split in extra programs (appended to the flat gradient). With RESIDUAL the output is x + y (added
+in the store) and dx gets dy added.
+
 Nothing uses float atomics, and every sum over tokens has boundaries fixed by the shape
 (:mod:`mlit_kernels.common.settings`: SUM_ROWS, the splits, ROWS), not by the tuned BLOCK_N: every
 configuration gives the same bits. Widths m are covered by up to four power-of-two chunks
@@ -46,8 +53,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common.gating import (cv_grad, cv_value, gate_from_selection, gate_grads, gate_probs, gate_tile,
-                             load_probability, select_top_k, selection_key, token_tile)
+from ..common.gating import (cv_grad, cv_value, gate_from_selection_normed, gate_grads, gate_probs,
+                             gate_tile_normed, load_probability, select_top_k, selection_key, token_tile)
+from ..common.norm import norm_backward_sums, norm_input_grad, norm_row_stats, normalized_cols
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _DROPOUT_STREAM = tl.constexpr(0x5EED)  # Philox key offset of the dropout draws (the gate noise uses the seed itself)
@@ -148,9 +156,10 @@ def _keep_mask(seed, rows, M, c0: tl.constexpr, W: tl.constexpr, drop_p):
 
 
 @triton.jit
-def _store_out(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, drop_p,
-               DROPOUT: tl.constexpr):
-    """y + b_2 for a column chunk, dropout (keep mask stored as uint8), stored in y's dtype."""
+def _store_out(y, b2_ptr, y_ptr, keep_ptr, x_ptr, seed, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, drop_p,
+               DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y + b_2 for a column chunk, dropout (keep mask stored as uint8), + x with RESIDUAL, stored in
+    y's dtype."""
     cols = c0 + tl.arange(0, W)
     col_ok = cols < M
     mask = row_ok[:, None] & col_ok[None, :]
@@ -160,7 +169,19 @@ def _store_out(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, c0: tl.constex
         keep = _keep_mask(seed, rows, M, c0, W, drop_p)
         y = tl.where(keep, y / (1.0 - drop_p), 0.0)
         tl.store(keep_ptr + offs, keep.to(tl.uint8), mask=mask)
+    if RESIDUAL:
+        y += tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _plus_residual_grad(dx, dy_ptr, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, RESIDUAL: tl.constexpr):
+    """dx of a column chunk, + dy there with RESIDUAL (the gradient through the residual add)."""
+    if RESIDUAL:
+        cols = c0 + tl.arange(0, W)
+        mask = row_ok[:, None] & (cols < M)[None, :]
+        dx += tl.load(dy_ptr + rows[:, None].to(tl.int64) * M + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return dx
 
 
 @triton.jit
@@ -195,13 +216,33 @@ def _zeros_by_chunk(R: tl.constexpr, WIDTHS: tl.constexpr, TRANSPOSED: tl.conste
 
 
 @triton.jit
-def _rows_by_chunk(ptr, rows, row_ok, M, STARTS: tl.constexpr, WIDTHS: tl.constexpr, DTYPE: tl.constexpr):
-    """Rows ``rows`` of a row-major (N, M) matrix, per chunk, in DTYPE."""
+def _input_rows_by_chunk(x_ptr, rows, row_ok, M, ln_w_ptr, ln_b_ptr, mean, rstd, NORM: tl.constexpr,
+                         STARTS: tl.constexpr, WIDTHS: tl.constexpr, DTYPE: tl.constexpr):
+    """The layer's input rows ``rows``, per chunk, in DTYPE: x (N, M), or with NORM LayerNorm(x)
+    (the rows' mean and rstd (BLOCK_N,))."""
     out = ()
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            out = out + (_load_cols(ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], M, DTYPE),)
+            cols = STARTS[i] + tl.arange(0, WIDTHS[i])
+            if NORM:
+                out = out + (normalized_cols(x_ptr, rows, row_ok, cols, cols < M, M, ln_w_ptr, ln_b_ptr, mean, rstd,
+                                             NORM).to(DTYPE),)
+            else:
+                out = out + (_load_cols(x_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], M, DTYPE),)
     return out
+
+
+@triton.jit
+def _input_cols(x_ptr, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, DTYPE: tl.constexpr, ln_w_ptr, ln_b_ptr,
+                ln_stats_ptr, N, NORM: tl.constexpr):
+    """Columns [c0, c0 + W) of the layer's input rows ``rows`` in DTYPE: x (N, M), or with NORM
+    LayerNorm(x) from the forward's mean and rstd (ln_stats (2, N))."""
+    if NORM:
+        cols = c0 + tl.arange(0, W)
+        mean = tl.load(ln_stats_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(ln_stats_ptr + N + rows, mask=row_ok, other=0.0)
+        return normalized_cols(x_ptr, rows, row_ok, cols, cols < M, M, ln_w_ptr, ln_b_ptr, mean, rstd, NORM).to(DTYPE)
+    return _load_cols(x_ptr, rows, row_ok, M, c0, W, M, DTYPE)
 
 
 @triton.jit
@@ -255,22 +296,25 @@ def _add_product_by_chunk(acc, p, w_ptr, ds, d_ok, M, D, STARTS: tl.constexpr, W
 
 
 @triton.jit
-def _store_output(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, drop_p, STARTS: tl.constexpr,
-                  WIDTHS: tl.constexpr, DROPOUT: tl.constexpr):
+def _store_output(y, b2_ptr, y_ptr, keep_ptr, x_ptr, seed, rows, row_ok, M, drop_p, STARTS: tl.constexpr,
+                  WIDTHS: tl.constexpr, DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr):
     """:func:`_store_out` per chunk."""
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            _store_out(y[i], b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, STARTS[i], WIDTHS[i], drop_p, DROPOUT)
+            _store_out(y[i], b2_ptr, y_ptr, keep_ptr, x_ptr, seed, rows, row_ok, M, STARTS[i], WIDTHS[i], drop_p,
+                       DROPOUT, RESIDUAL)
 
 
 @triton.jit
-def _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T,
-                      STARTS: tl.constexpr, WIDTHS: tl.constexpr, NOISY: tl.constexpr):
-    """dx + the gate's part (dclean W_gᵀ + draw W_noiseᵀ) per chunk, stored in dx's dtype."""
+def _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dy_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T,
+                      STARTS: tl.constexpr, WIDTHS: tl.constexpr, NOISY: tl.constexpr, RESIDUAL: tl.constexpr):
+    """dx + the gate's part (dclean W_gᵀ + draw W_noiseᵀ) (+ dy with RESIDUAL) per chunk, stored in
+    dx's dtype."""
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            _store_rows(dx_ptr, _gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, STARTS[i],
-                                         WIDTHS[i], NOISY), rows, row_ok, M, STARTS[i], WIDTHS[i])
+            grad = _gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, STARTS[i], WIDTHS[i], NOISY)
+            _store_rows(dx_ptr, _plus_residual_grad(grad, dy_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], RESIDUAL),
+                        rows, row_ok, M, STARTS[i], WIDTHS[i])
 
 
 @triton.jit
@@ -285,6 +329,47 @@ def _store_group_sums(part_ptr, vals, rows, cols, col_ok, N, T, pid, SUM_ROWS: t
         tl.store(part_ptr + group * 2 * T + cols, total, mask=col_ok & (first_row < N))
 
 
+@triton.jit
+def _store_norm_group_sums(part_ptr, dw, db, rows, N, M, pid, c0: tl.constexpr, W: tl.constexpr,
+                           SUM_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """part[group, 0, chunk] = Σ dw and part[group, 1, chunk] = Σ db ((BLOCK_N, W) fp32, zero on
+    invalid rows) over each SUM_ROWS-token group of the tile (boundaries fixed by N alone, as
+    :func:`_store_group_sums`); part (groups, 2, M) fp32."""
+    cols = c0 + tl.arange(0, W)
+    col_ok = cols < M
+    for j in tl.static_range(BLOCK_N // SUM_ROWS):
+        group = pid * (BLOCK_N // SUM_ROWS) + j
+        in_group = ((rows >= group * SUM_ROWS) & (rows < group * SUM_ROWS + SUM_ROWS))[:, None]
+        ok = col_ok & (group * SUM_ROWS + 0 * cols < N)
+        base = part_ptr + group * 2 * M + cols
+        tl.store(base, tl.sum(tl.where(in_group, dw, 0.0), axis=0), mask=ok)
+        tl.store(base + M, tl.sum(tl.where(in_group, db, 0.0), axis=0), mask=ok)
+
+
+@triton.jit
+def _store_norm_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, x_ptr, ln_w_ptr, mean, rstd, dy_ptr, dx_ptr, ln_part_ptr,
+                           pid, rows, row_ok, cols, col_ok, N, M, T, STARTS: tl.constexpr, WIDTHS: tl.constexpr,
+                           NOISY: tl.constexpr, RESIDUAL: tl.constexpr, SUM_ROWS: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """dL/dxn = dx + the gate's part per chunk, through the LayerNorm: dx (+ dy with RESIDUAL; x's
+    dtype) and the token groups' partial sums of dL/dxn ⊙ x̂ and dL/dxn (the norm's weight and bias
+    gradients)."""
+    dxn = ()
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            dxn = dxn + (_gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, STARTS[i], WIDTHS[i],
+                                  NOISY),)
+    s_g, s_gx = norm_backward_sums(dxn, x_ptr, ln_w_ptr, rows, row_ok, M, mean, rstd, STARTS, WIDTHS)
+    for i in tl.static_range(len(WIDTHS)):
+        if WIDTHS[i] > 0:
+            ms = STARTS[i] + tl.arange(0, WIDTHS[i])
+            grad, xhat = norm_input_grad(dxn[i], x_ptr, ln_w_ptr, rows, row_ok, ms, ms < M, M, mean, rstd, s_g, s_gx)
+            grad = _plus_residual_grad(grad, dy_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], RESIDUAL)
+            _store_rows(dx_ptr, grad, rows, row_ok, M, STARTS[i], WIDTHS[i])
+            _store_norm_group_sums(ln_part_ptr, dxn[i] * xhat, tl.where(row_ok[:, None], dxn[i], 0.0), rows, N, M,
+                                   pid, STARTS[i], WIDTHS[i], SUM_ROWS, BLOCK_N)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 
@@ -292,9 +377,10 @@ def _store_group_sums(part_ptr, vals, rows, cols, col_ok, N, T, pid, SUM_ROWS: t
 @triton.jit
 def _fused_fwd_kernel(
     x_ptr, wg_ptr, wn_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, b2_ptr, noise_ptr, seed_ptr,
-    y_ptr, idx_ptr, part_ptr, keep_ptr,
-    N, M, D, T, noise_eps, drop_p,
+    y_ptr, idx_ptr, part_ptr, keep_ptr, ln_w_ptr, ln_b_ptr, ln_stats_ptr,
+    N, M, D, T, noise_eps, drop_p, ln_eps,
     K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr, DROPOUT: tl.constexpr,
+    NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SUM_ROWS: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -304,9 +390,18 @@ def _fused_fwd_kernel(
     rows, row_ok, cols, col_ok, valid, seed = token_tile(pid, seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
                                                           BLOCK_T)
 
+    # the LayerNorm's row statistics (NORM): kept for the backward; x is normalized where it is read
+    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rstd = mean
+    if NORM:
+        mean, rstd = norm_row_stats(x_ptr, rows, row_ok, M, ln_eps, STARTS, WIDTHS)
+        tl.store(ln_stats_ptr + rows, mean, mask=row_ok)
+        tl.store(ln_stats_ptr + N + rows, rstd, mask=row_ok)
+
     # gate
-    clean, raw, std, eps, h = gate_tile(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
-                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T)
+    clean, raw, std, eps, h = gate_tile_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, rows, row_ok, cols, col_ok, M, T,
+                                        noise_eps, NOISY, NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean,
+                                        rstd, NORM)
     key, taken = selection_key(h, col_ok)
     taken, kth_col = select_top_k(key, taken, cols, idx_ptr, rows, row_ok, K, BLOCK_T)
     sel, g, kth, nxt, nxt_col = gate_probs(h, key, taken, col_ok, kth_col, cols, BLOCK_T)
@@ -318,7 +413,7 @@ def _fused_fwd_kernel(
     _store_group_sums(part_ptr + T, load, rows, cols, col_ok, N, T, pid, SUM_ROWS, BLOCK_N)
 
     # experts
-    x = _rows_by_chunk(x_ptr, rows, row_ok, M, STARTS, WIDTHS, DTYPE)
+    x = _input_rows_by_chunk(x_ptr, rows, row_ok, M, ln_w_ptr, ln_b_ptr, mean, rstd, NORM, STARTS, WIDTHS, DTYPE)
     y = _zeros_by_chunk(BLOCK_N, WIDTHS)
     routed = tl.sum(tl.where(row_ok[:, None], sel, 0), axis=0)  # (BLOCK_T,) tokens of the tile per expert
     for d0 in range(0, D, DC):
@@ -332,7 +427,7 @@ def _fused_fwd_kernel(
                              DTYPE, DOT_F32)
                 c += _expert_column(g, cols, e)[:, None] * (a * tl.sigmoid(a))
         y = _add_product_by_chunk(y, (c * u).to(DTYPE), w2_ptr, ds, d_ok, M, D, STARTS, WIDTHS, False, DTYPE, DOT_F32)
-    _store_output(y, b2_ptr, y_ptr, keep_ptr, seed, rows, row_ok, M, drop_p, STARTS, WIDTHS, DROPOUT)
+    _store_output(y, b2_ptr, y_ptr, keep_ptr, x_ptr, seed, rows, row_ok, M, drop_p, STARTS, WIDTHS, DROPOUT, RESIDUAL)
 
 
 @triton.jit
@@ -363,30 +458,35 @@ def _fused_aux_kernel(part_ptr, stats_ptr, aux_ptr, groups, T, w_importance, w_l
 @triton.jit
 def _fused_bwd_tokens_kernel(
     dy_ptr, daux_ptr, x_ptr, wg_ptr, wn_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, noise_ptr, seed_ptr,
-    idx_ptr, stats_ptr, keep_ptr,
-    dx_ptr, da_ptr, du_ptr, h_ptr, dgate_ptr,
+    idx_ptr, stats_ptr, keep_ptr, ln_w_ptr, ln_b_ptr, ln_stats_ptr,
+    dx_ptr, da_ptr, du_ptr, h_ptr, dgate_ptr, ln_part_ptr,
     N, M, D, T, noise_eps, drop_p, w_importance, w_load,
     K: tl.constexpr, NOISY: tl.constexpr, NOISE_MODE: tl.constexpr, LOAD_P: tl.constexpr, DROPOUT: tl.constexpr,
-    SQUARED: tl.constexpr, UNBIASED: tl.constexpr,
+    SQUARED: tl.constexpr, UNBIASED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, DC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SUM_ROWS: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     WIDTHS: tl.constexpr = (M0, M1, M2, M3)
     STARTS: tl.constexpr = (0, M0, M0 + M1, M0 + M1 + M2)
     pid = tl.program_id(0)
     rows, row_ok, cols, col_ok, valid, seed = token_tile(pid, seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
                                                           BLOCK_T)
+    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rstd = mean
+    if NORM:  # the forward's LayerNorm statistics: the input is normalized again where it is read
+        mean = tl.load(ln_stats_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(ln_stats_ptr + N + rows, mask=row_ok, other=0.0)
 
     # the gates, recomputed with the forward's selection (recomputed once more after the experts
     # for the gate's own gradient: cheaper than keeping its tiles live through the d_h loop)
-    _, _, _, _, _, sel, g, _, _, _, _ = gate_from_selection(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows,
-                                                             row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
-                                                             NOISE_MODE, BLOCK_N, BLOCK_T)
+    _, _, _, _, _, sel, g, _, _, _, _ = gate_from_selection_normed(
+        x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
+        NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
     d_aux = tl.load(daux_ptr)
     dg = tl.where(valid, (w_importance * d_aux) * cv_grad(stats_ptr, cols, col_ok, T, SQUARED, UNBIASED)[None, :], 0.0)
 
     # experts
-    x = _rows_by_chunk(x_ptr, rows, row_ok, M, STARTS, WIDTHS, DTYPE)
+    x = _input_rows_by_chunk(x_ptr, rows, row_ok, M, ln_w_ptr, ln_b_ptr, mean, rstd, NORM, STARTS, WIDTHS, DTYPE)
     dy = _grad_out_by_chunk(dy_ptr, keep_ptr, rows, row_ok, M, drop_p, STARTS, WIDTHS, DROPOUT, DTYPE)
     dx = _zeros_by_chunk(BLOCK_N, WIDTHS)
     routed = tl.sum(tl.where(row_ok[:, None], sel, 0), axis=0)
@@ -422,17 +522,22 @@ def _fused_bwd_tokens_kernel(
         tl.store(du_ptr + tile, du.to(du_ptr.dtype.element_ty), mask=tile_mask)
         dx = _add_product_by_chunk(dx, du.to(DTYPE), v_ptr, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE, DOT_F32)
     # the gate's part: through Softmax_k, the noise scale and P(x)
-    clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection(
+    clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection_normed(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
-        NOISE_MODE, BLOCK_N, BLOCK_T)
+        NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
     d_load = (w_load * d_aux) * cv_grad(stats_ptr + T, cols, col_ok, T, SQUARED, UNBIASED)
     dclean, draw = gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, d_load, valid,
                               cols, NOISY, LOAD_P)
     gslot = rows[:, None].to(tl.int64) * 2 * T + cols[None, :]
     tl.store(dgate_ptr + gslot, dclean, mask=valid)
     tl.store(dgate_ptr + gslot + T, draw, mask=valid)
-    _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T, STARTS, WIDTHS,
-                      NOISY)
+    if NORM:
+        _store_norm_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, x_ptr, ln_w_ptr, mean, rstd, dy_ptr, dx_ptr,
+                               ln_part_ptr, pid, rows, row_ok, cols, col_ok, N, M, T, STARTS, WIDTHS, NOISY, RESIDUAL,
+                               SUM_ROWS, BLOCK_N)
+    else:
+        _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dy_ptr, dx_ptr, rows, row_ok, cols, col_ok, M, T, STARTS,
+                          WIDTHS, NOISY, RESIDUAL)
 
 
 @triton.jit
@@ -444,11 +549,13 @@ def _store_part(ptr, acc, ld, c0: tl.constexpr, W: tl.constexpr, M, ds, d_ok):
 
 @triton.jit
 def _projection_grad_partial(x_ptr, p_ptr, sel_ptr, e, rows_lo, rows_hi, M, D, ds, d_ok, out_ptr, bias_ptr,
+                             ln_w_ptr, ln_b_ptr, ln_stats_ptr, N,
                              K: tl.constexpr, STARTS: tl.constexpr, WIDTHS: tl.constexpr, DC: tl.constexpr,
                              ROWS: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
-                             PER_PICK: tl.constexpr):
+                             PER_PICK: tl.constexpr, NORM: tl.constexpr):
     """The split's partial gradient of a projection x W[:, ds] + b[ds] from its output gradient p:
-    dW = Σ over rows [lo, hi) of x_rowᵀ p_row (M, DC), stored to out (M, D); db = Σ p_row (DC,) to bias.
+    dW = Σ over rows [lo, hi) of x_rowᵀ p_row (M, DC), stored to out (M, D); db = Σ p_row (DC,) to bias
+    (x the layer's input: LayerNorm(x) with NORM, see :func:`_input_cols`).
 
     p is (N, d_h) (V's du), or with PER_PICK da (N, K, d_h) of expert e: p_row = Σ_j [idx_j == e]
     da[row, j] (the token's pick of expert e, if any)."""
@@ -472,7 +579,8 @@ def _projection_grad_partial(x_ptr, p_ptr, sel_ptr, e, rows_lo, rows_hi, M, D, d
         updated = ()
         for i in tl.static_range(len(WIDTHS)):
             if WIDTHS[i] > 0:
-                xi = _load_cols(x_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], M, DTYPE)
+                xi = _input_cols(x_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], DTYPE, ln_w_ptr, ln_b_ptr, ln_stats_ptr,
+                                 N, NORM)
                 updated = updated + (_mma(tl.trans(xi), p, acc[i], DOT_F32),)
         acc = updated
     for i in tl.static_range(len(WIDTHS)):
@@ -503,8 +611,9 @@ def _w2_grad_partial(h_ptr, dy_ptr, keep_ptr, rows_lo, rows_hi, M, D, ds, d_ok, 
 
 
 @triton.jit
-def _gate_weight_grad_partial(x_ptr, dgate_ptr, rows_lo, rows_hi, M, T, out_ptr, c0: tl.constexpr, W: tl.constexpr,
-                              ROWS: tl.constexpr, BLOCK_T: tl.constexpr, NOISY: tl.constexpr):
+def _gate_weight_grad_partial(x_ptr, dgate_ptr, rows_lo, rows_hi, M, T, out_ptr, ln_w_ptr, ln_b_ptr, ln_stats_ptr, N,
+                              c0: tl.constexpr, W: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+                              NOISY: tl.constexpr, NORM: tl.constexpr):
     """The split's partial dW_g[chunk] and dW_noise[chunk] = Σ_rows x[row, chunk]ᵀ (dclean, draw)[row]
     (fp32 IEEE)."""
     cols = tl.arange(0, BLOCK_T)
@@ -514,7 +623,7 @@ def _gate_weight_grad_partial(x_ptr, dgate_ptr, rows_lo, rows_hi, M, T, out_ptr,
     for r0 in range(rows_lo, rows_hi, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         row_ok = rows < rows_hi
-        xt = tl.trans(_load_cols(x_ptr, rows, row_ok, M, c0, W, M, tl.float32))
+        xt = tl.trans(_input_cols(x_ptr, rows, row_ok, M, c0, W, tl.float32, ln_w_ptr, ln_b_ptr, ln_stats_ptr, N, NORM))
         slot = dgate_ptr + rows[:, None].to(tl.int64) * 2 * T + cols[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         acc_g = tl.dot(xt, tl.load(slot, mask=mask, other=0.0), acc_g, input_precision="ieee")
@@ -527,18 +636,39 @@ def _gate_weight_grad_partial(x_ptr, dgate_ptr, rows_lo, rows_hi, M, T, out_ptr,
 
 
 @triton.jit
+def _norm_grad_partial(ln_part_ptr, rows_lo, rows_hi, M, out_ptr, c0: tl.constexpr, W: tl.constexpr,
+                       SUM_ROWS: tl.constexpr):
+    """The split's partial LayerNorm weight and bias gradients of m chunk [c0, c0 + W): the token
+    groups' sums (ln_part (groups, 2, M), see :func:`_store_norm_group_sums`) of rows [lo, hi) added
+    in group order, stored to out[0:M] and out[M:2M]."""
+    cols = c0 + tl.arange(0, W)
+    col_ok = cols < M
+    dw = tl.zeros((W,), dtype=tl.float32)
+    db = tl.zeros((W,), dtype=tl.float32)
+    for group in range(rows_lo // SUM_ROWS, tl.cdiv(rows_hi, SUM_ROWS)):
+        base = ln_part_ptr + group * 2 * M + cols
+        dw += tl.load(base, mask=col_ok, other=0.0)
+        db += tl.load(base + M, mask=col_ok, other=0.0)
+    tl.store(out_ptr + cols, dw, mask=col_ok)
+    tl.store(out_ptr + M + cols, db, mask=col_ok)
+
+
+@triton.jit
 def _fused_bwd_weights_kernel(
-    x_ptr, dy_ptr, keep_ptr, idx_ptr, da_ptr, du_ptr, h_ptr, dgate_ptr, part_ptr,
+    x_ptr, dy_ptr, keep_ptr, idx_ptr, da_ptr, du_ptr, h_ptr, dgate_ptr, ln_w_ptr, ln_b_ptr, ln_stats_ptr, ln_part_ptr,
+    part_ptr,
     N, M, D, T, drop_p, rows_per_split, part_ld,
-    K: tl.constexpr, NOISY: tl.constexpr, DROPOUT: tl.constexpr,
+    K: tl.constexpr, NOISY: tl.constexpr, DROPOUT: tl.constexpr, NORM: tl.constexpr,
     M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr, NCH: tl.constexpr, DC: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+    ROWS: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """Program (w, s) computes weight tile w's partial gradient over the tokens of split s, ROWS at a time.
 
     Tiles, in order: (expert e, d_h chunk) of W_e and b_e; d_h chunks of V, b_V; (d_h chunk,
-    m chunk) of W_2 (b_2 with the first d_h chunk); the m chunks of W_g and W_noise. The partial
-    row of split s is laid out as the flat gradient: [W_g, W_noise, W_1, b_1, V, b_V, W_2, b_2]."""
+    m chunk) of W_2 (b_2 with the first d_h chunk); the m chunks of W_g and W_noise; with NORM
+    the m chunks of the LayerNorm's weight and bias (the token kernel's group sums added up). The
+    partial row of split s is laid out as the flat gradient: [W_g, W_noise, W_1, b_1, V, b_V, W_2,
+    b_2] (+ [ln_w, ln_b] with NORM); the projections' x is LayerNorm(x) with NORM."""
     WIDTHS: tl.constexpr = (M0, M1, M2, M3)
     STARTS: tl.constexpr = (0, M0, M0 + M1, M0 + M1 + M2)
     w = tl.program_id(0)
@@ -558,10 +688,12 @@ def _fused_bwd_weights_kernel(
     if w < T * nd:  # W_e[:, chunk], b_e[chunk]
         e = w // nd
         _projection_grad_partial(x_ptr, da_ptr, idx_ptr, e, lo, hi, M, D, ds, d_ok, out + o_w1 + e * M * D,
-                                 out + o_b1 + e * D, K, STARTS, WIDTHS, DC, ROWS, DTYPE, DOT_F32, True)
+                                 out + o_b1 + e * D, ln_w_ptr, ln_b_ptr, ln_stats_ptr, N, K, STARTS, WIDTHS, DC, ROWS,
+                                 DTYPE, DOT_F32, True, NORM)
     elif w < (T + 1) * nd:  # V[:, chunk], b_V[chunk]
         _projection_grad_partial(x_ptr, du_ptr, idx_ptr, 0, lo, hi, M, D, ds, d_ok, out + o_v, out + o_bv,
-                                 K, STARTS, WIDTHS, DC, ROWS, DTYPE, DOT_F32, False)
+                                 ln_w_ptr, ln_b_ptr, ln_stats_ptr, N, K, STARTS, WIDTHS, DC, ROWS, DTYPE, DOT_F32,
+                                 False, NORM)
     elif w < (T + 1 + NCH) * nd:  # W_2[chunk, m chunk c]; b_2[m chunk c] with the first d_h chunk
         c = (w - (T + 1) * nd) // nd
         first = ((w % nd) == 0).to(tl.int32)
@@ -570,13 +702,19 @@ def _fused_bwd_weights_kernel(
                 if c == i:
                     _w2_grad_partial(h_ptr, dy_ptr, keep_ptr, lo, hi, M, D, ds, d_ok, out + o_w2, out + o_b2, first,
                                      drop_p, STARTS[i], WIDTHS[i], DROPOUT, DC, ROWS, DTYPE, DOT_F32)
-    else:  # W_g, W_noise: m chunk c
+    elif w < (T + 1 + NCH) * nd + NCH:  # W_g, W_noise: m chunk c
         c = w - (T + 1 + NCH) * nd
         for i in tl.static_range(len(WIDTHS)):
             if WIDTHS[i] > 0:
                 if c == i:
-                    _gate_weight_grad_partial(x_ptr, dgate_ptr, lo, hi, M, T, out, STARTS[i], WIDTHS[i], ROWS,
-                                              BLOCK_T, NOISY)
+                    _gate_weight_grad_partial(x_ptr, dgate_ptr, lo, hi, M, T, out, ln_w_ptr, ln_b_ptr, ln_stats_ptr,
+                                              N, STARTS[i], WIDTHS[i], ROWS, BLOCK_T, NOISY, NORM)
+    elif NORM:  # the LayerNorm's weight and bias: m chunk c
+        c = w - (T + 1 + NCH) * nd - NCH
+        for i in tl.static_range(len(WIDTHS)):
+            if WIDTHS[i] > 0:
+                if c == i:
+                    _norm_grad_partial(ln_part_ptr, lo, hi, M, out + o_b2 + M, STARTS[i], WIDTHS[i], SUM_ROWS)
 
 
 @triton.jit

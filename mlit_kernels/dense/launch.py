@@ -1,5 +1,6 @@
 """The dense variant's launch code: shapes to tiles, the tuned configuration, the buffers, and the
-layer's forward (two launches) and backward (three launches) over :mod:`mlit_kernels.dense.kernels`."""
+layer's forward (two launches) and backward (three launches) over :mod:`mlit_kernels.dense.kernels`,
+optionally with the LayerNorm before the layer folded in (``norm``: no launch of its own)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class Geometry:
     t: int
     block_n: int
     num_warps: int
+    norm: bool = False  # a LayerNorm folded in: its weight and bias gradients join the flat gradient
 
     @property
     def chunks(self) -> tuple[int, int, int, int]:
@@ -73,7 +75,7 @@ class Geometry:
 
     @property
     def grad_numel(self) -> int:
-        return sum(torch.Size(shape).numel() for shape in grad_shapes(self.m, self.d_h, self.t))
+        return sum(torch.Size(shape).numel() for shape in grad_shapes(self.m, self.d_h, self.t, self.norm))
 
     def width_constexprs(self) -> dict:
         m0, m1, m2, m3 = self.chunks
@@ -85,37 +87,38 @@ class Geometry:
 
     def weight_constexprs(self) -> dict:
         """The weight-gradient kernel's (ROWS fixed: its sums do not depend on the tuning)."""
-        return dict(self.width_constexprs(), ROWS=WGRAD_ROWS, NCH=sum(c > 0 for c in self.chunks))
+        return dict(self.width_constexprs(), ROWS=WGRAD_ROWS, SUM_ROWS=SUM_ROWS, NCH=sum(c > 0 for c in self.chunks))
 
     @property
     def weight_grid(self) -> tuple[int, int]:
         nd = triton.cdiv(self.d_h, self.dc)
         nch = sum(c > 0 for c in self.chunks)
-        return (self.t + 1 + nch) * nd + nch, self.splits
+        return (self.t + 1 + nch) * nd + nch * (1 + self.norm), self.splits
 
 
-def grad_shapes(m: int, d_h: int, t: int) -> tuple[tuple[int, ...], ...]:
+def grad_shapes(m: int, d_h: int, t: int, norm: bool = False) -> tuple[tuple[int, ...], ...]:
     """The layout of the flat weight gradient (``_fused_bwd_weights_kernel`` writes it in this
     order): dW_g, dW_noise (m, t), dW_1 (t, m, d_h), db_1 (t, d_h), dV (m, d_h), db_V (d_h,),
-    dW_2 (d_h, m), db_2 (m,)."""
-    return (m, t), (m, t), (t, m, d_h), (t, d_h), (m, d_h), (d_h,), (d_h, m), (m,)
+    dW_2 (d_h, m), db_2 (m,); with ``norm`` then the LayerNorm's dweight, dbias (m,)."""
+    return (m, t), (m, t), (t, m, d_h), (t, d_h), (m, d_h), (d_h,), (d_h, m), (m,), *(((m,), (m,)) if norm else ())
 
 
-def split_grads(flat: torch.Tensor, m: int, d_h: int, t: int) -> list[torch.Tensor]:
+def split_grads(flat: torch.Tensor, m: int, d_h: int, t: int, norm: bool = False) -> list[torch.Tensor]:
     """Views of :func:`fused_backward`'s flat gradient buffer, in :func:`grad_shapes`' order."""
-    shapes = grad_shapes(m, d_h, t)
+    shapes = grad_shapes(m, d_h, t, norm)
     return [part.view(shape) for part, shape in zip(flat.split([torch.Size(s).numel() for s in shapes]), shapes)]
 
 
-def _geometry(kind: str, x: torch.Tensor, m: int, d_h: int, t: int, options: MoEOptions, launch) -> Geometry:
+def _geometry(kind: str, x: torch.Tensor, m: int, d_h: int, t: int, options: MoEOptions, launch,
+              norm: bool = False) -> Geometry:
     """The geometry for ``kind`` ("fwd" / "bwd") at this shape, with :data:`TUNER`'s configuration
     (timed with ``launch(geometry)`` when it tunes)."""
     n = x.shape[0]
 
     def geometry(config: Config) -> Geometry:
-        return Geometry(n, m, d_h, t, config.block_n, config.num_warps)
+        return Geometry(n, m, d_h, t, config.block_n, config.num_warps, norm)
 
-    key = (kind, m, d_h, t, options.k, options.dtype, x.device.index)
+    key = (kind, m, d_h, t, options.k, options.dtype, norm, x.device.index)
     return geometry(TUNER.choose(key, x.device, lambda config: launch(geometry(config))))
 
 
@@ -129,18 +132,33 @@ def _gate_constexprs(options: MoEOptions, noise, t: int) -> dict:
     return dict(flags, DROPOUT=bool(options.training and options.dropout > 0))
 
 
-def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options: MoEOptions):
+def _norm_args(norm, fallback: torch.Tensor) -> tuple:
+    """(ln_w, ln_b, ln_eps, NORM) kernel arguments of ``norm`` = (weight (m,), bias (m,), eps) or None
+    (then ``fallback`` stands in for the pointers the kernels do not read)."""
+    if norm is None:
+        return fallback, fallback, 0.0, False
+    weight, bias, eps = norm
+    return weight, bias, float(eps), True
+
+
+def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options: MoEOptions, norm=None,
+                  residual: bool = False):
     """The layer's forward in two launches.
 
     x (N, m) any float dtype; weights in any float dtype (converted in registers); seed (1,)
     int64 on x's device (Philox key of the gate noise and the dropout); noise (N, t) fp32 or None;
-    ``options.dtype`` the compute dtype of the expert products. Returns y (N, m) in x's dtype,
-    aux_loss () fp32, topk_idx (N, k) int32, stats (2, t) fp32 (importance, load), keep (N, m)
-    uint8 (the dropout keep mask; (0,) without dropout)."""
+    ``options.dtype`` the compute dtype of the expert products; ``norm`` None, or (weight (m,),
+    bias (m,), eps) of a LayerNorm applied to x first (in the kernel, fp32, its output rounded to
+    x's dtype as nn.LayerNorm's); ``residual``: y = x + the layer's output (the pre-norm block's
+    residual add, in the store). Returns y (N, m) in x's dtype, aux_loss () fp32, topk_idx (N, k)
+    int32, stats (2, t) fp32 (importance, load), keep (N, m) uint8 (the dropout keep mask; (0,)
+    without dropout) and ln_stats (2, N) fp32 (the norm's mean and rstd per token; (0,) without)."""
     n, m = x.shape
     t, _, d_h = w1.shape
     dev = x.device
     flags = _gate_constexprs(options, noise, t)
+    ln_stats = torch.empty((2, n) if norm is not None else (0,), device=dev, dtype=torch.float32)
+    ln_w, ln_b, ln_eps, has_norm = _norm_args(norm, ln_stats)
     y = torch.empty_like(x)
     idx = torch.empty(n, options.k, device=dev, dtype=torch.int32)
     keep = torch.empty((n, m) if flags["DROPOUT"] else (0,), device=dev, dtype=torch.uint8)
@@ -152,11 +170,11 @@ def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, optio
 
     def launch(geo: Geometry):
         _fused_fwd_kernel[(geo.tiles,)](
-            x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, noise_arg, seed, y, idx, part, keep,
-            n, m, d_h, t, float(options.noise_eps), float(options.dropout), **scalars, **geo.token_constexprs(),
-            num_warps=geo.num_warps)
+            x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, noise_arg, seed, y, idx, part, keep, ln_w, ln_b,
+            ln_stats if has_norm else stats, n, m, d_h, t, float(options.noise_eps), float(options.dropout), ln_eps,
+            NORM=has_norm, RESIDUAL=bool(residual), **scalars, **geo.token_constexprs(), num_warps=geo.num_warps)
 
-    geo = _geometry("fwd", x, m, d_h, t, options, launch)
+    geo = _geometry("fwd", x, m, d_h, t, options, launch, has_norm)
     if n:
         launch(geo)
     else:
@@ -164,20 +182,26 @@ def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, optio
     _fused_aux_kernel[(1,)](part, stats, aux, geo.groups, t, float(options.w_importance), float(options.w_load),
                             SQUARED=bool(options.squared_cv), UNBIASED=bool(options.unbiased_cv),
                             BLOCK_P=AUX_BLOCK_P, BLOCK_T=BLOCK_T)
-    return y, aux, idx, stats, keep
+    return y, aux, idx, stats, keep, ln_stats
 
 
 def fused_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, idx, stats, keep,
-                   options: MoEOptions):
+                   options: MoEOptions, norm=None, ln_stats=None, residual: bool = False):
     """Gradients of :func:`fused_forward` in three launches: dx (x's dtype) and one flat buffer in
-    the parameters' dtype holding dW_g, dW_noise, dW_1, db_1, dV, db_V, dW_2, db_2 (see
-    :func:`split_grads`).
+    the parameters' dtype holding dW_g, dW_noise, dW_1, db_1, dV, db_V, dW_2, db_2 (+ the norm's
+    dweight, dbias with ``norm``; see :func:`split_grads`).
 
-    dy (N, m) any float dtype; d_aux () fp32; the rest as saved by the forward."""
+    dy (N, m) any float dtype; d_aux () fp32; the rest (``norm``, ``ln_stats``, ``residual``
+    included) as given to and saved by the forward (with ``residual`` dx includes dy)."""
     n, m = x.shape
     t, _, d_h = w1.shape
     dev = x.device
     flags = _gate_constexprs(options, noise, t)
+    ln_w, ln_b, _, has_norm = _norm_args(norm, stats)
+    ln_stats = ln_stats if has_norm else stats
+    ln_part = torch.empty((max(1, triton.cdiv(n, SUM_ROWS)), 2, m) if has_norm else (0,), device=dev,
+                          dtype=torch.float32)
+    ln_part_arg = ln_part if has_norm else stats
     dtype = options.dtype
     dx = torch.empty_like(x)
     da = torch.empty(n, options.k, d_h, device=dev, dtype=dtype)
@@ -190,20 +214,21 @@ def fused_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, nois
 
     def launch_tokens(geo: Geometry):
         _fused_bwd_tokens_kernel[(geo.tiles,)](
-            dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, noise_arg, seed, idx, stats, keep_arg,
-            dx, da, du, h, dgate, n, m, d_h, t, float(options.noise_eps), float(options.dropout),
+            dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, noise_arg, seed, idx, stats, keep_arg, ln_w, ln_b,
+            ln_stats, dx, da, du, h, dgate, ln_part_arg, n, m, d_h, t, float(options.noise_eps), float(options.dropout),
             float(options.w_importance), float(options.w_load), SQUARED=bool(options.squared_cv),
-            UNBIASED=bool(options.unbiased_cv), **scalars, **flags, **geo.token_constexprs(), num_warps=geo.num_warps)
+            UNBIASED=bool(options.unbiased_cv), NORM=has_norm, RESIDUAL=bool(residual), SUM_ROWS=SUM_ROWS, **scalars,
+            **flags, **geo.token_constexprs(), num_warps=geo.num_warps)
 
-    geo = _geometry("bwd", x, m, d_h, t, options, launch_tokens)
+    geo = _geometry("bwd", x, m, d_h, t, options, launch_tokens, has_norm)
     grads = torch.empty(geo.grad_numel, device=dev, dtype=w1.dtype)
     if n:
         launch_tokens(geo)
         part = torch.empty(geo.splits, geo.grad_numel, device=dev, dtype=torch.float32)
         _fused_bwd_weights_kernel[geo.weight_grid](
-            x, dy, keep_arg, idx, da, du, h, dgate, part, n, m, d_h, t, float(options.dropout), geo.rows_per_split,
-            geo.grad_numel, NOISY=flags["NOISY"], DROPOUT=flags["DROPOUT"], **scalars, **geo.weight_constexprs(),
-            num_warps=WGRAD_WARPS)
+            x, dy, keep_arg, idx, da, du, h, dgate, ln_w, ln_b, ln_stats, ln_part_arg, part, n, m, d_h, t,
+            float(options.dropout), geo.rows_per_split, geo.grad_numel, NOISY=flags["NOISY"], DROPOUT=flags["DROPOUT"],
+            NORM=has_norm, **scalars, **geo.weight_constexprs(), num_warps=WGRAD_WARPS)
         _reduce_kernel[(triton.cdiv(geo.grad_numel, REDUCE_BLOCK),)](part, grads, geo.splits, geo.grad_numel,
                                                                     BLOCK=REDUCE_BLOCK)
     else:

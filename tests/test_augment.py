@@ -357,9 +357,14 @@ def test_augmentation_launches_and_syncs(policy):
     assert meter.syncs == 0
 
 
-def test_backend_choice():
+def test_backend_choice(monkeypatch):
+    """"auto": the kernels on CUDA once a GPU run clears them (MLIT_UNCLEARED_KERNELS=1 until then)."""
+    monkeypatch.delenv("MLIT_UNCLEARED_KERNELS", raising=False)
     aug = GPUAugment(autoaugment="cifar10")
-    assert aug.backend == "auto" and not aug.uses_triton(torch.device("cpu")) and aug.uses_triton(torch.device("cuda"))
+    assert aug.backend == "auto" and not aug.uses_triton(torch.device("cpu")) and not aug.uses_triton("cuda")
+    assert GPUAugment(backend="triton").uses_triton("cuda")
+    monkeypatch.setenv("MLIT_UNCLEARED_KERNELS", "1")
+    assert aug.uses_triton(torch.device("cuda")) and not aug.uses_triton(torch.device("cpu"))
     assert not GPUAugment(train=False, backend="triton").uses_triton(torch.device("cuda"))
     with pytest.raises(ValueError, match="backend must be one of"):
         GPUAugment(backend="cuda")

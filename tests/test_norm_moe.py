@@ -117,11 +117,14 @@ def test_reference_norm_is_layer_norm_then_the_layer():
     assert torch.equal(y, x + y2) and torch.equal(aux, aux2)
 
 
-def test_layer_with_norm_matches_the_reference_backend():
+@pytest.mark.parametrize("variant", ["dense", "dispatch"])
+def test_layer_with_norm_matches_the_reference_backend(variant):
     """SharedSwiGLUMoE(x, norm=nn.LayerNorm, residual=True): the Triton backend (norm and residual
-    folded in) and the reference backend agree in eval, values and every gradient."""
+    folded into the dense kernels; around the dispatch kernels in torch — what "auto" runs on CUDA
+    until the dense kernels are cleared there) and the reference backend agree in eval, values and
+    every gradient."""
     torch.manual_seed(3)
-    layers = {b: SharedSwiGLUMoE(27, 16, 3, k=2, dropout=0.0, backend=b).to(DEVICE).eval()
+    layers = {b: SharedSwiGLUMoE(27, 16, 3, k=2, dropout=0.0, backend=b, triton_variant=variant).to(DEVICE).eval()
               for b in ("reference", "triton")}
     layers["triton"].load_state_dict(layers["reference"].state_dict())
     with torch.no_grad():

@@ -194,8 +194,10 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
         return _TRITON_TYPES[dtype] if kind == "act" else kind
     if kernel_name in ("_embed_fwd_kernel", "_embed_bwd_kernel", "_embed_reduce_kernel"):
         return "fp32"
-    if kernel_name in ("_loss_fwd_kernel", "_loss_bwd_kernel"):
-        return {"logits_ptr": "fp16", "dlogits_ptr": "fp16", "labels_ptr": "i64"}.get(name, "fp32")
+    if kernel_name in ("_loss_fwd_kernel", "_loss_bwd_kernel", "_eval_sums_kernel"):
+        return {"logits_ptr": "fp16", "dlogits_ptr": "fp16", "labels_ptr": "i64", "sums_ptr": "fp64"}.get(name, "fp32")
+    if kernel_name in ("_decoder_input_fwd_kernel", "_decoder_input_bwd_kernel"):  # the latent fp16 under autocast
+        return {"latent_ptr": "fp16", "dlatent_ptr": "fp16", "keep_ptr": "i64"}.get(name, "fp32")
     if kernel_name in _DISPATCH_KERNELS | _ATTENTION_KERNELS:
         kind = (_DISPATCH_PTRS if kernel_name in _DISPATCH_KERNELS else _ATTENTION_PTRS).get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
@@ -323,6 +325,7 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
 def _attention_jobs(dim, heads, groups, dtype, quick):
     """(kernel, constexprs, warps, stages) of the fused attention block, every tuning configuration
     (the first with --quick); the split sum has one."""
+    from mlit_kernels import norm_linear
     from mlit_kernels.attention import kernels, launch
 
     shape = launch.Shape(256, 145, dim, heads, groups)
@@ -332,14 +335,19 @@ def _attention_jobs(dim, heads, groups, dtype, quick):
     for config in launch.CONFIGS[:1] if quick else launch.CONFIGS:
         w = config.num_warps
         jobs += [(kernels._ln_qkv_fwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M,
-                                                   BLOCK_E=launch.BLOCK_E, **base), w, 1),
+                                                   BLOCK_E=launch.BLOCK_E, **base, HAS_BIAS=True), w, 1),
                  (kernels._attn_fwd_kernel, dict(**pads, BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N, **base), w, 1),
                  (kernels._proj_bwd_kernel, dict(**pads, ROWS=launch.PROJ_ROWS, BLOCK_M=launch.BLOCK_M, **base), w, 1),
                  (kernels._attn_bwd_kernel, dict(HD_PAD=pads["HD_PAD"], BLOCK_M=launch.BLOCK_M, BLOCK_N=launch.BLOCK_N,
                                                  **base), w, 1),
                  (kernels._ln_qkv_bwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M,
-                                                   BLOCK_E=launch.BLOCK_E, **base), w, 1)]
+                                                   BLOCK_E=launch.BLOCK_E, **base, HAS_RESIDUAL=True), w, 1)]
     jobs.append((kernels._attn_sum_splits_kernel, dict(BLOCK=launch.SUM_BLOCK), 4, 1))
+    # the same LayerNorm + projection kernels as mlit_kernels.norm_linear launches them (the heads)
+    jobs += [(kernels._ln_qkv_fwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M, BLOCK_E=launch.BLOCK_E,
+                                               **base, HAS_BIAS=False), norm_linear.NUM_WARPS, 1),
+             (kernels._ln_qkv_bwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M, BLOCK_E=launch.BLOCK_E,
+                                               **base, HAS_RESIDUAL=False), norm_linear.NUM_WARPS, 1)]
     return jobs
 
 
@@ -356,13 +364,17 @@ def _augment_jobs():
 
 
 def _loss_jobs():
-    """(kernel, constexprs, warps, stages) of the classification loss (10 and 100 classes) and of the
-    patch embedding (m = 108 and 144)."""
+    """(kernel, constexprs, warps, stages) of the classification loss and evaluation sums (10 and 100
+    classes), the patch embedding (m = 108 and 144) and the MAE decoder's input (width 108)."""
+    from mlit.models import decoder_input_kernels as dk
     from mlit.models import embed_kernels as ek
     from mlit.train import loss_kernels
 
     jobs = [(kernel, dict(BLOCK_B=loss_kernels.BLOCK_B, BLOCK_C=c), 4, 1)
-            for kernel in (loss_kernels._loss_fwd_kernel, loss_kernels._loss_bwd_kernel) for c in (16, 128)]
+            for kernel in (loss_kernels._loss_fwd_kernel, loss_kernels._loss_bwd_kernel,
+                           loss_kernels._eval_sums_kernel) for c in (16, 128)]
+    jobs.append((dk._decoder_input_fwd_kernel, dict(HAS_POS=True, BLOCK_P=dk.BLOCK_P, BLOCK_D=128), 4, 1))
+    jobs.append((dk._decoder_input_bwd_kernel, dict(BLOCK_P=dk.BLOCK_P, BLOCK_D=128), 4, 1))
     for block_m in (128, 256):
         jobs.append((ek._embed_fwd_kernel, dict(C=3, P=3, BLOCK_T=ek.BLOCK_T, BLOCK_M=block_m), 4, 1))
         jobs.append((ek._embed_bwd_kernel, dict(P=3, BLOCK_B=ek.BLOCK_B, BLOCK_M=block_m, K_PAD=ek.K_PAD), 4, 1))

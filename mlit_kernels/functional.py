@@ -108,7 +108,8 @@ def moe_triton(
     variant: str = "auto",
     norm: tuple | None = None,
     residual: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_aux: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The MoE layer (shared V, W_2) with the Triton kernels: (y (N, m), aux_loss () fp32).
 
     x (N, m) on CUDA (or anywhere under TRITON_INTERPRET=1), any float dtype; the weights (the
@@ -125,6 +126,8 @@ def moe_triton(
     it into its kernels (no launch of its own, nor an autocast cast of its output), the dispatch
     variant runs ``F.layer_norm`` first. ``residual``: y = x + the layer's output (the pre-norm
     block's residual add; folded into the dense kernels' store with ``norm``, else one add).
+    ``need_aux=False``: aux_loss comes back None (in evaluation the dense variant then skips the
+    launch that computes it).
     """
     variant = resolve_variant(variant, w_gate.shape[1] if w_gate.dim() == 2 else 0,
                               per_expert=v.dim() == 3 or w2.dim() == 3, device=x.device)
@@ -138,15 +141,18 @@ def moe_triton(
     noise = None if noise is None or not noisy else noise.float().contiguous()
     params = tuple(p.contiguous() for p in (w_gate, w_noise, w1, b1, v, b_v, w2, b2))
     options = MoEOptions(k, training, noisy, float(dropout) if training else 0.0, float(noise_eps),
-                         float(w_importance), float(w_load), bool(squared_cv), bool(unbiased_cv), dtype)
+                         float(w_importance), float(w_load), bool(squared_cv), bool(unbiased_cv), dtype,
+                         bool(need_aux))
     x = x.contiguous()
     if norm is not None and variant == "dense":
         weight, bias, eps = norm
-        return _RUN[variant](x, params, seed, noise, options, norm=(weight.contiguous(), bias.contiguous(), float(eps)),
-                             residual=bool(residual))
-    y, aux = _RUN[variant](x if norm is None else F.layer_norm(x, x.shape[1:], *norm).contiguous(), params, seed,
-                           noise, options)
-    return (x + y if residual else y), aux
+        y, aux = _RUN[variant](x, params, seed, noise, options, norm=(weight.contiguous(), bias.contiguous(),
+                                                                      float(eps)), residual=bool(residual))
+    else:
+        y, aux = _RUN[variant](x if norm is None else F.layer_norm(x, x.shape[1:], *norm).contiguous(), params, seed,
+                               noise, options)
+        y = x + y if residual else y
+    return y, (aux if need_aux else None)
 
 
 __all__ = ["moe_triton", "check_inputs", "check_norm"]

@@ -84,6 +84,8 @@ class SharedSwiGLUMoE(nn.Module):
     where they are in the state_dict); the dense Triton kernels fold it in (no launch of its own,
     its gradients computed with the layer's), the other paths run it first. ``residual=True``:
     the layer returns x + y (the block's residual add; in the dense kernels' store with ``norm``).
+    ``need_aux=False``: aux_loss is None (and nothing is kept with ``return_aux=False``); in
+    evaluation the dense kernels then skip the launch that computes it.
     """
 
     def __init__(
@@ -247,7 +249,7 @@ class SharedSwiGLUMoE(nn.Module):
             raise ValueError(f"norm must be None or an nn.LayerNorm({self.dim}) with weight and bias, got {norm!r}")
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, seed: torch.Tensor | None = None,
-                norm: nn.LayerNorm | None = None, residual: bool = False):
+                norm: nn.LayerNorm | None = None, residual: bool = False, need_aux: bool = True):
         self._check_input(x, noise)
         if norm is not None:
             self._check_norm(norm)
@@ -261,13 +263,15 @@ class SharedSwiGLUMoE(nn.Module):
             from .functional import moe_triton  # lazily: Triton fixes interpret-or-compile when kernels are defined
 
             y, aux_loss = moe_triton(tokens, *params, self.k, self.training, seed=seed, variant=self.triton_variant,
-                                     **options)
+                                     need_aux=need_aux, **options)
         else:
             y, aux_loss = reference.moe_reference(tokens, *params, self.k, self.training, **options)
+            aux_loss = aux_loss if need_aux else None
         y = y.reshape(x.shape)
         if self.return_aux:
             return y, aux_loss
-        self.aux_loss = aux_loss if self.aux_loss is None else self.aux_loss + aux_loss
+        if aux_loss is not None:
+            self.aux_loss = aux_loss if self.aux_loss is None else self.aux_loss + aux_loss
         return y
 
 

@@ -53,7 +53,7 @@ def test_opcheck_fused(training, noise_mode, dropout):
     p = _params(m, d_h, t)
     x = torch.randn(n, m, device=DEVICE, requires_grad=True)
     noise = torch.randn(n, t, device=DEVICE) if noise_mode == "tensor" else None
-    options = (k, training, True, dropout, 1e-2, 1e-2, 1e-2, True, True, torch.float32)
+    options = (k, training, True, dropout, 1e-2, 1e-2, 1e-2, True, True, torch.float32, True)
     args = (x, *p.values(), _seed(7), noise, *options)
     torch.library.opcheck(ops.fused_moe, args, test_utils=OPCHECK)
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_opcheck_fused_norm():
     p = _params(m, d_h, t)
     x = torch.randn(n, m, device=DEVICE, requires_grad=True)
     ln = (torch.ones(m, device=DEVICE, requires_grad=True), torch.zeros(m, device=DEVICE, requires_grad=True))
-    options = (k, True, True, 0.2, 1e-2, 1e-2, 1e-2, True, True, torch.float32)
+    options = (k, True, True, 0.2, 1e-2, 1e-2, 1e-2, True, True, torch.float32, True)
     args = (x, *ln, 1e-5, True, *p.values(), _seed(7), None, *options)
     torch.library.opcheck(ops.fused_norm_moe, args, test_utils=OPCHECK)
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_opcheck_dispatch(training, noise_mode, dropout, separate):
                   for name in ("v", "b_v", "w2", "b2")})
     x = torch.randn(n, m, device=DEVICE, requires_grad=True)
     noise = torch.randn(n, t, device=DEVICE) if noise_mode == "tensor" else None
-    options = (k, training, True, dropout, 1e-2, 1e-2, 1e-2, True, True, torch.float32)
+    options = (k, training, True, dropout, 1e-2, 1e-2, 1e-2, True, True, torch.float32, True)
     args = (x, *p.values(), _seed(7), noise, *options)
     torch.library.opcheck(ops.dispatch_moe, args, test_utils=OPCHECK)
     with torch.no_grad():

@@ -176,7 +176,7 @@ def test_bad_token_stays_in_its_row(variant, bad, train):
                                            train, noise=gate_noise(seed, n, t, DEVICE).cpu().double())
         idx = dispatch_gate(x_bad, params, seed, k, train)[0]
         _, _, fused_idx, _, _ = ops.fused_moe(x_bad, *params.values(), seed, None, k, train, True, 0.0, 1e-2, 1e-2,
-                                              1e-2, True, True, torch.float32)
+                                              1e-2, True, True, torch.float32, True)
     others = torch.arange(n, device=DEVICE) != 7
     assert not torch.isfinite(y_bad[7]).any() and not torch.isfinite(y_ref[7]).any()
     assert torch.equal(y_bad[others], y_clean[others])
@@ -255,7 +255,7 @@ def test_fused_dropout_forward_and_backward():
     x = torch.randn(n, m, device=DEVICE)
     seed = torch.tensor([77], device=DEVICE)
     options = (k, True, True)
-    rest = (1e-2, 1e-2, 1e-2, True, True, torch.float32)
+    rest = (1e-2, 1e-2, 1e-2, True, True, torch.float32, True)
     y0, aux0, idx0, stats0, keep0 = ops.fused_moe(x, *params, seed, None, *options, 0.0, *rest)
     y1, aux1, idx1, stats1, keep1 = ops.fused_moe(x, *params, seed, None, *options, p, *rest)
     assert keep0.numel() == 0 and keep1.shape == (n, m) and abs(keep1.float().mean().item() - (1 - p)) < 0.02

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from mlit_kernels.common.tiling import interpreting
+from mlit_kernels.meter import Meter
 from mlit_kernels.reference import max_row_error as row_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():
     pytest.skip("no CUDA and Triton kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
-from mlit.train.loss import classification_loss, classification_loss_reference  # noqa: E402
+from mlit.train.loss import add_eval_sums, classification_loss, classification_loss_reference  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -41,6 +42,7 @@ def test_fused_loss_matches_the_reference(b, c, dtype, smoothing):
     assert loss.dtype == torch.float32 and loss.shape == () and dz.dtype == dtype
     assert torch.allclose(loss, loss_r, rtol=1e-5, atol=1e-6)
     assert torch.allclose(torch.stack(metrics), torch.stack(metrics_r), rtol=1e-5, atol=1e-6)
+    assert len(metrics) == 4 and torch.equal(metrics[0], loss.detach())
     assert row_error(dz.double(), dz_r.double()) <= TOL[dtype]
     assert torch.allclose(da, da_r)
 
@@ -66,3 +68,21 @@ def test_opcheck_loss_ops():
     torch.library.opcheck(torch.ops.mlit.classification_loss, (z, labels, aux, 0.1, 0.01), test_utils=checks)
     torch.library.opcheck(torch.ops.mlit.classification_loss_backward,
                           (torch.tensor(2.0, device=DEVICE), z.detach(), labels, 0.1, 0.01), test_utils=checks)
+
+
+@pytest.mark.parametrize("b, c, dtype", [(37, 10, torch.float16), (1, 100, torch.float32), (70, 102, torch.bfloat16)])
+def test_eval_sums_match_the_reference(b, c, dtype):
+    """Evaluation's batch sums (rows, summed cross-entropy, correct count) added in one launch."""
+    g = torch.Generator().manual_seed(b)
+    logits = (torch.randn(b, c, generator=g) * 3).to(DEVICE, dtype)
+    labels = torch.randint(0, c, (b,), generator=g).to(DEVICE)
+    start = torch.tensor([5.0, 1.5, 2.0], dtype=torch.float64, device=DEVICE)
+    got, want = start.clone(), start.clone()
+    with Meter() as meter:
+        add_eval_sums(logits, labels, got, fused=True)
+    add_eval_sums(logits, labels, want, fused=False)
+    assert (meter.launches, meter.syncs) == (1, 0)
+    assert got[0] == want[0] == 5 + b and got[2] == want[2]
+    assert torch.allclose(got, want, rtol=1e-5)
+    with pytest.raises(ValueError, match="sums must be"):
+        add_eval_sums(logits, labels, got.float(), fused=True)

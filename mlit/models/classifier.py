@@ -50,8 +50,18 @@ class MLiTClassifier(nn.Module):
         pooled = features[:, -1]
         return pooled if pre_logits else self.head(pooled)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features, aux_loss = self.encoder(images)
+    def forward(self, images: torch.Tensor, need_aux: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """→ (logits, auxiliary loss; None without ``need_aux``, which evaluation skips). With the
+        Triton kernels the final norm of the dummy token and the head run as one launch
+        (:func:`mlit_kernels.norm_linear.norm_linear`; two for its gradients)."""
+        if self.num_classes and self.encoder.uses_triton("norm_linear", images):
+            from mlit_kernels.norm_linear import norm_linear  # lazily: Triton decides interpret-or-compile on definition
+
+            tokens, aux_loss = self.encoder.encode(self.encoder.embed(images), final_norm=False, need_aux=need_aux)
+            norm = self.encoder.norm
+            return norm_linear(tokens[:, -1], norm.weight, norm.bias, self.head.weight, self.head.bias,
+                               norm.eps), aux_loss
+        features, aux_loss = self.encoder(images, need_aux=need_aux)
         return self.forward_head(features), aux_loss
 
     def set_backend(self, backend: str) -> None:

@@ -28,8 +28,8 @@ class MLiTEncoder(nn.Module):
     The 145th token is the embedding of an all-zero dummy patch; a classifier reads it.
     embed(images (B, 3, 36, 36)) → tokens (B, 145, m) with positions added (with the Triton
     backend — ``"triton"``, or ``"auto"`` on CUDA once cleared (:mod:`mlit_kernels.common.clearance`) — one kernel: :mod:`mlit.models.embed_kernels`);
-    forward(images) → (features (B, 145, m), auxiliary loss ()).
-    ``device`` / ``dtype``: torch.nn's factory keywords, for every parameter.
+    forward(images, need_aux=True) → (features (B, 145, m), auxiliary loss (); None without
+    ``need_aux``). ``device`` / ``dtype``: torch.nn's factory keywords, for every parameter.
     """
 
     def __init__(self, cfg: TransformerConfig, image: ImageConfig = ImageConfig(), backend: str = "reference", *,
@@ -47,20 +47,27 @@ class MLiTEncoder(nn.Module):
         expected = (self.image.in_chans, self.image.image_size, self.image.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        if self.backend == "triton" or (self.backend == "auto" and images.is_cuda and may_run("patch_embed", images.device)):
+        if self.uses_triton("patch_embed", images):
             from .embed_kernels import fused_patch_embed  # lazily: Triton decides interpret-or-compile on definition
 
             return fused_patch_embed(images, self.patch_embed.weight, self.pos_embed, self.image.patch_size)
         patches = F.pad(patchify(images, self.image.patch_size), (0, 0, 0, 1))  # + the all-zero dummy patch
         return self.patch_embed(patches) + self.pos_embed
 
-    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layers + final norm over already embedded tokens (B, n, m)."""
-        x, aux_loss = self.blocks(tokens)
-        return self.norm(x), aux_loss
+    def uses_triton(self, family: str, x: torch.Tensor) -> bool:
+        """Whether a Triton kernel family (:mod:`mlit_kernels.common.clearance`) runs on x here: with
+        the "triton" backend, or "auto" on CUDA once the family is cleared."""
+        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda and may_run(family, x.device))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode(self.embed(images))
+    def encode(self, tokens: torch.Tensor, final_norm: bool = True,
+               need_aux: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layers (+ the final norm) over already embedded tokens (B, n, m) → (tokens, auxiliary loss
+        (), None without ``need_aux``). ``final_norm=False`` leaves the norm to the caller (a fused head)."""
+        x, aux_loss = self.blocks(tokens, need_aux=need_aux)
+        return (self.norm(x) if final_norm else x), aux_loss
+
+    def forward(self, images: torch.Tensor, need_aux: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.encode(self.embed(images), need_aux=need_aux)
 
     def set_backend(self, backend: str) -> None:
         """Switch every MoE layer and the patch embedding to ``backend`` ("reference", "triton",

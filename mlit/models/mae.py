@@ -109,18 +109,31 @@ class MMLiT(nn.Module):
         patches, dummy = tokens[:, :-1], tokens[:, -1:]
         keep, mask = random_masking(B, n - 1, self.num_keep, images.device)
         visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, m))
-        latent, encoder_loss = self.encoder.encode(torch.cat([visible, dummy], dim=1))
+        fused = self.encoder.uses_triton("norm_linear", images)  # final norms + projections: one launch each
+        latent, encoder_loss = self.encoder.encode(torch.cat([visible, dummy], dim=1), final_norm=not fused)
+        latent = self._norm_linear(latent, self.encoder.norm, self.decoder_embed) if fused else self.decoder_embed(latent)
+        if self.encoder.uses_triton("decoder_input", images):
+            from .decoder_input_kernels import fused_decoder_input  # lazily: Triton decides interpret-or-compile
 
-        latent = self.decoder_embed(latent)
-        d = latent.shape[-1]
-        full = self.mask_token.to(latent.dtype).expand(B, n - 1, d).clone()
-        full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, d), latent[:, :-1])
-        x = torch.cat([full, latent[:, -1:]], dim=1)
-        if self.decoder_pos_embed is not None:
-            x = x + self.decoder_pos_embed
+            x = fused_decoder_input(latent, keep, mask, self.mask_token, self.decoder_pos_embed)
+        else:
+            d = latent.shape[-1]
+            full = self.mask_token.to(latent.dtype).expand(B, n - 1, d).clone()
+            full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, d), latent[:, :-1])
+            x = torch.cat([full, latent[:, -1:]], dim=1)
+            if self.decoder_pos_embed is not None:
+                x = x + self.decoder_pos_embed
         x, decoder_loss = self.decoder(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, :-1]
+        pred = (self._norm_linear(x, self.decoder_norm, self.decoder_pred) if fused
+                else self.decoder_pred(self.decoder_norm(x)))[:, :-1]
         return self.loss(images, pred, mask, encoder_loss + decoder_loss)
+
+    @staticmethod
+    def _norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch.Tensor:
+        """linear(norm(x)) in one Triton launch (:func:`mlit_kernels.norm_linear.norm_linear`)."""
+        from mlit_kernels.norm_linear import norm_linear  # lazily: Triton decides interpret-or-compile on definition
+
+        return norm_linear(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps)
 
     def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, moe_loss: torch.Tensor) -> MAEOutput:
         """Eq. 16: MSE on hidden patches + α · MSE on visible patches + β · Σ MoE losses."""

@@ -42,8 +42,8 @@ def set_moe_backend(module: nn.Module, backend: str) -> int:
 class MoETransformerLayer(nn.Module):
     """Pre-norm layer: x = x + GQA(LN(x)); x = x + MoE(LN(x)).
 
-    forward(x (B, n, dim), seed=None, attn_weights=None) → (x (B, n, dim), the MoE auxiliary loss
-    ()); ``seed`` goes to the MoE layer (its Triton kernels' Philox seed), ``attn_weights`` to the
+    forward(x (B, n, dim), seed=None, attn_weights=None, need_aux=True) → (x (B, n, dim), the MoE
+    auxiliary loss (), None without ``need_aux``); ``seed`` goes to the MoE layer (its Triton kernels' Philox seed), ``attn_weights`` to the
     attention (its projections' autocast copies). ``device`` / ``dtype`` (torch.nn's factory
     keywords) place the norms and the attention; ``moe`` comes built; ``backend`` is the
     attention's (its fused half-block ``x + GQA(norm1(x))``: :class:`GroupedQueryAttention`).
@@ -58,19 +58,21 @@ class MoETransformerLayer(nn.Module):
         self.moe = moe
 
     def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None,
-                attn_weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attn_weights: list[torch.Tensor] | None = None,
+                need_aux: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.attn.uses_triton(x):  # the fused half-block x + GQA(norm1(x))
             x = self.attn(x, norm=self.norm1)
         else:  # norm1 outside the attention module, so profiles and meters time it as a norm
             x = x + self.attn(self.norm1(x), attn_weights)
         # x + MoE(norm2(x)): the dense kernels fold norm2 and the residual add in
-        return self.moe(x, seed=seed, norm=self.norm2, residual=True)
+        return self.moe(x, seed=seed, norm=self.norm2, residual=True, need_aux=need_aux)
 
 
 class MoETransformer(nn.Module):
     """cfg.depth MoE transformer layers with depth-wise hidden sizes and staged expert counts.
 
-    forward(x (B, n, dim)) → (x (B, n, dim), the auxiliary losses summed over layers ()). Under
+    forward(x (B, n, dim), need_aux=True) → (x (B, n, dim), the auxiliary losses summed over layers
+    (), None without ``need_aux``: evaluation skips computing them). Under
     autocast the attention projections of all torch-attention layers are cast once (one launch, one
     for their gradients: :func:`mlit.models.amp.autocast_weights`) instead of per layer; fused
     (Triton) attention casts its weights in registers. ``device`` / ``dtype``: torch.nn's factory
@@ -102,7 +104,7 @@ class MoETransformer(nn.Module):
             for i in range(cfg.depth)
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, need_aux: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         seeds = self._gate_seeds(x)
         per_layer = [[] if layer.attn.uses_triton(x) else layer.attn.weights() for layer in self.layers]
         cast = autocast_weights([w for ws in per_layer for w in ws], x.device.type)
@@ -111,9 +113,9 @@ class MoETransformer(nn.Module):
             count = len(per_layer[i])
             weights = None if cast is None or not count else cast[start : start + count]
             start += count
-            x, aux_loss = layer(x, None if seeds is None else seeds[i : i + 1], weights)
+            x, aux_loss = layer(x, None if seeds is None else seeds[i : i + 1], weights, need_aux)
             aux_losses.append(aux_loss)
-        return x, torch.stack(aux_losses).sum()
+        return x, (torch.stack(aux_losses).sum() if need_aux else None)
 
     def _gate_seeds(self, x: torch.Tensor) -> torch.Tensor | None:
         """In training with Triton MoE layers, every layer's Philox seed drawn in one launch

@@ -1,9 +1,11 @@
 """Triton kernels of the classification loss (:mod:`mlit.train.loss`): the custom ops
 ``mlit::classification_loss`` (one program walks the rows in fixed BLOCK_B blocks, so the sums'
-order depends on the shape only; the logits read in their own dtype) and
-``mlit::classification_loss_backward`` (one program per row block: dlogits = g (softmax(z) −
-(1 − s) onehot − s / C) / B in the logits' dtype; program 0 also d aux = w_aux · g). No host
-reads: capturable.
+order depends on the shape only; the logits read in their own dtype; the metrics vector
+[loss, ce, aux, correct] written beside the loss), ``mlit::classification_loss_backward`` (one
+program per row block: dlogits = g (softmax(z) − (1 − s) onehot − s / C) / B in the logits' dtype;
+program 0 also d aux = w_aux · g) and ``mlit::classification_eval_sums`` (evaluation: the batch's
+row count, summed cross-entropy and correct count added to a float64 sums vector in one launch).
+No host reads: capturable.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _row_block(logits_ptr, labels_ptr, r0, B, C, BLOCK_B: tl.constexpr, BLOCK_C:
 @triton.jit
 def _loss_fwd_kernel(logits_ptr, labels_ptr, aux_ptr, loss_ptr, metrics_ptr, B, C, smoothing, aux_weight,
                      BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: loss () and metrics (ce, aux, correct) over the B rows, BLOCK_B at a time."""
+    """One program: loss () and metrics (loss, ce, aux, correct) over the B rows, BLOCK_B at a time."""
     ce = tl.zeros((BLOCK_B,), dtype=tl.float32)
     correct = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for r0 in range(0, B, BLOCK_B):
@@ -49,10 +51,30 @@ def _loss_fwd_kernel(logits_ptr, labels_ptr, aux_ptr, loss_ptr, metrics_ptr, B, 
         correct += tl.where(row_ok & (first == labels), 1.0, 0.0)
     ce_mean = tl.sum(ce, axis=0) / B
     aux = tl.load(aux_ptr).to(tl.float32)
-    tl.store(loss_ptr, ce_mean + aux_weight * aux)
-    tl.store(metrics_ptr, ce_mean)
-    tl.store(metrics_ptr + 1, aux)
-    tl.store(metrics_ptr + 2, tl.sum(correct, axis=0))
+    loss = ce_mean + aux_weight * aux
+    tl.store(loss_ptr, loss)
+    tl.store(metrics_ptr, loss)
+    tl.store(metrics_ptr + 1, ce_mean)
+    tl.store(metrics_ptr + 2, aux)
+    tl.store(metrics_ptr + 3, tl.sum(correct, axis=0))
+
+
+@triton.jit
+def _eval_sums_kernel(logits_ptr, labels_ptr, sums_ptr, B, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: sums (3,) float64 += (B, Σ cross-entropy, correct count) over the B rows."""
+    count = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    ce = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    correct = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for r0 in range(0, B, BLOCK_B):
+        z, labels, rows, row_ok, cols, col_ok, lse, first = _row_block(logits_ptr, labels_ptr, r0, B, C, BLOCK_B,
+                                                                       BLOCK_C)
+        z_label = tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        count += tl.where(row_ok, 1.0, 0.0)
+        ce += tl.where(row_ok, lse - z_label, 0.0)
+        correct += tl.where(row_ok & (first == labels), 1.0, 0.0)
+    tl.atomic_add(sums_ptr, tl.sum(count, axis=0).to(tl.float64))
+    tl.atomic_add(sums_ptr + 1, tl.sum(ce, axis=0).to(tl.float64))
+    tl.atomic_add(sums_ptr + 2, tl.sum(correct, axis=0).to(tl.float64))
 
 
 @triton.jit
@@ -73,13 +95,13 @@ def _loss_bwd_kernel(grad_ptr, logits_ptr, labels_ptr, dlogits_ptr, daux_ptr, B,
         tl.store(daux_ptr, aux_weight * g)
 
 
-def _check(logits: Tensor, labels: Tensor, aux: Tensor) -> None:
+def _check(logits: Tensor, labels: Tensor, aux: Tensor | None) -> None:
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a 2-D floating-point tensor (B, C), got {logits.dtype} {tuple(logits.shape)}")
     if labels.shape != logits.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be int64 / int32 of shape ({logits.shape[0]},), got {labels.dtype} "
                          f"{tuple(labels.shape)}")
-    if aux.dim() != 0 or not aux.is_floating_point():
+    if aux is not None and (aux.dim() != 0 or not aux.is_floating_point()):
         raise ValueError(f"aux must be a 0-d floating-point tensor, got {aux.dtype} {tuple(aux.shape)}")
     if logits.shape[1] > 4096:
         raise ValueError(f"logits: at most 4096 classes (one register tile a row), got {logits.shape[1]}")
@@ -89,7 +111,7 @@ def _check(logits: Tensor, labels: Tensor, aux: Tensor) -> None:
 def _loss_op(logits: Tensor, labels: Tensor, aux: Tensor, smoothing: float, aux_weight: float) -> tuple[Tensor, Tensor]:
     b, c = logits.shape
     loss = logits.new_empty((), dtype=torch.float32)
-    metrics = logits.new_empty((3,), dtype=torch.float32)
+    metrics = logits.new_empty((4,), dtype=torch.float32)
     _loss_fwd_kernel[(1,)](logits, labels, aux, loss, metrics, b, c, float(smoothing), float(aux_weight),
                            BLOCK_B=BLOCK_B, BLOCK_C=triton.next_power_of_2(c))
     return loss, metrics
@@ -97,7 +119,7 @@ def _loss_op(logits: Tensor, labels: Tensor, aux: Tensor, smoothing: float, aux_
 
 @_loss_op.register_fake
 def _loss_op_fake(logits, labels, aux, smoothing, aux_weight):
-    return logits.new_empty((), dtype=torch.float32), logits.new_empty((3,), dtype=torch.float32)
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty((4,), dtype=torch.float32)
 
 
 @torch.library.custom_op("mlit::classification_loss_backward", mutates_args=())
@@ -135,13 +157,33 @@ _loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_classification_loss(logits: Tensor, labels: Tensor, aux: Tensor, smoothing: float,
-                              aux_weight: float) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+                              aux_weight: float) -> tuple[Tensor, Tensor]:
     """:func:`mlit.train.loss.classification_loss_reference` in one Triton launch (and one for the backward):
-    (loss () fp32, (cross-entropy, aux, correct count) 0-d fp32 views of one metrics tensor)."""
+    (loss () fp32, metrics (4,) fp32 = loss, cross-entropy, aux, correct count; no gradient)."""
     if not torch.compiler.is_compiling():
         _check(logits, labels, aux)
-    loss, metrics = _loss_op(logits.contiguous(), labels.contiguous(), aux, float(smoothing), float(aux_weight))
-    return loss, tuple(metrics.unbind())
+    return _loss_op(logits.contiguous(), labels.contiguous(), aux, float(smoothing), float(aux_weight))
 
 
-__all__ = ["fused_classification_loss", "BLOCK_B"]
+@torch.library.custom_op("mlit::classification_eval_sums", mutates_args=("sums",))
+def _eval_sums_op(logits: Tensor, labels: Tensor, sums: Tensor) -> None:
+    b, c = logits.shape
+    _eval_sums_kernel[(1,)](logits, labels, sums, b, c, BLOCK_B=BLOCK_B, BLOCK_C=triton.next_power_of_2(c))
+
+
+@_eval_sums_op.register_fake
+def _eval_sums_fake(logits, labels, sums):
+    return None
+
+
+def add_eval_sums(logits: Tensor, labels: Tensor, sums: Tensor) -> None:
+    """sums (3,) float64 += (rows, summed cross-entropy (no smoothing), correct count) of the
+    logits (B, C) any float dtype against labels (B,), in one launch."""
+    if not torch.compiler.is_compiling():
+        _check(logits, labels, None)
+        if sums.shape != (3,) or sums.dtype != torch.float64 or not sums.is_contiguous():
+            raise ValueError(f"sums must be a contiguous (3,) float64 tensor, got {sums.dtype} {tuple(sums.shape)}")
+    _eval_sums_op(logits.contiguous(), labels.contiguous(), sums)
+
+
+__all__ = ["fused_classification_loss", "add_eval_sums", "BLOCK_B"]

@@ -16,7 +16,6 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mlit_kernels.common.clearance import may_run
@@ -26,7 +25,7 @@ from ..models import MLiTClassifier, MMLiT
 from . import distributed as D
 from .capture import DeviceSchedule, StepGraph, capture_unavailable, quiet_capturable_warning, side_stream
 from .checkpoint import CheckpointError
-from .loss import classification_loss
+from .loss import add_eval_sums, classification_loss
 from .optim import WarmupCosine, build_optimizer
 from .progress import bar
 from .recipes import Recipe
@@ -87,6 +86,13 @@ def augment_backend(backend: str) -> str:
     return backend if backend in ("reference", "triton") else "auto"
 
 
+def fused_loss_for(backend: str, device: torch.device) -> bool:
+    """Whether the classification loss (and evaluation's sums) run as Triton launches
+    (:mod:`mlit.train.loss_kernels`): with the "triton" backend, or "auto" on CUDA once cleared."""
+    aug_backend = augment_backend(backend)
+    return aug_backend == "triton" or (aug_backend == "auto" and device.type == "cuda" and may_run("loss", device))
+
+
 def _device(device: str | torch.device) -> torch.device:
     """The device with its index (tensors report cuda:0, never plain cuda)."""
     device = torch.device(device)
@@ -123,14 +129,15 @@ def _autocast(device: torch.device, enabled: bool, cache: bool = True):
 class Evaluator:
     """Loss (and top-1 %) of a model over a uint8 set on the device, sharded over ranks; needs no
     optimizer. Deterministic: the MAE's masks come from ``seed`` and the caller's RNG is left
-    untouched. cuda_graphs: full batches replay one captured evaluation step (CUDA only)."""
+    untouched. cuda_graphs: full batches replay one captured evaluation step (CUDA only).
+    fused_loss: a classifier's batch sums (cross-entropy, correct count) in one Triton launch."""
 
     def __init__(self, model: nn.Module, task: str, device: torch.device, *, amp: bool = False, seed: int = 0,
-                 info: D.DistInfo | None = None, cuda_graphs: bool = False):
+                 info: D.DistInfo | None = None, cuda_graphs: bool = False, fused_loss: bool = False):
         from ..data import GPUAugment
 
         self.model, self.task, self.device = model, task, _device(device)
-        self.use_amp, self.seed = amp, seed
+        self.use_amp, self.seed, self.fused_loss = amp, seed, fused_loss
         self.info = info or D.DistInfo(device=self.device)
         self.transform = GPUAugment(train=False)
         self.capture = cuda_graphs and capture_unavailable(self.device, self.info) is None
@@ -146,14 +153,11 @@ class Evaluator:
                 out = self.model(x)
                 part = torch.stack([out.loss.double(), torch.zeros((), dtype=torch.float64, device=self.device),
                                     out.masked_mse.double(), out.unmasked_mse.double()]) * b
+                self._sums[0] += b
+                self._sums[1:] += part
             else:
-                logits, _ = self.model(x)
-                loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-                correct = (logits.argmax(-1) == labels).sum()
-                zero = torch.zeros((), dtype=torch.float64, device=self.device)
-                part = torch.stack([loss.double(), correct.double(), zero, zero])
-        self._sums[0] += b
-        self._sums[1:] += part
+                logits, _ = self.model(x, need_aux=False)
+                add_eval_sums(logits, labels, self._sums[:3], fused=self.fused_loss)
         return self._sums
 
     @torch.no_grad()
@@ -255,9 +259,7 @@ class Trainer:
         self.scheduler = WarmupCosine(self.optimizer, recipe.peak_lr, recipe.epochs * steps_per_epoch,
                                       round(recipe.warmup_epochs * steps_per_epoch), recipe.min_lr)
         aug_backend = augment_backend(backend)
-        # the classification loss in one Triton launch (mlit.train.loss) where the kernels run
-        self.fused_loss = aug_backend == "triton" or (aug_backend == "auto" and may_run("loss", self.device)
-                                                       and self.device.type == "cuda")
+        self.fused_loss = fused_loss_for(backend, self.device)
         if recipe.augment:
             self.augment = GPUAugment(train=True, crop_scale=recipe.crop_scale, hflip=recipe.hflip,
                                       autoaugment=recipe.autoaugment, backend=aug_backend)
@@ -265,7 +267,7 @@ class Trainer:
             self.augment = GPUAugment(train=False)
         self.augment.prepare(self.device)
         self.evaluator = Evaluator(self.raw_model, self.task, self.device, amp=self.use_amp, seed=recipe.seed,
-                                   info=self.info, cuda_graphs=self.capture)
+                                   info=self.info, cuda_graphs=self.capture, fused_loss=self.fused_loss)
         self.eval_transform = self.evaluator.transform
         self.metric_names = METRICS["pretrain" if self.task == "pretrain" else "classify"]
         self.sums = torch.zeros(len(self.metric_names), dtype=torch.float64, device=self.device)
@@ -278,18 +280,18 @@ class Trainer:
     def autocast(self):
         return _autocast(self.device, self.use_amp, cache=not self.capture)
 
-    def forward_loss(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, list]:
-        """The loss and the per-step values of ``metric_names`` (0-d tensors, the loss first)."""
+    def forward_loss(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+        """The loss and the step's values of ``metric_names`` ((K,) fp32, detached, the loss first)."""
         if self.task == "pretrain":
             out = model(x)
-            return out.loss, [out.loss, out.masked_mse, out.unmasked_mse, out.moe_loss]
+            return out.loss, torch.stack([out.loss, out.masked_mse, out.unmasked_mse, out.moe_loss]).detach()
         logits, aux = model(x)
-        loss, (ce, aux, correct) = classification_loss(logits, labels, aux, self.recipe.label_smoothing,
-                                                       self.recipe.aux_weight, fused=self.fused_loss)
-        return loss, [loss, ce, aux, correct]
+        return classification_loss(logits, labels, aux, self.recipe.label_smoothing, self.recipe.aux_weight,
+                                   fused=self.fused_loss)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor | None, update: bool = True) -> torch.Tensor:
-        """Everything one step does on the device; returns its (K,) float64 values.
+        """Everything one step does on the device; returns its (K,) fp32 values.
 
         update=False: forward and backward only, then an optimizer step that changes nothing
         (found_inf set: the fused AdamW skips it, but creates its state) — the warm-up."""
@@ -297,9 +299,8 @@ class Trainer:
             self._schedule.advance()
         x = self.augment(images)
         with self.autocast():
-            loss, parts = self.forward_loss(self.model, x, labels)
+            loss, values = self.forward_loss(self.model, x, labels)
         self.scaler.scale(loss).backward()
-        values = torch.stack([p.detach() for p in parts]).double()
         if not update:
             if self.optimizer.defaults.get("fused"):  # fused AdamW skips a step with found_inf set
                 self.optimizer.found_inf = torch.ones((), device=self.device)

@@ -47,25 +47,27 @@ def _mma(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, D):
-    """x̂ = (x - mean) · rstd of a token tile (BLOCK_M, D_PAD) fp32 (0 outside), and rstd (BLOCK_M,)."""
+def _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, stride_x):
+    """x̂ = (x - mean) · rstd of a token tile (BLOCK_M, D_PAD) fp32 (0 outside), and rstd (BLOCK_M,);
+    x's rows ``stride_x`` elements apart."""
     mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
     return tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0), rstd
 
 
 @triton.jit
-def _ln_qkv_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, qkv_ptr, mean_ptr, rstd_ptr, N, D, E, eps,
+def _ln_qkv_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, qkv_ptr, mean_ptr, rstd_ptr, N, D, E, eps, stride_x,
                        D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, DTYPE: tl.constexpr,
-                       DOT_F32: tl.constexpr):
-    """x (N, D), γ, β (D,), W_qkv (E, D), b_qkv (E,) → qkv (N, E) DTYPE, mean, rstd (N,) fp32."""
+                       DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """x (N, D) (rows ``stride_x`` apart), γ, β (D,), W_qkv (E, D), b_qkv (E,) (with HAS_BIAS) →
+    qkv (N, E) DTYPE, mean, rstd (N,) fp32. Also :mod:`mlit_kernels.norm_linear`'s forward."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D_PAD)
     rmask, cmask = rows < N, cols < D
     mask = rmask[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
@@ -79,8 +81,9 @@ def _ln_qkv_fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, qkv_ptr, mean_ptr,
         emask = es < E
         wt = tl.load(w_ptr + es[None, :] * D + cols[:, None], mask=cmask[:, None] & emask[None, :], other=0.0)
         acc = _mma(xn, wt.to(DTYPE), tl.zeros((BLOCK_M, BLOCK_E), tl.float32), DOT_F32)
-        bias = tl.load(b_ptr + es, mask=emask, other=0.0).to(tl.float32)
-        tl.store(qkv_ptr + rows[:, None] * E + es[None, :], (acc + bias[None, :]).to(DTYPE),
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + es, mask=emask, other=0.0).to(tl.float32)[None, :]
+        tl.store(qkv_ptr + rows[:, None] * E + es[None, :], acc.to(DTYPE),
                  mask=rmask[:, None] & emask[None, :])
 
 
@@ -273,13 +276,15 @@ def _dxn(dqkv_ptr, w_ptr, rows, rmask, cols, cmask, D, E, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _ln_qkv_bwd_kernel(x_ptr, dy_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_ptr, dqkv_ptr, dx_ptr, part_ptr, N, D,
-                       E, splits, rows_per_split, P, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_E: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
-    """x, dy (N, D), γ, β (D,), W_qkv (E, D), mean, rstd (N,), dqkv (N, E) → dx (N, D) in dx's dtype
-    (LayerNorm backward of dqkv W_qkv, + dy) and the partial dW_qkv (E, D), db_qkv (E,), dγ, dβ (D,)
-    fp32 of every split at ``part[split, :E·D + E + 2·D]``. Grid: (splits + token tiles,): the first
-    ``splits`` programs sum the weight gradients of their rows (recomputing dqkv W_qkv for dγ, dβ),
-    the others compute dx of BLOCK_M tokens."""
+                       E, splits, rows_per_split, P, stride_x, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_E: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr):
+    """x (N, D) (rows ``stride_x`` apart), dy (N, D), γ, β (D,), W_qkv (E, D), mean, rstd (N,), dqkv
+    (N, E) → dx (N, D) contiguous in dx's dtype (LayerNorm backward of dqkv W_qkv, + dy with
+    HAS_RESIDUAL) and the partial dW_qkv (E, D), db_qkv (E,), dγ, dβ (D,) fp32 of every split at
+    ``part[split, :E·D + E + 2·D]``. Grid: (splits + token tiles,): the first ``splits`` programs
+    sum the weight gradients of their rows (recomputing dqkv W_qkv for dγ, dβ), the others compute
+    dx of BLOCK_M tokens. Also :mod:`mlit_kernels.norm_linear`'s backward."""
     pid = tl.program_id(0)
     cols = tl.arange(0, D_PAD)
     cmask = cols < D
@@ -297,7 +302,7 @@ def _ln_qkv_bwd_kernel(x_ptr, dy_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_pt
             for t0 in range(r0, r_end, BLOCK_M):
                 rows = t0 + tl.arange(0, BLOCK_M)
                 rmask = rows < r_end
-                xhat, _ = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, D)
+                xhat, _ = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, stride_x)
                 xn = tl.where(rmask[:, None], xhat * gamma[None, :] + beta[None, :], 0.0).to(DTYPE)
                 dq = tl.load(dqkv_ptr + rows[:, None] * E + es[None, :], mask=rmask[:, None] & emask[None, :],
                              other=0.0)
@@ -311,7 +316,7 @@ def _ln_qkv_bwd_kernel(x_ptr, dy_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_pt
             rows = t0 + tl.arange(0, BLOCK_M)
             rmask = rows < r_end
             dxn = _dxn(dqkv_ptr, w_ptr, rows, rmask, cols, cmask, D, E, BLOCK_M, BLOCK_E, D_PAD, DTYPE, DOT_F32)
-            xhat, _ = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, D)
+            xhat, _ = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, stride_x)
             dgamma += tl.sum(dxn * xhat, axis=0)
             dbeta += tl.sum(dxn, axis=0)
         tl.store(part + E * D + E + cols, dgamma, mask=cmask)
@@ -320,13 +325,14 @@ def _ln_qkv_bwd_kernel(x_ptr, dy_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_pt
         rows = (pid - splits) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
         dxn = _dxn(dqkv_ptr, w_ptr, rows, rmask, cols, cmask, D, E, BLOCK_M, BLOCK_E, D_PAD, DTYPE, DOT_F32)
-        xhat, rstd = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, D)
+        xhat, rstd = _normalized(x_ptr, mean_ptr, rstd_ptr, rows, rmask, cols, cmask, stride_x)
         gx = dxn * gamma[None, :]
         c1 = tl.sum(gx * xhat, axis=1) / D
         c2 = tl.sum(gx, axis=1) / D
         mask = rmask[:, None] & cmask[None, :]
-        dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dx = (gx - xhat * c1[:, None] - c2[:, None]) * rstd[:, None] + dy
+        dx = (gx - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_RESIDUAL:
+            dx += tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -129,8 +129,8 @@ def block_forward(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads: int, n
 
     def launch(config: Config):
         _ln_qkv_fwd_kernel[(triton.cdiv(shape.N, BLOCK_M),)](
-            x2, ln_w, ln_b, qkv_w, qkv_b, qkv, mean, rstd, shape.N, D, shape.E, float(eps), D_PAD=pads["D_PAD"],
-            BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **consts, num_warps=config.num_warps)
+            x2, ln_w, ln_b, qkv_w, qkv_b, qkv, mean, rstd, shape.N, D, shape.E, float(eps), D, D_PAD=pads["D_PAD"],
+            BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **consts, HAS_BIAS=True, num_warps=config.num_warps)
         _attn_fwd_kernel[(triton.cdiv(n, BLOCK_M), B)](
             qkv, x2, proj_w, proj_b, o, lse, y, n, D, shape.E, num_heads, num_groups, shape.HD,
             1.0 / shape.HD ** 0.5, **pads, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **consts, num_warps=config.num_warps)
@@ -174,8 +174,8 @@ def block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, nu
             kv_tiles, HD_PAD=pads["HD_PAD"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **consts, num_warps=w)
         _ln_qkv_bwd_kernel[(shape.splits + tiles,)](
             x2, dy2, ln_w, ln_b, qkv_w, mean, rstd, dqkv, dx, part, shape.N, D, shape.E, shape.splits,
-            shape.rows_per_split, shape.grad_numel, D_PAD=pads["D_PAD"], BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **consts,
-            num_warps=w)
+            shape.rows_per_split, shape.grad_numel, D, D_PAD=pads["D_PAD"], BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E,
+            **consts, HAS_RESIDUAL=True, num_warps=w)
         _attn_sum_splits_kernel[(triton.cdiv(shape.grad_numel, SUM_BLOCK),)](
             part, grads, shape.splits, shape.grad_numel, BLOCK=SUM_BLOCK)
 

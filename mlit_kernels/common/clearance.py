@@ -18,8 +18,10 @@ import torch
 
 #: family -> the GPU run that cleared it (device torch reports, Triton version, date; bench/RESULTS.md)
 #: The families: "dense", "dispatch" (the MoE variants), "attention" (mlit_kernels.attention),
-#: "loss" (mlit.train.loss), "patch_embed" (mlit.models.embed_kernels), "augment" (mlit.data).
-FAMILIES = ("dense", "dispatch", "attention", "loss", "patch_embed", "augment")
+#: "loss" (mlit.train.loss), "patch_embed" (mlit.models.embed_kernels), "augment" (mlit.data),
+#: "norm_linear" (mlit_kernels.norm_linear: the classifier head and the MAE projections on their norms),
+#: "decoder_input" (mlit.models.decoder_input_kernels: the MAE decoder's input).
+FAMILIES = ("dense", "dispatch", "attention", "loss", "patch_embed", "augment", "norm_linear", "decoder_input")
 CLEARED = {
     "dispatch": "NVIDIA H200, Triton 3.6.0, 2026-12-04: gate race, fresh-process and float64 checks passed",
 }

@@ -11,7 +11,9 @@ import torch
 class MoEOptions(NamedTuple):
     """k experts a token; training / noisy gating / dropout as the layer runs them (already
     resolved: ``noisy`` and ``dropout`` only count in training); the noise scale's epsilon; the
-    balancing loss's weights and CV form; the compute dtype of the expert products."""
+    balancing loss's weights and CV form; the compute dtype of the expert products; whether the
+    auxiliary loss is wanted (False skips its launch in evaluation; training always computes the
+    statistics its backward needs)."""
 
     k: int
     training: bool
@@ -23,6 +25,7 @@ class MoEOptions(NamedTuple):
     squared_cv: bool
     unbiased_cv: bool
     dtype: torch.dtype
+    need_aux: bool
 
 
 __all__ = ["MoEOptions"]

@@ -143,7 +143,8 @@ def _norm_args(norm, fallback: torch.Tensor) -> tuple:
 
 def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options: MoEOptions, norm=None,
                   residual: bool = False):
-    """The layer's forward in two launches.
+    """The layer's forward in two launches (one in evaluation without ``options.need_aux``: aux_loss and
+    stats then stay unset).
 
     x (N, m) any float dtype; weights in any float dtype (converted in registers); seed (1,)
     int64 on x's device (Philox key of the gate noise and the dropout); noise (N, t) fp32 or None;
@@ -179,6 +180,8 @@ def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, optio
         launch(geo)
     else:
         part.zero_()
+    if not (options.need_aux or options.training):
+        return y, aux, idx, stats, keep, ln_stats  # evaluation without the auxiliary loss: aux, stats unset
     _fused_aux_kernel[(1,)](part, stats, aux, geo.groups, t, float(options.w_importance), float(options.w_load),
                             SQUARED=bool(options.squared_cv), UNBIASED=bool(options.unbiased_cv),
                             BLOCK_P=AUX_BLOCK_P, BLOCK_T=BLOCK_T)

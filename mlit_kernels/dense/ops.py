@@ -2,8 +2,9 @@
 :data:`mlit_kernels.variants.IMPLEMENTATIONS`.
 
 * ``mlit::fused_moe(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise?, k, training, noisy,
-  dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
+  dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype, need_aux)
   -> (y (N, m) x's dtype, aux_loss () fp32, topk_idx (N, k) int32, stats (2, t) fp32, keep (N, m) uint8)``
+  (aux_loss and stats unset in evaluation without need_aux: the aux kernel is skipped)
   (stats = importance and load; keep = the dropout mask, (0,) without dropout); the scalars after
   ``noise`` are the fields of :class:`~mlit_kernels.common.options.MoEOptions`, in order.
 * ``mlit::fused_moe_backward(dy, d_aux, <forward inputs and saved outputs>, <options>) -> (dx, flat_grads)``,
@@ -32,9 +33,10 @@ from .launch import fused_backward, fused_forward, split_grads
 def fused_moe(x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor, w2: Tensor,
               b2: Tensor, seed: Tensor, noise: Optional[Tensor], k: int, training: bool, noisy: bool, dropout: float,
               noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
-              dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The whole layer, forward (see :func:`mlit_kernels.dense.launch.fused_forward`)."""
-    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
+    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
+                         need_aux)
     return fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options)[:5]
 
 
@@ -54,9 +56,10 @@ def fused_moe_backward(dy: Tensor, d_aux: Tensor, x: Tensor, w_gate: Tensor, w_n
                        v: Tensor, b_v: Tensor, w2: Tensor, seed: Tensor, noise: Optional[Tensor], topk_idx: Tensor,
                        stats: Tensor, keep: Tensor, k: int, training: bool, noisy: bool, dropout: float,
                        noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
-                       dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+                       dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor]:
     """(dx, flat parameter gradients) of :func:`fused_moe` (see :func:`mlit_kernels.dense.launch.fused_backward`)."""
-    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
+    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
+                         need_aux)
     return fused_backward(dy.contiguous(), d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats,
                           keep, options)
 
@@ -101,10 +104,11 @@ def fused_norm_moe(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, ln_eps: float,
                    w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor, w2: Tensor, b2: Tensor,
                    seed: Tensor, noise: Optional[Tensor], k: int, training: bool, noisy: bool, dropout: float, noise_eps: float,
                    w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
-                   dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The whole layer on LayerNorm(x) (+ x with ``residual``), forward (see
     :func:`mlit_kernels.dense.launch.fused_forward`)."""
-    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
+    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
+                         need_aux)
     return fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options,
                          norm=(ln_weight, ln_bias, ln_eps), residual=residual)
 
@@ -122,9 +126,10 @@ def fused_norm_moe_backward(dy: Tensor, d_aux: Tensor, x: Tensor, ln_weight: Ten
                             b_v: Tensor, w2: Tensor, seed: Tensor, noise: Optional[Tensor], topk_idx: Tensor, stats: Tensor,
                             keep: Tensor, ln_stats: Tensor, k: int, training: bool, noisy: bool, dropout: float,
                             noise_eps: float, w_importance: float, w_load: float, squared_cv: bool,
-                            unbiased_cv: bool, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+                            unbiased_cv: bool, dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor]:
     """(dx, flat parameter gradients, the norm's last) of :func:`fused_norm_moe`."""
-    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
+    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
+                         need_aux)
     return fused_backward(dy.contiguous(), d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats,
                           keep, options, norm=(ln_weight, ln_bias, ln_eps), ln_stats=ln_stats, residual=residual)
 

@@ -1,0 +1,160 @@
+"""``Linear(LayerNorm(x))`` in one launch forward and two backward: a classifier head on the
+final norm, the MAE's encoder-to-decoder projection and its pixel prediction.
+
+* ``mlit::norm_linear(x, ln_w, ln_b, w, b?, eps, dtype) -> (y (M, E) dtype, mean, rstd (M,) fp32)``:
+  the attention block's LayerNorm + projection kernel (:func:`mlit_kernels.attention.kernels._ln_qkv_fwd_kernel`)
+  on x (M, D), whose rows may lie any stride apart (the dummy tokens of a (B, n, D) batch are
+  ``x[:, -1]``: no copy).
+* ``mlit::norm_linear_backward(dy, x, ln_w, ln_b, w, mean, rstd, dtype) -> (dx (M, D), flat_grads)``:
+  its LayerNorm + projection backward kernel without the residual (per-token dx; the partial
+  dW, db, dγ, dβ of few long programs), then the split sum — flat_grads holding dW (E, D), db (E,),
+  dγ, dβ (D,) in w's dtype.
+
+:func:`norm_linear` is the entry (checks, autograd; no double backward); :func:`norm_linear_reference`
+the same in torch. Tiles follow the shape alone (the attention block's BLOCK_M, BLOCK_E and
+splits) and the warps are fixed, so results never depend on a tuned choice. No host reads:
+capturable.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from .attention.kernels import _attn_sum_splits_kernel, _ln_qkv_bwd_kernel, _ln_qkv_fwd_kernel
+from .attention.launch import BLOCK_E, BLOCK_M, MAX_DIM, SUM_BLOCK, Shape, precision
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NUM_WARPS = 4
+
+
+def _splits(m: int) -> tuple[int, int]:
+    """(splits, rows per split) of the weight-gradient sums over m rows (the attention block's rule)."""
+    shape = Shape(1, m, 1, 1, 1)
+    return shape.splits, shape.rows_per_split
+
+
+@torch.library.custom_op("mlit::norm_linear", mutates_args=())
+def _norm_linear_op(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Optional[Tensor], eps: float,
+                    dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    m, d = x.shape
+    e = w.shape[0]
+    y = torch.empty(m, e, device=x.device, dtype=dtype)
+    mean = torch.empty(m, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    if m:
+        _ln_qkv_fwd_kernel[(triton.cdiv(m, BLOCK_M),)](
+            x, ln_w, ln_b, w, w if b is None else b, y, mean, rstd, m, d, e, float(eps), x.stride(0),
+            D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **precision(dtype),
+            HAS_BIAS=b is not None, num_warps=NUM_WARPS)
+    return y, mean, rstd
+
+
+@_norm_linear_op.register_fake
+def _norm_linear_fake(x, ln_w, ln_b, w, b, eps, dtype):
+    m = x.shape[0]
+    return (x.new_empty((m, w.shape[0]), dtype=dtype), x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m,), dtype=torch.float32))
+
+
+@torch.library.custom_op("mlit::norm_linear_backward", mutates_args=())
+def _norm_linear_backward_op(dy: Tensor, x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, mean: Tensor, rstd: Tensor,
+                             dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    m, d = x.shape
+    e = w.shape[0]
+    dx = torch.empty(m, d, device=x.device, dtype=x.dtype)
+    numel = e * d + e + 2 * d
+    grads = torch.empty(numel, device=x.device, dtype=w.dtype)
+    if not m:
+        return dx, grads.zero_()
+    splits, rows_per_split = _splits(m)
+    part = torch.empty(splits, numel, device=x.device, dtype=torch.float32)
+    _ln_qkv_bwd_kernel[(splits + triton.cdiv(m, BLOCK_M),)](
+        x, x, ln_w, ln_b, w, mean, rstd, dy, dx, part, m, d, e, splits, rows_per_split, numel, x.stride(0),
+        D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **precision(dtype),
+        HAS_RESIDUAL=False, num_warps=NUM_WARPS)
+    _attn_sum_splits_kernel[(triton.cdiv(numel, SUM_BLOCK),)](part, grads, splits, numel, BLOCK=SUM_BLOCK)
+    return dx, grads
+
+
+@_norm_linear_backward_op.register_fake
+def _norm_linear_backward_fake(dy, x, ln_w, ln_b, w, mean, rstd, dtype):
+    d, e = x.shape[1], w.shape[0]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), w.new_empty((e * d + e + 2 * d,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, ln_w, ln_b, w, b, eps, dtype = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean, rstd
+    ctx.save_for_backward(x, ln_w, ln_b, w, mean, rstd)
+    ctx.dtype, ctx.has_bias = dtype, b is not None
+
+
+def _backward(ctx, dy, _d_mean, _d_rstd):
+    x, ln_w, ln_b, w, mean, rstd = ctx.saved_tensors
+    dx, flat = _norm_linear_backward_op(dy.to(ctx.dtype).contiguous(), x, ln_w, ln_b, w, mean, rstd, ctx.dtype)
+    e, d = w.shape
+    dw, db, dgamma, dbeta = flat.split([e * d, e, d, d])
+    return (dx, dgamma.to(ln_w.dtype), dbeta.to(ln_b.dtype), dw.view(e, d), db if ctx.has_bias else None, None, None)
+
+
+_norm_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supports(dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels take this width and compute dtype."""
+    return 0 < dim <= MAX_DIM and dtype in DTYPES
+
+
+def norm_linear(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Tensor | None = None, eps: float = 1e-5,
+                dtype: torch.dtype | None = None) -> Tensor:
+    """``F.linear(F.layer_norm(x, (D,), ln_w, ln_b, eps), w, b)`` by the Triton kernels,
+    differentiable in x and every weight.
+
+    x (..., D) fp16 / bf16 / fp32 whose last dimension is contiguous (rows of any stride, e.g.
+    ``tokens[:, -1]``); ln_w, ln_b (D,); w (E, D), b (E,) or None, sharing one float dtype (cast
+    in registers). ``dtype``: the compute dtype of the product and of y (fp32 accumulation);
+    default the autocast dtype of x's device when autocast is on, else x's dtype. Returns y
+    (..., E). Raises ValueError naming the argument a bad input is in."""
+    if dtype is None:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if x.dim() < 1 or x.dtype not in DTYPES:
+        raise ValueError(f"x must be (..., D) in fp16, bf16 or fp32, got {tuple(x.shape)} {x.dtype}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype}")
+    d = x.shape[-1]
+    if not 0 < d <= MAX_DIM:
+        raise ValueError(f"x: width {d} outside the kernels' 1..{MAX_DIM}")
+    if w.dim() != 2 or w.shape[1] != d:
+        raise ValueError(f"w must have shape (E, {d}), got {tuple(w.shape)}")
+    e = w.shape[0]
+    weights = dict(ln_w=(ln_w, (d,)), ln_b=(ln_b, (d,)), w=(w, (e, d)), **({} if b is None else dict(b=(b, (e,)))))
+    for name, (t, shape) in weights.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+        if t.dtype != w.dtype or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} is {t.dtype}; every weight must share one float dtype ({w.dtype})")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, d) if x.dim() != 2 else x  # a view where the layout allows (x[:, -1] stays one)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    y, _, _ = _norm_linear_op(rows, ln_w.contiguous(), ln_b.contiguous(), w.contiguous(),
+                              None if b is None else b.contiguous(), float(eps), dtype)
+    return y.view(*lead, e)
+
+
+def norm_linear_reference(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Tensor | None = None,
+                          eps: float = 1e-5) -> Tensor:
+    """:func:`norm_linear` in torch (any dtype, float64 included)."""
+    return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), w, b)
+
+
+__all__ = ["norm_linear", "norm_linear_reference", "supports", "DTYPES"]

@@ -18,8 +18,9 @@ import torch
 
 #: family -> the GPU run that cleared it (device torch reports, Triton version, date; bench/RESULTS.md)
 #: The families: "dense", "dispatch" (the MoE variants), "attention" (mlit_kernels.attention),
-#: "loss" (mlit.train.loss), "patch_embed" (mlit.models.embed_kernels), "augment" (mlit.data).
-FAMILIES = ("dense", "dispatch", "attention", "loss", "patch_embed", "augment")
+#: "loss" (mlit.train.loss), "patch_embed" (mlit.models.embed_kernels), "augment" (mlit.data),
+#: "mae_loss" (mlit.models.mae_kernels).
+FAMILIES = ("dense", "dispatch", "attention", "loss", "patch_embed", "augment", "mae_loss")
 CLEARED = {
     "dispatch": "NVIDIA H200, Triton 3.6.0, 2026-12-04: gate race, fresh-process and float64 checks passed",
 }

@@ -173,7 +173,7 @@ _DISPATCH_PTRS = {"da_ptr": "act", "du_ptr": "act", "hc_ptr": "act", "o_ptr": "a
 _DISPATCH_KERNELS = {"_gate_route_kernel", "_experts_fwd_kernel", "_combine_kernel", "_experts_bwd_kernel",
                      "_weights_dx_kernel", "_shared_grads_kernel"}
 _FLOAT_SCALARS = {"noise_eps", "drop_p", "ln_eps", "smoothing", "aux_weight", "w_importance", "w_load", "scale_lo",
-                  "scale_span", "ratio_lo", "ratio_span", "hflip", "eps", "sm_scale"}
+                  "scale_span", "ratio_lo", "ratio_span", "hflip", "eps", "sm_scale", "alpha", "beta"}
 # ... and of the augmentation kernels (uint8 images, float uniforms and tables; the output uint8
 # between AutoAugment slots, float32 normalised at the end: ``out_ptr`` per NORMALISE).
 _AUGMENT_PTRS = {"src_ptr": "u8", "x_ptr": "u8", "ops_ptr": "i64", "signed_ptr": "i1"}
@@ -198,6 +198,8 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
         return {"logits_ptr": "fp16", "dlogits_ptr": "fp16", "labels_ptr": "i64", "sums_ptr": "fp64"}.get(name, "fp32")
     if kernel_name in ("_decoder_input_fwd_kernel", "_decoder_input_bwd_kernel"):  # the latent fp16 under autocast
         return {"latent_ptr": "fp16", "dlatent_ptr": "fp16", "keep_ptr": "i64"}.get(name, "fp32")
+    if kernel_name in ("_mae_loss_fwd_kernel", "_mae_loss_bwd_kernel"):
+        return {"pred_ptr": "fp16", "dpred_ptr": "fp16"}.get(name, "fp32")
     if kernel_name in _DISPATCH_KERNELS | _ATTENTION_KERNELS:
         kind = (_DISPATCH_PTRS if kernel_name in _DISPATCH_KERNELS else _ATTENTION_PTRS).get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
@@ -365,9 +367,11 @@ def _augment_jobs():
 
 def _loss_jobs():
     """(kernel, constexprs, warps, stages) of the classification loss and evaluation sums (10 and 100
-    classes), the patch embedding (m = 108 and 144) and the MAE decoder's input (width 108)."""
+    classes), the MAE loss (3 × 3 patches of 3 channels), the patch embedding (m = 108 and 144) and
+    the MAE decoder's input (width 108)."""
     from mlit.models import decoder_input_kernels as dk
     from mlit.models import embed_kernels as ek
+    from mlit.models import mae_kernels as mk
     from mlit.train import loss_kernels
 
     jobs = [(kernel, dict(BLOCK_B=loss_kernels.BLOCK_B, BLOCK_C=c), 4, 1)
@@ -375,6 +379,8 @@ def _loss_jobs():
                            loss_kernels._eval_sums_kernel) for c in (16, 128)]
     jobs.append((dk._decoder_input_fwd_kernel, dict(HAS_POS=True, BLOCK_P=dk.BLOCK_P, BLOCK_D=128), 4, 1))
     jobs.append((dk._decoder_input_bwd_kernel, dict(BLOCK_P=dk.BLOCK_P, BLOCK_D=128), 4, 1))
+    jobs += [(mk._mae_loss_fwd_kernel, dict(C=3, P=3, BLOCK_R=mk.FWD_TILE // 32, BLOCK_D=32), mk.FWD_WARPS, 1),
+             (mk._mae_loss_bwd_kernel, dict(C=3, P=3, BLOCK_R=mk.BWD_TILE // 32, BLOCK_D=32), 4, 1)]
     for block_m in (128, 256):
         jobs.append((ek._embed_fwd_kernel, dict(C=3, P=3, BLOCK_T=ek.BLOCK_T, BLOCK_M=block_m), 4, 1))
         jobs.append((ek._embed_bwd_kernel, dict(P=3, BLOCK_B=ek.BLOCK_B, BLOCK_M=block_m, K_PAD=ek.K_PAD), 4, 1))

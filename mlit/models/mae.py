@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from mlit_kernels.common.clearance import may_run
+
 from ..config import DECODER, ImageConfig, TransformerConfig
 from .encoder import MLiTEncoder, patchify
 from .transformer import MoETransformer, biases_and_norms, set_moe_backend
@@ -15,7 +17,8 @@ from .transformer import MoETransformer, biases_and_norms, set_moe_backend
 @dataclass
 class MAEOutput:
     """loss (): Eq. 16; pred (B, 144, 27) predicted patches; mask (B, 144) 1 where hidden;
-    masked_mse, unmasked_mse, moe_loss (): its three parts before weighting."""
+    masked_mse, unmasked_mse, moe_loss (): its three parts before weighting (the first two detached
+    with the Triton loss); metrics (4,) fp32, detached: (loss, masked_mse, unmasked_mse, moe_loss)."""
 
     loss: torch.Tensor
     pred: torch.Tensor
@@ -23,6 +26,7 @@ class MAEOutput:
     masked_mse: torch.Tensor
     unmasked_mse: torch.Tensor
     moe_loss: torch.Tensor
+    metrics: torch.Tensor
 
 
 def random_masking(num_images: int, num_patches: int, num_keep: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +91,8 @@ class MMLiT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_cfg.embed_dim, image.patch_dim, bias=False, **factory)
 
     def set_backend(self, backend: str) -> None:
-        """Switch every MoE layer (encoder and decoder) and the patch embedding to ``backend``; same
-        parameters."""
+        """Switch every MoE layer (encoder and decoder), the patch embedding and the loss to
+        ``backend``; same parameters."""
         set_moe_backend(self, backend)
         self.encoder.backend = backend
 
@@ -136,10 +140,19 @@ class MMLiT(nn.Module):
         return norm_linear(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps)
 
     def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, moe_loss: torch.Tensor) -> MAEOutput:
-        """Eq. 16: MSE on hidden patches + α · MSE on visible patches + β · Σ MoE losses."""
+        """Eq. 16: MSE on hidden patches + α · MSE on visible patches + β · Σ MoE losses. With the
+        Triton backend ("triton", or "auto" on CUDA once cleared) one kernel forward and one
+        backward (:mod:`mlit.models.mae_kernels`), else in torch."""
+        backend = self.encoder.backend
+        if backend == "triton" or (backend == "auto" and images.is_cuda and may_run("mae_loss", images.device)):
+            from .mae_kernels import fused_mae_loss  # lazily: Triton decides interpret-or-compile on definition
+
+            loss, metrics = fused_mae_loss(images, pred, mask, moe_loss, self.image.patch_size, self.alpha, self.beta)
+            return MAEOutput(loss, pred, mask, metrics[1], metrics[2], moe_loss, metrics)
         target = patchify(images, self.image.patch_size)
         per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
         masked_mse = (per_patch * mask).sum() / mask.sum()
         unmasked_mse = (per_patch * (1 - mask)).sum() / (1 - mask).sum()
         loss = masked_mse + self.alpha * unmasked_mse + self.beta * moe_loss
-        return MAEOutput(loss, pred, mask, masked_mse, unmasked_mse, moe_loss)
+        metrics = torch.stack([t.detach().float() for t in (loss, masked_mse, unmasked_mse, moe_loss)])
+        return MAEOutput(loss, pred, mask, masked_mse, unmasked_mse, moe_loss, metrics)

@@ -285,7 +285,7 @@ class Trainer:
         """The loss and the step's values of ``metric_names`` ((K,) fp32, detached, the loss first)."""
         if self.task == "pretrain":
             out = model(x)
-            return out.loss, torch.stack([out.loss, out.masked_mse, out.unmasked_mse, out.moe_loss]).detach()
+            return out.loss, out.metrics
         logits, aux = model(x)
         return classification_loss(logits, labels, aux, self.recipe.label_smoothing, self.recipe.aux_weight,
                                    fused=self.fused_loss)

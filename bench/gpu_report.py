@@ -198,7 +198,7 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
         return {"logits_ptr": "fp16", "dlogits_ptr": "fp16", "labels_ptr": "i64", "sums_ptr": "fp64"}.get(name, "fp32")
     if kernel_name in ("_decoder_input_fwd_kernel", "_decoder_input_bwd_kernel"):  # the latent fp16 under autocast
         return {"latent_ptr": "fp16", "dlatent_ptr": "fp16", "keep_ptr": "i64"}.get(name, "fp32")
-    if kernel_name in ("_mae_loss_fwd_kernel", "_mae_loss_bwd_kernel"):
+    if kernel_name in ("_mae_loss_part_kernel", "_mae_loss_sum_kernel", "_mae_loss_bwd_kernel"):
         return {"pred_ptr": "fp16", "dpred_ptr": "fp16"}.get(name, "fp32")
     if kernel_name in _DISPATCH_KERNELS | _ATTENTION_KERNELS:
         kind = (_DISPATCH_PTRS if kernel_name in _DISPATCH_KERNELS else _ATTENTION_PTRS).get(name, "fp32")
@@ -378,9 +378,10 @@ def _loss_jobs():
             for kernel in (loss_kernels._loss_fwd_kernel, loss_kernels._loss_bwd_kernel,
                            loss_kernels._eval_sums_kernel) for c in (16, 128)]
     jobs.append((dk._decoder_input_fwd_kernel, dict(HAS_POS=True, BLOCK_P=dk.BLOCK_P, BLOCK_D=128), 4, 1))
-    jobs.append((dk._decoder_input_bwd_kernel, dict(BLOCK_P=dk.BLOCK_P, BLOCK_D=128), 4, 1))
-    jobs += [(mk._mae_loss_fwd_kernel, dict(C=3, P=3, BLOCK_R=mk.FWD_TILE // 32, BLOCK_D=32), mk.FWD_WARPS, 1),
-             (mk._mae_loss_bwd_kernel, dict(C=3, P=3, BLOCK_R=mk.BWD_TILE // 32, BLOCK_D=32), 4, 1)]
+    jobs.append((dk._decoder_input_bwd_kernel, dict(BLOCK_P=dk.BLOCK_P, POS_BLOCK=dk.POS_BLOCK, BLOCK_D=128), 4, 1))
+    jobs += [(mk._mae_loss_part_kernel, dict(C=3, P=3, BLOCK_R=mk.TILE // 32, BLOCK_D=32), 4, 1),
+             (mk._mae_loss_sum_kernel, dict(BLOCK=mk.SUM_BLOCK), 4, 1),
+             (mk._mae_loss_bwd_kernel, dict(C=3, P=3, BLOCK_R=mk.TILE // 32, BLOCK_D=32), 4, 1)]
     for block_m in (128, 256):
         jobs.append((ek._embed_fwd_kernel, dict(C=3, P=3, BLOCK_T=ek.BLOCK_T, BLOCK_M=block_m), 4, 1))
         jobs.append((ek._embed_bwd_kernel, dict(P=3, BLOCK_B=ek.BLOCK_B, BLOCK_M=block_m, K_PAD=ek.K_PAD), 4, 1))

@@ -1,4 +1,4 @@
-"""The MAE loss (Eq. 16) in one Triton launch forward and one backward (mlit.models.mae_kernels)
+"""The MAE loss (Eq. 16) in two Triton launches forward and one backward (mlit.models.mae_kernels)
 against MMLiT.loss's torch reference: the loss, its three parts, the metrics vector and the
 gradients of pred and of the MoE loss, per value, for fp32 / fp16 / bf16 pred, contiguous or the
 decoder's [:, :-1] slice, awkward batch sizes and masks; launches counted; bad inputs raise
@@ -76,7 +76,7 @@ def test_fused_mae_loss_matches_the_reference(model, b, dtype, sliced, mask_kind
     torch.testing.assert_close(da, da_r, rtol=1e-6, atol=0)
 
 
-def test_one_launch_forward_and_one_backward(model):
+def test_two_launches_forward_and_one_backward(model):
     model.set_backend("triton")
     images, pred, mask, moe = _inputs(2, torch.float16, False, "random")
     pred.requires_grad_()
@@ -86,9 +86,9 @@ def test_one_launch_forward_and_one_backward(model):
         loss = model.loss(images, pred, mask, moe).loss
     with Meter(dry_run=False) as backward:
         torch.autograd.backward(loss, seed)
-    for meter in (forward, backward):
-        assert meter.launches == meter.triton_launches == 1 and meter.syncs == 0, meter.table()
-    assert set(forward.by_name()) == {"triton._mae_loss_fwd_kernel"}
+    assert forward.launches == forward.triton_launches == 2 and forward.syncs == 0, forward.table()
+    assert backward.launches == backward.triton_launches == 1 and backward.syncs == 0, backward.table()
+    assert set(forward.by_name()) == {"triton._mae_loss_part_kernel", "triton._mae_loss_sum_kernel"}
     assert set(backward.by_name()) == {"triton._mae_loss_bwd_kernel"}
     assert not forward.unmodelled() and not backward.unmodelled()
 
@@ -97,7 +97,7 @@ def test_backend_choice(model, monkeypatch):
     """"triton" takes the kernels anywhere; "auto" off CUDA and "reference" run torch."""
     monkeypatch.delenv("MLIT_UNCLEARED_KERNELS", raising=False)
     images, pred, mask, moe = _inputs(1, torch.float32, False, "random")
-    for backend, kernels in (("triton", 1), ("auto", 1 if DEVICE == "cuda" else 0), ("reference", 0)):
+    for backend, kernels in (("triton", 2), ("auto", 2 if DEVICE == "cuda" else 0), ("reference", 0)):
         if backend == "auto" and DEVICE == "cuda":
             monkeypatch.setenv("MLIT_UNCLEARED_KERNELS", "1")
         model.set_backend(backend)

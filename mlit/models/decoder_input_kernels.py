@@ -10,7 +10,7 @@ clone, scatter, concatenation and add (and their gradients: gather, slices, sums
 * ``_decoder_input_fwd_kernel`` — one program per image: the visible rows, then the hidden ones
   (disjoint stores; fp32 sums stored in x's dtype, the promoted dtype of latent, token and pos).
 * ``_decoder_input_bwd_kernel`` — programs 0..B-1: dlatent of image b (a gather of dx); then one
-  program per BLOCK_P positions: dpos of its positions (Σ_b dx[b, p], images in order) and its
+  program per POS_BLOCK positions: dpos of its positions (Σ_b dx[b, p], images in order) and its
   partial d token (Σ_b Σ_p mask · dx) — summed over the position tiles by
   :func:`mlit_kernels.attention.kernels._attn_sum_splits_kernel`.
 
@@ -26,7 +26,8 @@ from torch import Tensor
 
 from mlit_kernels.attention.kernels import _attn_sum_splits_kernel
 
-BLOCK_P = 16  # positions (rows) a program step handles
+BLOCK_P = 16  # rows a forward / per-image backward program step handles
+POS_BLOCK = 4  # positions a backward position program sums over the images (37 programs at 145)
 SUM_BLOCK = 1024  # token-gradient entries a program of the split sum adds
 
 
@@ -60,9 +61,9 @@ def _decoder_input_fwd_kernel(latent_ptr, keep_ptr, mask_ptr, token_ptr, pos_ptr
 
 @triton.jit
 def _decoder_input_bwd_kernel(dx_ptr, keep_ptr, mask_ptr, dlatent_ptr, dpos_ptr, part_ptr, B, K, P, D, stride_keep,
-                              BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                              BLOCK_P: tl.constexpr, POS_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """dx (B, P+1, D) → dlatent (B, K+1, D) (programs < B, one image each); dpos (P+1, D) fp32 and
-    the partial d token part (tiles, D) fp32 (the other programs, BLOCK_P positions each)."""
+    the partial d token part (tiles, D) fp32 (the other programs, POS_BLOCK positions each)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -77,11 +78,11 @@ def _decoder_input_bwd_kernel(dx_ptr, keep_ptr, mask_ptr, dlatent_ptr, dpos_ptr,
                      g.to(dlatent_ptr.dtype.element_ty), mask=m2)
     else:
         tile = pid - B
-        ps = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        ps = tile * POS_BLOCK + tl.arange(0, POS_BLOCK)
         pmask = ps < P + 1
         m2 = pmask[:, None] & cmask[None, :]
-        dpos = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
-        dtoken = tl.zeros((BLOCK_P, BLOCK_D), tl.float32)
+        dpos = tl.zeros((POS_BLOCK, BLOCK_D), tl.float32)
+        dtoken = tl.zeros((POS_BLOCK, BLOCK_D), tl.float32)
         for b in range(0, B):
             g = tl.load(dx_ptr + (b * (P + 1) + ps.to(tl.int64))[:, None] * D + cols[None, :], mask=m2,
                         other=0.0).to(tl.float32)
@@ -130,11 +131,10 @@ def decoder_input_backward(dx: Tensor, keep: Tensor, mask: Tensor, latent_dtype:
     dlatent = torch.empty(b, k + 1, d, device=dx.device, dtype=latent_dtype)
     dpos = torch.empty(p1, d, device=dx.device, dtype=torch.float32)
     dtoken = torch.empty(d, device=dx.device, dtype=torch.float32)
-    tiles = triton.cdiv(p1, BLOCK_P)
+    tiles = triton.cdiv(p1, POS_BLOCK)
     part = torch.empty(tiles, d, device=dx.device, dtype=torch.float32)
     _decoder_input_bwd_kernel[(b + tiles,)](dx, keep, mask, dlatent, dpos, part, b, k, p1 - 1, d, keep.stride(0),
-                                            BLOCK_P=BLOCK_P,
-                                            BLOCK_D=_block_d(d))
+                                            BLOCK_P=BLOCK_P, POS_BLOCK=POS_BLOCK, BLOCK_D=_block_d(d))
     _attn_sum_splits_kernel[(triton.cdiv(d, SUM_BLOCK),)](part, dtoken, tiles, d, BLOCK=SUM_BLOCK)
     return dlatent, dtoken, dpos
 

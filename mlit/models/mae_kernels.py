@@ -1,8 +1,9 @@
 """Triton kernels of the MAE pre-training loss (:meth:`mlit.models.mae.MMLiT.loss`, Eq. 16): the
-custom ops ``mlit::mae_loss`` (one program walks the B · patches rows in fixed FWD_TILE blocks,
-so the sums' order depends on the shape only) and ``mlit::mae_loss_backward`` (one program per
-BWD_TILE block of rows; program 0 also d moe_loss = β · g), instead of the patchify copy and about
-thirty element-wise kernels and reductions.
+custom ops ``mlit::mae_loss`` (two launches: one program per TILE block of the B · patches rows
+writes the block's partial sums, then one program adds them in block order, so the sums' order
+depends on the shape only) and ``mlit::mae_loss_backward`` (one program per TILE block of rows;
+program 0 also d moe_loss = β · g), instead of the patchify copy and about thirty element-wise
+kernels and reductions.
 
     e[b, p, j] = pred[b, p, j] − patch(b, p)[j]        patch p of image b, values j = (py, px, c)
     mse[b, p] = mean_j e²;   masked = Σ mse · mask / Σ mask;   unmasked = Σ mse (1 − mask) / Σ (1 − mask)
@@ -21,9 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-FWD_TILE = 8192  # values (rows × padded patch values) the forward's one program takes a step
-BWD_TILE = 2048  # values a backward program takes
-FWD_WARPS = 8  # the forward's single program: wider, more loads in flight
+TILE = 2048  # values (rows × padded patch values) a program takes
+SUM_BLOCK = 1024  # partial sums the final program adds a step
 
 
 @triton.jit
@@ -50,27 +50,37 @@ def _patch_rows(pred_ptr, img_ptr, mask_ptr, r0, n_rows, H, W, stride_b, stride_
 
 
 @triton.jit
-def _mae_loss_fwd_kernel(pred_ptr, img_ptr, mask_ptr, moe_ptr, loss_ptr, metrics_ptr, counts_ptr, n_rows, H, W,
-                         stride_b, stride_p, stride_d, alpha, beta, C: tl.constexpr, P: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: loss (), metrics (loss, masked, unmasked, moe) and counts (Σ mask, Σ (1 − mask))
-    over the n_rows rows, BLOCK_R at a time."""
-    hidden = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    visible = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    n_hidden = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    n_visible = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for r0 in range(0, n_rows, BLOCK_R):
-        e, m, _, row_ok, _, _ = _patch_rows(pred_ptr, img_ptr, mask_ptr, r0, n_rows, H, W, stride_b, stride_p,
-                                            stride_d, C, P, BLOCK_R, BLOCK_D)
-        mse = tl.sum(e * e, axis=1) / (C * P * P)
-        hidden += mse * m
-        visible += mse * (1.0 - m)
-        n_hidden += m
-        n_visible += tl.where(row_ok, 1.0 - m, 0.0)
-    count_hidden = tl.sum(n_hidden, axis=0)
-    count_visible = tl.sum(n_visible, axis=0)
-    masked = tl.sum(hidden, axis=0) / count_hidden
-    unmasked = tl.sum(visible, axis=0) / count_visible
+def _mae_loss_part_kernel(pred_ptr, img_ptr, mask_ptr, part_ptr, n_rows, H, W, stride_b, stride_p, stride_d,
+                          C: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program i: part[i] = (Σ mse · mask, Σ mse (1 − mask), Σ mask, Σ (1 − mask)) over rows
+    [i·BLOCK_R, (i+1)·BLOCK_R)."""
+    pid = tl.program_id(0)
+    e, m, _, row_ok, _, _ = _patch_rows(pred_ptr, img_ptr, mask_ptr, pid * BLOCK_R, n_rows, H, W, stride_b, stride_p,
+                                        stride_d, C, P, BLOCK_R, BLOCK_D)
+    mse = tl.sum(e * e, axis=1) / (C * P * P)
+    tl.store(part_ptr + pid * 4, tl.sum(mse * m, axis=0))
+    tl.store(part_ptr + pid * 4 + 1, tl.sum(mse * (1.0 - m), axis=0))
+    tl.store(part_ptr + pid * 4 + 2, tl.sum(m, axis=0))
+    tl.store(part_ptr + pid * 4 + 3, tl.sum(tl.where(row_ok, 1.0 - m, 0.0), axis=0))
+
+
+@triton.jit
+def _mae_loss_sum_kernel(part_ptr, moe_ptr, loss_ptr, metrics_ptr, counts_ptr, parts, alpha, beta,
+                         BLOCK: tl.constexpr):
+    """One program: the parts (parts, 4) added in order → loss (), metrics (loss, masked, unmasked,
+    moe) and counts (Σ mask, Σ (1 − mask))."""
+    acc = tl.zeros((BLOCK, 4), dtype=tl.float32)
+    cols = tl.arange(0, 4)
+    for i0 in range(0, parts, BLOCK):
+        rows = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + rows[:, None] * 4 + cols[None, :], mask=(rows < parts)[:, None], other=0.0)
+    total = tl.sum(acc, axis=0)
+    hidden = tl.sum(tl.where(cols == 0, total, 0.0), axis=0)
+    visible = tl.sum(tl.where(cols == 1, total, 0.0), axis=0)
+    count_hidden = tl.sum(tl.where(cols == 2, total, 0.0), axis=0)
+    count_visible = tl.sum(tl.where(cols == 3, total, 0.0), axis=0)
+    masked = hidden / count_hidden
+    unmasked = visible / count_visible
     moe = tl.load(moe_ptr).to(tl.float32)
     loss = masked + alpha * unmasked + beta * moe
     tl.store(loss_ptr, loss)
@@ -120,8 +130,8 @@ def _check(images: Tensor, pred: Tensor, mask: Tensor, moe_loss: Tensor, patch_s
                          f"{tuple(mask.shape)}")
     if moe_loss.dim() != 0 or not moe_loss.is_floating_point():
         raise ValueError(f"moe_loss must be a 0-d floating-point tensor, got {moe_loss.dtype} {tuple(moe_loss.shape)}")
-    if expected[2] > BWD_TILE:
-        raise ValueError(f"pred: at most {BWD_TILE} values a patch (one register tile a row), got {expected[2]}")
+    if expected[2] > TILE:
+        raise ValueError(f"pred: at most {TILE} values a patch (one register tile a row), got {expected[2]}")
 
 
 def _launch_args(pred: Tensor, images: Tensor) -> tuple:
@@ -136,10 +146,13 @@ def _mae_loss_op(pred: Tensor, images: Tensor, mask: Tensor, moe_loss: Tensor, p
     loss = pred.new_empty((), dtype=torch.float32)
     metrics = pred.new_empty((4,), dtype=torch.float32)
     counts = pred.new_empty((2,), dtype=torch.float32)
-    block_r, block_d = _blocks(pred, FWD_TILE)
-    _mae_loss_fwd_kernel[(1,)](pred, images, mask, moe_loss, loss, metrics, counts,
-                               *_launch_args(pred, images), float(alpha), float(beta), C=images.shape[1],
-                               P=patch_size, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=FWD_WARPS)
+    block_r, block_d = _blocks(pred, TILE)
+    parts = max(1, triton.cdiv(pred.shape[0] * pred.shape[1], block_r))
+    part = pred.new_empty((parts, 4), dtype=torch.float32)
+    _mae_loss_part_kernel[(parts,)](pred, images, mask, part, *_launch_args(pred, images), C=images.shape[1],
+                                    P=patch_size, BLOCK_R=block_r, BLOCK_D=block_d)
+    _mae_loss_sum_kernel[(1,)](part, moe_loss, loss, metrics, counts, parts, float(alpha), float(beta),
+                               BLOCK=SUM_BLOCK)
     return loss, metrics, counts
 
 
@@ -155,7 +168,7 @@ def _mae_loss_backward_op(grad: Tensor, pred: Tensor, images: Tensor, mask: Tens
     """(dpred contiguous in pred's shape and dtype, d moe_loss () fp32)."""
     dpred = pred.new_empty(pred.shape)
     dmoe = pred.new_empty((), dtype=torch.float32)
-    block_r, block_d = _blocks(pred, BWD_TILE)
+    block_r, block_d = _blocks(pred, TILE)
     n_rows = pred.shape[0] * pred.shape[1]
     _mae_loss_bwd_kernel[(max(1, triton.cdiv(n_rows, block_r)),)](
         grad, pred, images, mask, counts, dpred, dmoe, *_launch_args(pred, images), float(alpha),
@@ -187,7 +200,7 @@ _mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 def fused_mae_loss(images: Tensor, pred: Tensor, mask: Tensor, moe_loss: Tensor, patch_size: int, alpha: float,
                    beta: float) -> tuple[Tensor, Tensor]:
-    """Eq. 16 in one Triton launch (and one for the backward): (loss () fp32, metrics (4,) fp32 =
+    """Eq. 16 in two Triton launches (and one for the backward): (loss () fp32, metrics (4,) fp32 =
     loss, masked_mse, unmasked_mse, moe_loss). images (B, C, H, W), pred (B, patches, C·p·p) any
     strides, mask (B, patches) 1 where hidden, moe_loss ()."""
     if not torch.compiler.is_compiling():
@@ -197,4 +210,4 @@ def fused_mae_loss(images: Tensor, pred: Tensor, mask: Tensor, moe_loss: Tensor,
     return loss, metrics
 
 
-__all__ = ["fused_mae_loss", "FWD_TILE", "BWD_TILE", "FWD_WARPS"]
+__all__ = ["fused_mae_loss", "TILE"]

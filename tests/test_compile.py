@@ -91,7 +91,7 @@ def test_opcheck_dispatch(training, noise_mode, dropout, separate):
                   for name in ("v", "b_v", "w2", "b2")})
     x = torch.randn(n, m, device=DEVICE, requires_grad=True)
     noise = torch.randn(n, t, device=DEVICE) if noise_mode == "tensor" else None
-    options = (k, training, True, dropout, 1e-2, 1e-2, 1e-2, True, True, torch.float32, True)
+    options = (k, training, True, dropout, 1e-2, 1e-2, 1e-2, True, True, torch.float32)
     args = (x, *p.values(), _seed(7), noise, *options)
     torch.library.opcheck(ops.dispatch_moe, args, test_utils=OPCHECK)
     with torch.no_grad():

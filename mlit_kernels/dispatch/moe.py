@@ -18,7 +18,9 @@ def moe_dispatch(x: Tensor, params: tuple, seed, noise: Optional[Tensor], option
     (t, m, d_h), b1 (t, d_h); v, b_v, w2, b2 shared ((m, d_h), (d_h,), (d_h, m), (m,)) or per expert
     (a leading t) — noise (N, t) fp32 or None, seed as the caller gave it."""
     seed = philox_seed(seed, (options.noisy and noise is None) or options.dropout > 0, x.device)
-    outputs = ops.dispatch_moe(x, *params, seed, noise, *options)
+    o = options  # all but need_aux: the dispatch kernels reduce the auxiliary loss inside their launches
+    outputs = ops.dispatch_moe(x, *params, seed, noise, o.k, o.training, o.noisy, o.dropout, o.noise_eps, o.w_importance,
+                               o.w_load, o.squared_cv, o.unbiased_cv, o.dtype)
     return outputs[0], outputs[1]
 
 

@@ -196,7 +196,7 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
         return "fp32"
     if kernel_name in ("_loss_fwd_kernel", "_loss_bwd_kernel", "_eval_sums_kernel"):
         return {"logits_ptr": "fp16", "dlogits_ptr": "fp16", "labels_ptr": "i64", "sums_ptr": "fp64"}.get(name, "fp32")
-    if kernel_name in ("_decoder_input_fwd_kernel", "_decoder_input_bwd_kernel"):  # the latent fp16 under autocast
+    if kernel_name.startswith(("_encoder_input", "_decoder_input")):  # the decoder's latent fp16 under autocast
         return {"latent_ptr": "fp16", "dlatent_ptr": "fp16", "keep_ptr": "i64"}.get(name, "fp32")
     if kernel_name in ("_mae_loss_part_kernel", "_mae_loss_sum_kernel", "_mae_loss_bwd_kernel"):
         return {"pred_ptr": "fp16", "dpred_ptr": "fp16"}.get(name, "fp32")
@@ -368,8 +368,8 @@ def _augment_jobs():
 def _loss_jobs():
     """(kernel, constexprs, warps, stages) of the classification loss and evaluation sums (10 and 100
     classes), the MAE loss (3 × 3 patches of 3 channels), the patch embedding (m = 108 and 144) and
-    the MAE decoder's input (width 108)."""
-    from mlit.models import decoder_input_kernels as dk
+    the MAE encoder's and decoder's inputs (width 108)."""
+    from mlit.models import mae_token_kernels as dk
     from mlit.models import embed_kernels as ek
     from mlit.models import mae_kernels as mk
     from mlit.train import loss_kernels
@@ -377,6 +377,8 @@ def _loss_jobs():
     jobs = [(kernel, dict(BLOCK_B=loss_kernels.BLOCK_B, BLOCK_C=c), 4, 1)
             for kernel in (loss_kernels._loss_fwd_kernel, loss_kernels._loss_bwd_kernel,
                            loss_kernels._eval_sums_kernel) for c in (16, 128)]
+    jobs += [(kernel, dict(BLOCK_P=dk.BLOCK_P, BLOCK_D=128), 4, 1)
+             for kernel in (dk._encoder_input_fwd_kernel, dk._encoder_input_bwd_kernel)]
     jobs.append((dk._decoder_input_fwd_kernel, dict(HAS_POS=True, BLOCK_P=dk.BLOCK_P, BLOCK_D=128), 4, 1))
     jobs.append((dk._decoder_input_bwd_kernel, dict(BLOCK_P=dk.BLOCK_P, POS_BLOCK=dk.POS_BLOCK, BLOCK_D=128), 4, 1))
     jobs += [(mk._mae_loss_part_kernel, dict(C=3, P=3, BLOCK_R=mk.TILE // 32, BLOCK_D=32), 4, 1),

@@ -67,15 +67,18 @@ _SECTION = {"attention": "attention", "moe": "moe", "norms": "norms/embeddings",
 
 #: Budgets the tests pin (launches on the CPU-counted CUDA configuration).
 AUGMENT_BUDGET = 20
-# Launches per uncaptured step, pinned at the measured figures (+ a little slack) so nothing
-# regresses (issue 16 asks for XXS <= 150, XS <= 170, S <= 200, pretraining <= 200, the XXS
-# evaluation forward <= 40). Issue 10 measured 421 / 493 / 661 / 635; the attention weights'
-# autocast casts batched per stack took 70-100 off each (350 / 398 / 542 / 534, eval 141); the
-# fused attention half-block (LayerNorm + qkv, attention + projection + residual: 2 launches
-# forward, 4 backward a layer) took 112-257 more (195 / 240 / 285 / 309, finetune 255, eval 86).
-STEP_BUDGETS = {"mLiT-XXS train": 198, "mLiT-XS train": 243, "mLiT-S train": 288, "mmLiT-XXS pretrain": 312,
-                "mmLiT-XXS finetune": 258}
-EVAL_BUDGET = 88  # the mLiT-XXS evaluation forward (177 before the batched casts, 141 before the fused attention)
+# Launches per uncaptured step, pinned at the measured figures + a little slack, never above issue
+# 16's caps (XXS <= 150, XS <= 170, S <= 200, pretraining <= 200, the XXS evaluation forward <= 40).
+# Issue 10 measured 421 / 493 / 661 / 635; the attention weights' autocast casts batched per stack
+# took 70-100 off each (350 / 398 / 542 / 534, eval 141); the fused attention half-block 112-257
+# more (195 / 240 / 285 / 309, finetune 255, eval 86); the dense MoE kernels with the norm and
+# residual folded in, the one-launch loss and patch embedding 45-60 more (144 / 177 / 210 / 250,
+# finetune 204, eval 63); the head and the MAE's projections as norm + linear, the metrics vector,
+# the MAE loss and decoder input in kernels, and evaluation without the aux loss the rest
+# (133 / 166 / 199 / 197, finetune 193, eval 35).
+STEP_BUDGETS = {"mLiT-XXS train": 136, "mLiT-XS train": 169, "mLiT-S train": 200, "mmLiT-XXS pretrain": 200,
+                "mmLiT-XXS finetune": 196}
+EVAL_BUDGET = 38  # the mLiT-XXS evaluation forward
 
 
 @dataclass

@@ -110,15 +110,19 @@ class MMLiT(nn.Module):
     def forward(self, images: torch.Tensor) -> MAEOutput:
         tokens = self.encoder.embed(images)  # (B, 145, m): 144 patches, then the dummy
         B, n, m = tokens.shape
-        patches, dummy = tokens[:, :-1], tokens[:, -1:]
         keep, mask = random_masking(B, n - 1, self.num_keep, images.device)
-        visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, m))
-        fused = self.encoder.uses_triton("norm_linear", images)  # final norms + projections: one launch each
-        latent, encoder_loss = self.encoder.encode(torch.cat([visible, dummy], dim=1), final_norm=not fused)
-        latent = self._norm_linear(latent, self.encoder.norm, self.decoder_embed) if fused else self.decoder_embed(latent)
-        if self.encoder.uses_triton("decoder_input", images):
-            from .decoder_input_kernels import fused_decoder_input  # lazily: Triton decides interpret-or-compile
+        shuffles = self.encoder.uses_triton("mae_tokens", images)  # the token gathers and scatters: one launch each
+        if shuffles:
+            from .mae_token_kernels import fused_decoder_input, fused_encoder_input  # lazily (Triton's interpreter)
 
+            visible = fused_encoder_input(tokens, keep, mask)
+        else:
+            patches, dummy = tokens[:, :-1], tokens[:, -1:]
+            visible = torch.cat([torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, m)), dummy], dim=1)
+        fused = self.encoder.uses_triton("norm_linear", images)  # final norms + projections: one launch each
+        latent, encoder_loss = self.encoder.encode(visible, final_norm=not fused)
+        latent = self._norm_linear(latent, self.encoder.norm, self.decoder_embed) if fused else self.decoder_embed(latent)
+        if shuffles:
             x = fused_decoder_input(latent, keep, mask, self.mask_token, self.decoder_pos_embed)
         else:
             d = latent.shape[-1]

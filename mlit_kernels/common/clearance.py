@@ -20,9 +20,9 @@ import torch
 #: The families: "dense", "dispatch" (the MoE variants), "attention" (mlit_kernels.attention),
 #: "loss" (mlit.train.loss), "patch_embed" (mlit.models.embed_kernels), "augment" (mlit.data),
 #: "norm_linear" (mlit_kernels.norm_linear: the classifier head and the MAE projections on their norms),
-#: "decoder_input" (mlit.models.decoder_input_kernels: the MAE decoder's input), "mae_loss"
+#: "mae_tokens" (mlit.models.mae_token_kernels: the MAE encoder's and decoder's inputs), "mae_loss"
 #: (mlit.models.mae_kernels).
-FAMILIES = ("dense", "dispatch", "attention", "loss", "patch_embed", "augment", "norm_linear", "decoder_input",
+FAMILIES = ("dense", "dispatch", "attention", "loss", "patch_embed", "augment", "norm_linear", "mae_tokens",
             "mae_loss")
 CLEARED = {
     "dispatch": "NVIDIA H200, Triton 3.6.0, 2026-12-04: gate race, fresh-process and float64 checks passed",

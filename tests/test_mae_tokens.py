@@ -1,9 +1,10 @@
-"""The mmLiT decoder's input in one Triton launch forward and two backward
-(mlit.models.decoder_input_kernels) against the torch path it replaces (the mask token cast and
-scattered, the dummy appended, + the positions): values and the gradients of the latent tokens,
-the mask token and the position table, fp32 and fp16 latents, with and without the table, at
-awkward sizes (1 and 36 visible patches, widths 27 / 40 / 108); every access in bounds; bad
-inputs refused by name."""
+"""The mmLiT token shuffles in Triton launches (mlit.models.mae_token_kernels) against the torch
+paths they replace: the encoder's input (the kept patches gathered, the dummy appended; one launch
+forward, one backward) and the decoder's input (the mask token cast and scattered, the dummy
+appended, + the positions; one forward, two backward) — values and the gradients of the tokens,
+the latent tokens, the mask token and the position table, fp32 and fp16, with and without the
+table, at awkward sizes (1 and 36 visible patches, widths 27 / 40 / 108); every access in
+bounds; bad inputs refused by name."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():
     pytest.skip("no CUDA and Triton kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
-from mlit.models.decoder_input_kernels import fused_decoder_input  # noqa: E402
+from mlit.models.mae_token_kernels import fused_decoder_input, fused_encoder_input  # noqa: E402
 from mlit.models.mae import random_masking  # noqa: E402
 
 
@@ -87,6 +88,8 @@ def test_bad_inputs_name_the_argument():
     keep, mask, (latent, token, pos) = _case(2, 9, 3, 27, torch.float32, True)
     with pytest.raises(ValueError, match="keep must be"):
         fused_decoder_input(latent, keep.int(), mask, token, pos)
+    with pytest.raises(ValueError, match="keep must have shape"):
+        fused_decoder_input(latent, keep[:, 1:], mask, token, pos)
     with pytest.raises(ValueError, match="mask must be"):
         fused_decoder_input(latent, keep, mask[:1], token, pos)
     with pytest.raises(ValueError, match="token must hold"):
@@ -95,3 +98,47 @@ def test_bad_inputs_name_the_argument():
         fused_decoder_input(latent, keep, mask, token, pos[:, :-1])
     with pytest.raises(ValueError, match="latent must be"):
         fused_decoder_input(latent[0], keep, mask, token, pos)
+
+
+def _encoder_reference(tokens, keep):
+    """MMLiT.forward's torch path."""
+    patches, dummy = tokens[:, :-1], tokens[:, -1:]
+    return torch.cat([torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])), dummy], dim=1)
+
+
+@pytest.mark.parametrize("B, P, K, d, dtype", [(3, 144, 36, 108, torch.float16), (5, 20, 1, 27, torch.float32)])
+def test_encoder_input_matches_the_torch_path(B, P, K, d, dtype):
+    keep, mask, _ = _case(B, P, K, d, dtype, False)
+    tokens = torch.randn(B, P + 1, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got_tokens = tokens.to(DEVICE).requires_grad_()
+    with Meter() as forward:
+        v = fused_encoder_input(got_tokens, keep.to(DEVICE), mask.to(DEVICE))
+    dv = torch.randn(v.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    with Meter() as backward:
+        (grad,) = torch.autograd.grad(v, got_tokens, dv)
+    want_tokens = tokens.clone().requires_grad_()
+    want = _encoder_reference(want_tokens, keep)
+    (want_grad,) = torch.autograd.grad(want, want_tokens, dv.cpu())
+    assert torch.equal(v.cpu(), want.detach()) and torch.equal(grad.cpu(), want_grad)  # copies: exact
+    assert (forward.launches, backward.launches, forward.syncs + backward.syncs) == (1, 1, 0)
+
+
+@pytest.mark.skipif(not interpreting(), reason="checks the Triton interpreter's launches (CPU only)")
+def test_encoder_input_in_bounds():
+    keep, mask, _ = _case(3, 20, 5, 27, torch.float32, False)
+    tokens = torch.randn(3, 21, 27, requires_grad=True)
+    with checked_kernels():
+        v = fused_encoder_input(tokens, keep, mask)
+        (grad,) = torch.autograd.grad(v, tokens, torch.ones_like(v))
+    assert torch.isfinite(grad).all() and grad.sum() == v.numel()
+
+
+def test_encoder_input_bad_inputs():
+    keep, mask, _ = _case(2, 9, 3, 27, torch.float32, False)
+    tokens = torch.randn(2, 10, 27)
+    with pytest.raises(ValueError, match="tokens must be"):
+        fused_encoder_input(tokens[0], keep, mask)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        fused_encoder_input(tokens[:, :-1], keep, mask)
+    with pytest.raises(ValueError, match="keep must be"):
+        fused_encoder_input(tokens, keep.float(), mask)

@@ -1,12 +1,18 @@
-"""Triton kernels of the mmLiT decoder's input (:meth:`mlit.models.mae.MMLiT.forward`): the encoded
+"""Triton kernels of the mmLiT token shuffles (:meth:`mlit.models.mae.MMLiT.forward`): the encoder's
+input (the visible patches' tokens gathered, the dummy last) and the decoder's input (the encoded
 visible tokens put back at their patch positions, the mask token at the hidden ones, the dummy
-last, + the decoder's position table — one launch forward and two backward instead of the cast,
-clone, scatter, concatenation and add (and their gradients: gather, slices, sums, casts).
+last, + the decoder's position table) — one launch each forward, one and two backward, instead of
+the gather and concatenation, the cast, clone, scatter, concatenation and add (and their
+gradients: zeros, scatter-adds, slices, sums, casts).
 
-    x[b, keep[b, j]] = latent[b, j] + pos[keep[b, j]]     j < K: the visible patches
-    x[b, p]          = token + pos[p]                     mask[b, p] = 1: the hidden patches
-    x[b, P]          = latent[b, K] + pos[P]              the dummy token
+    encoder:  v[b, j] = tokens[b, keep[b, j]]  (j < K),   v[b, K] = tokens[b, P]  (the dummy)
+    decoder:  x[b, keep[b, j]] = latent[b, j] + pos[keep[b, j]]     j < K: the visible patches
+              x[b, p]          = token + pos[p]                     mask[b, p] = 1: the hidden patches
+              x[b, P]          = latent[b, K] + pos[P]              the dummy token
 
+* ``_encoder_input_fwd_kernel`` — one program per image: a gather of its kept rows and the dummy.
+* ``_encoder_input_bwd_kernel`` — one program per image: dtokens of the kept rows and the dummy
+  (a scatter of dv), zeros at the hidden ones (disjoint stores).
 * ``_decoder_input_fwd_kernel`` — one program per image: the visible rows, then the hidden ones
   (disjoint stores; fp32 sums stored in x's dtype, the promoted dtype of latent, token and pos).
 * ``_decoder_input_bwd_kernel`` — programs 0..B-1: dlatent of image b (a gather of dx); then one
@@ -29,6 +35,44 @@ from mlit_kernels.attention.kernels import _attn_sum_splits_kernel
 BLOCK_P = 16  # rows a forward / per-image backward program step handles
 POS_BLOCK = 4  # positions a backward position program sums over the images (37 programs at 145)
 SUM_BLOCK = 1024  # token-gradient entries a program of the split sum adds
+
+
+@triton.jit
+def _encoder_input_fwd_kernel(tokens_ptr, keep_ptr, v_ptr, K, P, D, stride_keep, BLOCK_P: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    """tokens (B, P+1, D), keep (B, K) int64 (rows ``stride_keep`` apart) → v (B, K+1, D); one
+    program per image."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    for j0 in range(0, K + 1, BLOCK_P):
+        js = j0 + tl.arange(0, BLOCK_P)
+        src = tl.where(js < K, tl.load(keep_ptr + b * stride_keep + js, mask=js < K, other=0), P)
+        m2 = (js < K + 1)[:, None] & cmask[None, :]
+        v = tl.load(tokens_ptr + (b * (P + 1) + src)[:, None] * D + cols[None, :], mask=m2, other=0.0)
+        tl.store(v_ptr + (b * (K + 1) + js)[:, None] * D + cols[None, :], v, mask=m2)
+
+
+@triton.jit
+def _encoder_input_bwd_kernel(dv_ptr, keep_ptr, mask_ptr, dtokens_ptr, K, P, D, stride_keep, BLOCK_P: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    """dv (B, K+1, D), keep (B, K), mask (B, P) (1 hidden) → dtokens (B, P+1, D): dv at the kept
+    rows and the dummy, 0 at the hidden rows; one program per image."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    for j0 in range(0, K + 1, BLOCK_P):  # the kept patches and, as row K, the dummy
+        js = j0 + tl.arange(0, BLOCK_P)
+        dest = tl.where(js < K, tl.load(keep_ptr + b * stride_keep + js, mask=js < K, other=0), P)
+        m2 = (js < K + 1)[:, None] & cmask[None, :]
+        g = tl.load(dv_ptr + (b * (K + 1) + js)[:, None] * D + cols[None, :], mask=m2, other=0.0)
+        tl.store(dtokens_ptr + (b * (P + 1) + dest)[:, None] * D + cols[None, :], g, mask=m2)
+    for p0 in range(0, P, BLOCK_P):  # the hidden patches
+        ps = p0 + tl.arange(0, BLOCK_P)
+        hidden = tl.load(mask_ptr + b * P + ps, mask=ps < P, other=0.0) != 0
+        zeros = tl.zeros((BLOCK_P, BLOCK_D), tl.float32).to(dtokens_ptr.dtype.element_ty)
+        tl.store(dtokens_ptr + (b * (P + 1) + ps)[:, None] * D + cols[None, :], zeros,
+                 mask=hidden[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -97,6 +141,53 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+@torch.library.custom_op("mlit::mae_encoder_input", mutates_args=())
+def encoder_input(tokens: Tensor, keep: Tensor, mask: Tensor) -> Tensor:
+    """v (B, K+1, D) from tokens (B, P+1, D) and keep (B, K) int64 (rows any stride apart); mask (B, P),
+    1 where hidden, is for the backward."""
+    b, p1, d = tokens.shape
+    k = keep.shape[1]
+    v = tokens.new_empty((b, k + 1, d))
+    if b:
+        _encoder_input_fwd_kernel[(b,)](tokens, keep, v, k, p1 - 1, d, keep.stride(0), BLOCK_P=BLOCK_P,
+                                        BLOCK_D=_block_d(d))
+    return v
+
+
+@encoder_input.register_fake
+def _encoder_input_fake(tokens, keep, mask):
+    return tokens.new_empty((tokens.shape[0], keep.shape[1] + 1, tokens.shape[2]))
+
+
+@torch.library.custom_op("mlit::mae_encoder_input_backward", mutates_args=())
+def encoder_input_backward(dv: Tensor, keep: Tensor, mask: Tensor) -> Tensor:
+    """dtokens (B, P+1, D) in dv's dtype of :func:`encoder_input`; mask (B, P) 1 where hidden."""
+    b, _, d = dv.shape
+    p = mask.shape[1]
+    dtokens = dv.new_empty((b, p + 1, d))
+    if b:
+        _encoder_input_bwd_kernel[(b,)](dv, keep, mask, dtokens, keep.shape[1], p, d, keep.stride(0), BLOCK_P=BLOCK_P,
+                                        BLOCK_D=_block_d(d))
+    return dtokens
+
+
+@encoder_input_backward.register_fake
+def _encoder_input_backward_fake(dv, keep, mask):
+    return dv.new_empty((dv.shape[0], mask.shape[1] + 1, dv.shape[2]))
+
+
+def _encoder_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _encoder_backward(ctx, dv):
+    keep, mask = ctx.saved_tensors
+    return encoder_input_backward(dv.contiguous(), keep, mask), None, None
+
+
+encoder_input.register_autograd(_encoder_backward, setup_context=_encoder_setup_context)
+
+
 @torch.library.custom_op("mlit::mae_decoder_input", mutates_args=())
 def decoder_input(latent: Tensor, keep: Tensor, mask: Tensor, token: Tensor, pos: Tensor | None) -> Tensor:
     """x (B, P+1, D) from latent (B, K+1, D), keep (B, K) int64 (rows any stride apart), mask (B, P),
@@ -163,6 +254,34 @@ def _backward(ctx, dx):
 decoder_input.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_masking(b: int, keep: Tensor, mask: Tensor) -> None:
+    k = keep.shape[-1] if keep.dim() == 2 else -1
+    if keep.dim() != 2 or keep.shape[0] != b or keep.dtype != torch.int64:
+        raise ValueError(f"keep must be int64 of shape (B={b}, K), got {keep.dtype} {tuple(keep.shape)}")
+    if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] < k or not mask.is_floating_point():
+        raise ValueError(f"mask must be a float (B={b}, P >= K) tensor, got {mask.dtype} {tuple(mask.shape)}")
+
+
+def _rows(keep: Tensor) -> Tensor:
+    """keep with unit column stride (its rows may stay any stride apart: no copy for a slice)."""
+    return keep if keep.stride(1) == 1 else keep.contiguous()
+
+
+def fused_encoder_input(tokens: Tensor, keep: Tensor, mask: Tensor) -> Tensor:
+    """The encoder's input (module docstring) in one launch: tokens (B, P+1, D) the embedded patches
+    then the dummy, keep (B, K) int64 the kept patches, mask (B, P) 1 where hidden → (B, K+1, D).
+    Raises ValueError naming a bad argument."""
+    if tokens.dim() != 3 or not tokens.is_floating_point():
+        raise ValueError(f"tokens must be a (B, P+1, D) float tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+    b, p1, d = tokens.shape
+    _check_masking(b, keep, mask)
+    if mask.shape[1] != p1 - 1:
+        raise ValueError(f"mask must have shape ({b}, {p1 - 1}), got {tuple(mask.shape)}")
+    if d > 1024:
+        raise ValueError(f"tokens: at most 1024 features (one register tile a row), got {d}")
+    return encoder_input(tokens.contiguous(), _rows(keep), mask.contiguous())
+
+
 def fused_decoder_input(latent: Tensor, keep: Tensor, mask: Tensor, token: Tensor, pos: Tensor | None) -> Tensor:
     """The decoder's input (module docstring) in one launch: latent (B, K+1, D) the encoded visible
     tokens then the dummy, keep (B, K) int64 their patch indices, mask (B, P) 1 where hidden, token
@@ -170,10 +289,9 @@ def fused_decoder_input(latent: Tensor, keep: Tensor, mask: Tensor, token: Tenso
     if latent.dim() != 3 or not latent.is_floating_point():
         raise ValueError(f"latent must be a (B, K+1, D) float tensor, got {latent.dtype} {tuple(latent.shape)}")
     b, k1, d = latent.shape
-    if keep.shape != (b, k1 - 1) or keep.dtype != torch.int64:
-        raise ValueError(f"keep must be int64 of shape ({b}, {k1 - 1}), got {keep.dtype} {tuple(keep.shape)}")
-    if mask.dim() != 2 or mask.shape[0] != b or not mask.is_floating_point():
-        raise ValueError(f"mask must be a float (B={b}, P) tensor, got {mask.dtype} {tuple(mask.shape)}")
+    _check_masking(b, keep, mask)
+    if keep.shape[1] != k1 - 1:
+        raise ValueError(f"keep must have shape ({b}, {k1 - 1}), got {tuple(keep.shape)}")
     p = mask.shape[1]
     if token.numel() != d:
         raise ValueError(f"token must hold {d} values, got {tuple(token.shape)}")
@@ -181,10 +299,9 @@ def fused_decoder_input(latent: Tensor, keep: Tensor, mask: Tensor, token: Tenso
         raise ValueError(f"pos must hold ({p + 1}, {d}) values, got {tuple(pos.shape)}")
     if d > 1024:
         raise ValueError(f"latent: at most 1024 features (one register tile a row), got {d}")
-    if keep.stride(1) != 1:
-        keep = keep.contiguous()
-    return decoder_input(latent.contiguous(), keep, mask.contiguous(), token.reshape(d),
+    return decoder_input(latent.contiguous(), _rows(keep), mask.contiguous(), token.reshape(d),
                          None if pos is None else pos.reshape(p + 1, d))
 
 
-__all__ = ["fused_decoder_input", "decoder_input", "decoder_input_backward", "BLOCK_P"]
+__all__ = ["fused_encoder_input", "fused_decoder_input", "encoder_input", "encoder_input_backward", "decoder_input",
+           "decoder_input_backward", "BLOCK_P", "POS_BLOCK"]

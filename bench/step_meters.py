@@ -10,7 +10,9 @@ are garbage; nothing here reads them). The batch is tiny: launch counts do not d
   later step; both must be 0.
 * launches by part: module hooks open a meter section per component (as ``mlit profile`` finds
   them), forward and backward; "loss" is the loss's own forward + backward, measured on its
-  inputs as leaf tensors; "other" is the rest (residual adds, autocast casts, the sums).
+  inputs as leaf tensors; "other" is the rest (with the Triton backend the fused head, patch
+  embedding and MAE token shuffles, which run outside the hooked modules; residual adds, autocast
+  casts, the sums).
 * captured: a captured step replays one CUDA graph; what still launches per step is the batch
   gathered into the graph's input buffers (counted) + the replay.
 * evaluation: launches of one evaluation forward (Evaluator's batch: augmentation, forward, sums).
@@ -26,7 +28,7 @@ written, AdamW reading weights, gradients and both moments and writing weights a
 and read once (as this implementation saves them), and the uint8 batch read once.
 
     python bench/step_meters.py            # the launch table (also part of `python bench/meters.py`)
-    python bench/step_meters.py --h100     # + the modelled H100 table at batch 256 (minutes on a CPU)
+    python bench/step_meters.py --h100     # + the modelled H100 table at batch 256 (seconds with the Triton backend)
 """
 
 from __future__ import annotations
@@ -267,7 +269,8 @@ def part_table(rows: list[ModelRow], markdown: bool = False) -> str:
     parts = [p for p in PARTS if p != "loss"]
     head = ["training step (µs, captured)", *parts]
     lines = [[r.case, *(f"{r.part_seconds.get(p, 0.0) * 1e6:.0f}" for p in parts)] for r in rows]
-    return _format(head, lines, '"other": residual adds, casts, the loss, the seed draw, the sums', markdown)
+    return _format(head, lines, '"other": the loss, the fused head / patch embedding / MAE token shuffles (Triton '
+                   'launches outside the hooked modules), residual adds, casts, the seed draw, the sums', markdown)
 
 
 def _format(head: list[str], lines: list[list[str]], note: str, markdown: bool) -> str:
@@ -325,7 +328,7 @@ def step_table(rows: list[StepRow] | None = None, markdown: bool = False) -> str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--h100", action="store_true", help="also the modelled H100 table (minutes on a CPU)")
+    parser.add_argument("--h100", action="store_true", help="also the modelled H100 table at batch 256")
     parser.add_argument("--batch", type=int, default=MODEL_BATCH, help=f"images per step of the H100 table "
                         f"(default {MODEL_BATCH})")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")

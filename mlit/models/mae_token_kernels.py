@@ -127,10 +127,10 @@ def _decoder_input_bwd_kernel(dx_ptr, keep_ptr, mask_ptr, dlatent_ptr, dpos_ptr,
         m2 = pmask[:, None] & cmask[None, :]
         dpos = tl.zeros((POS_BLOCK, BLOCK_D), tl.float32)
         dtoken = tl.zeros((POS_BLOCK, BLOCK_D), tl.float32)
-        for b in range(0, B):
-            g = tl.load(dx_ptr + (b * (P + 1) + ps.to(tl.int64))[:, None] * D + cols[None, :], mask=m2,
+        for image in range(0, B):
+            g = tl.load(dx_ptr + (image * (P + 1) + ps.to(tl.int64))[:, None] * D + cols[None, :], mask=m2,
                         other=0.0).to(tl.float32)
-            hidden = tl.load(mask_ptr + b * P + ps, mask=ps < P, other=0.0) != 0
+            hidden = tl.load(mask_ptr + image * P + ps, mask=ps < P, other=0.0) != 0
             dpos += g
             dtoken += tl.where(hidden[:, None], g, 0.0)
         tl.store(dpos_ptr + ps[:, None] * D + cols[None, :], dpos, mask=m2)

@@ -37,9 +37,8 @@ def _row_block(logits_ptr, labels_ptr, r0, B, C, BLOCK_B: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
-def _loss_fwd_kernel(logits_ptr, labels_ptr, aux_ptr, loss_ptr, metrics_ptr, B, C, smoothing, aux_weight,
-                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: loss () and metrics (loss, ce, aux, correct) over the B rows, BLOCK_B at a time."""
+def _row_sums(logits_ptr, labels_ptr, B, C, smoothing, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(Σ smoothed cross-entropy, correct count) fp32 over the B rows, BLOCK_B at a time."""
     ce = tl.zeros((BLOCK_B,), dtype=tl.float32)
     correct = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for r0 in range(0, B, BLOCK_B):
@@ -49,32 +48,31 @@ def _loss_fwd_kernel(logits_ptr, labels_ptr, aux_ptr, loss_ptr, metrics_ptr, B, 
         z_mean = tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1) / C
         ce += tl.where(row_ok, lse - (1.0 - smoothing) * z_label - smoothing * z_mean, 0.0)
         correct += tl.where(row_ok & (first == labels), 1.0, 0.0)
-    ce_mean = tl.sum(ce, axis=0) / B
+    return tl.sum(ce, axis=0), tl.sum(correct, axis=0)
+
+
+@triton.jit
+def _loss_fwd_kernel(logits_ptr, labels_ptr, aux_ptr, loss_ptr, metrics_ptr, B, C, smoothing, aux_weight,
+                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: loss () and metrics (loss, ce, aux, correct) over the B rows."""
+    ce, correct = _row_sums(logits_ptr, labels_ptr, B, C, smoothing, BLOCK_B, BLOCK_C)
+    ce_mean = ce / B
     aux = tl.load(aux_ptr).to(tl.float32)
     loss = ce_mean + aux_weight * aux
     tl.store(loss_ptr, loss)
     tl.store(metrics_ptr, loss)
     tl.store(metrics_ptr + 1, ce_mean)
     tl.store(metrics_ptr + 2, aux)
-    tl.store(metrics_ptr + 3, tl.sum(correct, axis=0))
+    tl.store(metrics_ptr + 3, correct)
 
 
 @triton.jit
 def _eval_sums_kernel(logits_ptr, labels_ptr, sums_ptr, B, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """One program: sums (3,) float64 += (B, Σ cross-entropy, correct count) over the B rows."""
-    count = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    ce = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    correct = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for r0 in range(0, B, BLOCK_B):
-        z, labels, rows, row_ok, cols, col_ok, lse, first = _row_block(logits_ptr, labels_ptr, r0, B, C, BLOCK_B,
-                                                                       BLOCK_C)
-        z_label = tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
-        count += tl.where(row_ok, 1.0, 0.0)
-        ce += tl.where(row_ok, lse - z_label, 0.0)
-        correct += tl.where(row_ok & (first == labels), 1.0, 0.0)
-    tl.atomic_add(sums_ptr, tl.sum(count, axis=0).to(tl.float64))
-    tl.atomic_add(sums_ptr + 1, tl.sum(ce, axis=0).to(tl.float64))
-    tl.atomic_add(sums_ptr + 2, tl.sum(correct, axis=0).to(tl.float64))
+    ce, correct = _row_sums(logits_ptr, labels_ptr, B, C, 0.0, BLOCK_B, BLOCK_C)
+    tl.atomic_add(sums_ptr, B + 0.0)  # (a float even where B = 1 is specialised to a constant)
+    tl.atomic_add(sums_ptr + 1, ce.to(tl.float64))
+    tl.atomic_add(sums_ptr + 2, correct.to(tl.float64))
 
 
 @triton.jit

@@ -271,8 +271,8 @@ TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
 TRITON_NO_MATMUL = {"_fused_aux_kernel", "_reduce_kernel", "_crop_kernel", "_op_kernel", "noise_kernel",
                     "_combine_kernel", "_shared_grads_kernel", "_attn_sum_splits_kernel", "_loss_fwd_kernel",
                     "_loss_bwd_kernel", "_embed_reduce_kernel", "_eval_sums_kernel", "_encoder_input_fwd_kernel",
-                    "_encoder_input_bwd_kernel", "_decoder_input_fwd_kernel", "_decoder_input_bwd_kernel", "_mae_loss_part_kernel", "_mae_loss_sum_kernel",
-                    "_mae_loss_bwd_kernel"}
+                    "_encoder_input_bwd_kernel", "_decoder_input_fwd_kernel", "_decoder_input_bwd_kernel",
+                    "_mae_loss_part_kernel", "_mae_loss_sum_kernel", "_mae_loss_bwd_kernel"}
 
 
 def _kernel_arguments(fn, args, kwargs) -> dict:

@@ -55,7 +55,7 @@ class MLiTClassifier(nn.Module):
         Triton kernels the final norm of the dummy token and the head run as one launch
         (:func:`mlit_kernels.norm_linear.norm_linear`; two for its gradients)."""
         if self.num_classes and self.encoder.uses_triton("norm_linear", images):
-            from mlit_kernels.norm_linear import norm_linear  # lazily: Triton decides interpret-or-compile on definition
+            from mlit_kernels.norm_linear import norm_linear  # lazily: Triton picks interpret-or-compile on definition
 
             tokens, aux_loss = self.encoder.encode(self.encoder.embed(images), final_norm=False, need_aux=need_aux)
             norm = self.encoder.norm

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mlit_kernels.common.clearance import may_run
-
 from ..config import DECODER, ImageConfig, TransformerConfig
 from .encoder import MLiTEncoder, patchify
 from .transformer import MoETransformer, biases_and_norms, set_moe_backend
@@ -121,7 +119,8 @@ class MMLiT(nn.Module):
             visible = torch.cat([torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, m)), dummy], dim=1)
         fused = self.encoder.uses_triton("norm_linear", images)  # final norms + projections: one launch each
         latent, encoder_loss = self.encoder.encode(visible, final_norm=not fused)
-        latent = self._norm_linear(latent, self.encoder.norm, self.decoder_embed) if fused else self.decoder_embed(latent)
+        latent = (self._norm_linear(latent, self.encoder.norm, self.decoder_embed) if fused
+                  else self.decoder_embed(latent))
         if shuffles:
             x = fused_decoder_input(latent, keep, mask, self.mask_token, self.decoder_pos_embed)
         else:
@@ -145,10 +144,9 @@ class MMLiT(nn.Module):
 
     def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, moe_loss: torch.Tensor) -> MAEOutput:
         """Eq. 16: MSE on hidden patches + α · MSE on visible patches + β · Σ MoE losses. With the
-        Triton backend ("triton", or "auto" on CUDA once cleared) one kernel forward and one
+        Triton backend ("triton", or "auto" on CUDA once cleared) two launches forward and one
         backward (:mod:`mlit.models.mae_kernels`), else in torch."""
-        backend = self.encoder.backend
-        if backend == "triton" or (backend == "auto" and images.is_cuda and may_run("mae_loss", images.device)):
+        if self.encoder.uses_triton("mae_loss", images):
             from .mae_kernels import fused_mae_loss  # lazily: Triton decides interpret-or-compile on definition
 
             loss, metrics = fused_mae_loss(images, pred, mask, moe_loss, self.image.patch_size, self.alpha, self.beta)

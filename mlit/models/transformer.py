@@ -43,10 +43,11 @@ class MoETransformerLayer(nn.Module):
     """Pre-norm layer: x = x + GQA(LN(x)); x = x + MoE(LN(x)).
 
     forward(x (B, n, dim), seed=None, attn_weights=None, need_aux=True) → (x (B, n, dim), the MoE
-    auxiliary loss (), None without ``need_aux``); ``seed`` goes to the MoE layer (its Triton kernels' Philox seed), ``attn_weights`` to the
-    attention (its projections' autocast copies). ``device`` / ``dtype`` (torch.nn's factory
-    keywords) place the norms and the attention; ``moe`` comes built; ``backend`` is the
-    attention's (its fused half-block ``x + GQA(norm1(x))``: :class:`GroupedQueryAttention`).
+    auxiliary loss (), None without ``need_aux``); ``seed`` goes to the MoE layer (its Triton
+    kernels' Philox seed), ``attn_weights`` to the attention (its projections' autocast copies).
+    ``device`` / ``dtype`` (torch.nn's factory keywords) place the norms and the attention; ``moe``
+    comes built; ``backend`` is the attention's (its fused half-block ``x + GQA(norm1(x))``:
+    :class:`GroupedQueryAttention`).
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, moe: SharedSwiGLUMoE, backend: str = "reference",

@@ -19,8 +19,8 @@ def moe_dispatch(x: Tensor, params: tuple, seed, noise: Optional[Tensor], option
     (a leading t) — noise (N, t) fp32 or None, seed as the caller gave it."""
     seed = philox_seed(seed, (options.noisy and noise is None) or options.dropout > 0, x.device)
     o = options  # all but need_aux: the dispatch kernels reduce the auxiliary loss inside their launches
-    outputs = ops.dispatch_moe(x, *params, seed, noise, o.k, o.training, o.noisy, o.dropout, o.noise_eps, o.w_importance,
-                               o.w_load, o.squared_cv, o.unbiased_cv, o.dtype)
+    outputs = ops.dispatch_moe(x, *params, seed, noise, o.k, o.training, o.noisy, o.dropout, o.noise_eps,
+                               o.w_importance, o.w_load, o.squared_cv, o.unbiased_cv, o.dtype)
     return outputs[0], outputs[1]
 
 

@@ -58,7 +58,7 @@ FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t1
                  "t10k-labels-idx1-ubyte.gz")
 TRAIN_RECIPE = "table6-fashion_mnist"
 DEFAULT_STEP_TIMEOUT_S = 600.0
-BENCH_FIRST = ("moe", "augment", "train")  # bench/bench_<name>.py run first; the others follow by name
+BENCH_FIRST = ("moe", "attention", "augment", "train")  # bench/bench_<name>.py run first; the others follow by name
 GRACE_S = 30.0  # SIGTERM -> SIGKILL; the trainer saves its checkpoint in this time
 RESERVE_S = 20.0  # kept back from --budget for the after-step work (plots, summary, archive)
 MIN_STEP_S = 10.0  # a step with less time left in --budget is skipped

@@ -64,3 +64,33 @@ def test_timm_gelu_default_warns_and_bad_keywords_raise():
         SharedSwiGLUMoE(8, 4, 3, in_features=6)
     with pytest.raises(ValueError, match="num_experts must be a positive int"):
         SharedSwiGLUMoE(in_features=8, hidden_features=4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_need_aux_false_skips_the_balancing_loss(backend):
+    """need_aux=False: no aux loss (None; nothing kept with return_aux=False), the same y; in
+    evaluation the dense kernels run without their aux launch."""
+    from mlit_kernels.common.tiling import interpreting
+    from mlit_kernels.meter import Meter
+
+    if backend == "triton" and not (torch.cuda.is_available() or interpreting()):
+        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    moe = SharedSwiGLUMoE(16, 24, 3, k=2, backend=backend, triton_variant="dense").to(device).eval()
+    x = torch.randn(2, 7, 16, device=device)
+    with torch.no_grad():
+        y, aux = moe(x)
+        y_skip, none = moe(x, need_aux=False)
+        with Meter(dry_run=True) as with_aux:
+            moe(x)
+        with Meter(dry_run=True) as without:
+            moe(x, need_aux=False)
+    assert none is None and aux is not None and torch.equal(y, y_skip)
+    if backend == "triton":
+        aux_kernel = "triton._fused_aux_kernel"
+        assert with_aux.by_name()[aux_kernel] == 1 and aux_kernel not in without.by_name()
+    timm_style = SharedSwiGLUMoE(16, 24, 3, k=2, backend=backend, return_aux=False).to(device).eval()
+    with torch.no_grad():
+        timm_style(x, need_aux=False)
+    assert timm_style.aux_loss is None

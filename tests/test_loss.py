@@ -61,11 +61,15 @@ def test_fused_loss_checks_its_arguments():
 
 def test_opcheck_loss_ops():
     """Schemas, fake tensors and autograd registration: torch.compile traces the ops, graphs capture them."""
+    import mlit.train.loss_kernels  # noqa: F401 - defines the ops (imported on first use otherwise)
+
     z = torch.randn(5, 10, device=DEVICE, requires_grad=True)
     labels = torch.randint(0, 10, (5,), device=DEVICE)
     aux = torch.rand((), device=DEVICE, requires_grad=True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.mlit.classification_loss, (z, labels, aux, 0.1, 0.01), test_utils=checks)
+    torch.library.opcheck(torch.ops.mlit.classification_eval_sums,
+                          (z.detach(), labels, torch.zeros(3, dtype=torch.float64, device=DEVICE)), test_utils=checks)
     torch.library.opcheck(torch.ops.mlit.classification_loss_backward,
                           (torch.tensor(2.0, device=DEVICE), z.detach(), labels, 0.1, 0.01), test_utils=checks)
 

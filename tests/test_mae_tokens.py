@@ -142,3 +142,19 @@ def test_encoder_input_bad_inputs():
         fused_encoder_input(tokens[:, :-1], keep, mask)
     with pytest.raises(ValueError, match="keep must be"):
         fused_encoder_input(tokens, keep.float(), mask)
+
+
+def test_opcheck():
+    """Schemas, fake tensors and autograd registration of the four ops."""
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    keep, mask, (latent, token, pos) = _case(2, 9, 3, 27, torch.float32, True)
+    keep, mask = keep.to(DEVICE), mask.to(DEVICE)
+    tokens = torch.randn(2, 10, 27, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.mlit.mae_encoder_input, (tokens, keep, mask), test_utils=checks)
+    torch.library.opcheck(torch.ops.mlit.mae_encoder_input_backward, (torch.randn(2, 4, 27, device=DEVICE), keep, mask),
+                          test_utils=checks)
+    args = (latent.to(DEVICE).requires_grad_(), keep, mask, token.reshape(27).to(DEVICE).requires_grad_(),
+            pos.reshape(10, 27).to(DEVICE).requires_grad_())
+    torch.library.opcheck(torch.ops.mlit.mae_decoder_input, args, test_utils=checks)
+    torch.library.opcheck(torch.ops.mlit.mae_decoder_input_backward,
+                          (torch.randn(2, 10, 27, device=DEVICE), keep, mask, torch.float32), test_utils=checks)

@@ -103,3 +103,16 @@ def test_bad_inputs_name_the_argument():
         norm_linear(torch.randn(2, 300), torch.ones(300), torch.zeros(300), torch.randn(4, 300))
     with pytest.raises(ValueError, match="x must be"):
         norm_linear(x.long(), ln_w, ln_b, w, b)
+
+
+def test_opcheck():
+    """Schemas, fake tensors and autograd registration: torch.compile traces the ops, graphs capture them."""
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    tokens, (ln_w, ln_b, w, b), dy = _inputs(5, 3, 27, 10, True)
+    x = tokens[:, -1].to(DEVICE).requires_grad_()
+    args = (x, ln_w.to(DEVICE), ln_b.to(DEVICE), w.to(DEVICE).requires_grad_(), b.to(DEVICE), 1e-5, torch.float32)
+    torch.library.opcheck(torch.ops.mlit.norm_linear, args, test_utils=checks)
+    torch.library.opcheck(torch.ops.mlit.norm_linear, args[:4] + (None,) + args[5:], test_utils=checks)
+    _, mean, rstd = torch.ops.mlit.norm_linear(*args)
+    torch.library.opcheck(torch.ops.mlit.norm_linear_backward,
+                          (dy.to(DEVICE), x.detach(), *args[1:4], mean, rstd, torch.float32), test_utils=checks)

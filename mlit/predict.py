@@ -109,7 +109,7 @@ def predict_files(run: str | os.PathLike, paths: list[str | os.PathLike], top_k:
     out = []
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
-            logits, _ = model(transform(images[s:s + batch_size].to(dev)))
+            logits, _ = model(transform(images[s:s + batch_size].to(dev)), need_aux=False)
             probs, idx = logits.float().softmax(-1).topk(k, dim=-1)
             for name, p, i in zip(names[s:s + batch_size], probs.tolist(), idx.tolist()):
                 out.append(Prediction(name, [(classes[c], q) for c, q in zip(i, p)]))

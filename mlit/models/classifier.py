@@ -42,8 +42,8 @@ class MLiTClassifier(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, **self._factory) if num_classes else nn.Identity()
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, 36, 36) → tokens (B, 145, m); the MoE auxiliary loss is dropped (use forward)."""
-        return self.encoder(images)[0]
+        """images (B, 3, 36, 36) → tokens (B, 145, m); the MoE auxiliary loss is not computed (use forward)."""
+        return self.encoder(images, need_aux=False)[0]
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """tokens (B, 145, m) → logits (B, num_classes), or the dummy token (B, m) with pre_logits."""

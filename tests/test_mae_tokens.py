@@ -158,3 +158,22 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mlit.mae_decoder_input, args, test_utils=checks)
     torch.library.opcheck(torch.ops.mlit.mae_decoder_input_backward,
                           (torch.randn(2, 10, 27, device=DEVICE), keep, mask, torch.float32), test_utils=checks)
+
+
+@pytest.mark.skipif(not interpreting(), reason="checks the Triton interpreter's launches (CPU only)")
+def test_out_of_range_keep_entries_are_skipped():
+    """keep entries outside [0, P) (a caller's bug; checking would need a host read) touch no memory
+    outside the tensors: their rows read as zeros and nothing is written for them."""
+    keep, mask, (latent, token, pos) = _case(2, 9, 3, 27, torch.float32, True)
+    keep = keep.clone()
+    keep[0, 0], keep[1, 2] = -4, 9 + 5
+    tokens = torch.randn(2, 10, 27, requires_grad=True)
+    latent.requires_grad_()
+    with checked_kernels():
+        v = fused_encoder_input(tokens, keep, mask)
+        (grad,) = torch.autograd.grad(v, tokens, torch.ones_like(v))
+        x = fused_decoder_input(latent, keep, mask, token, pos)
+        (dlatent,) = torch.autograd.grad(x, latent, torch.ones_like(x))
+    assert not v[0, 0].any() and not v[1, 2].any() and not dlatent[0, 0].any() and not dlatent[1, 2].any()
+    hidden = mask.bool()
+    assert not grad[:, :-1][hidden].any()  # the hidden rows' zeros are written whatever keep holds

@@ -20,7 +20,9 @@ gradients: zeros, scatter-adds, slices, sums, casts).
   partial d token (Σ_b Σ_p mask · dx) — summed over the position tiles by
   :func:`mlit_kernels.attention.kernels._attn_sum_splits_kernel`.
 
-No atomics, no host reads: bitwise reproducible and capturable. keep and mask get no gradient.
+No atomics, no host reads: bitwise reproducible and capturable. keep and mask get no gradient; a
+keep entry outside [0, P) is skipped (its row reads as zeros, nothing is written for it), never
+an out-of-range access — checking the range would need a host read.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ SUM_BLOCK = 1024  # token-gradient entries a program of the split sum adds
 
 
 @triton.jit
+def _rows_of(keep_ptr, b, stride_keep, js, K, P):
+    """The patch rows of slots js of image b: keep[b, j] for j < K, P (the dummy) for j = K; and
+    which are real rows (j <= K, and a keep entry inside [0, P): an out-of-range entry is skipped,
+    never an out-of-range access)."""
+    idx = tl.load(keep_ptr + b * stride_keep + js, mask=js < K, other=0)
+    row = tl.where(js < K, idx, P)
+    return row, (js <= K) & (row >= 0) & ((row < P) | (js == K))
+
+
+@triton.jit
 def _encoder_input_fwd_kernel(tokens_ptr, keep_ptr, v_ptr, K, P, D, stride_keep, BLOCK_P: tl.constexpr,
                               BLOCK_D: tl.constexpr):
     """tokens (B, P+1, D), keep (B, K) int64 (rows ``stride_keep`` apart) → v (B, K+1, D); one
@@ -47,10 +59,10 @@ def _encoder_input_fwd_kernel(tokens_ptr, keep_ptr, v_ptr, K, P, D, stride_keep,
     cmask = cols < D
     for j0 in range(0, K + 1, BLOCK_P):
         js = j0 + tl.arange(0, BLOCK_P)
-        src = tl.where(js < K, tl.load(keep_ptr + b * stride_keep + js, mask=js < K, other=0), P)
-        m2 = (js < K + 1)[:, None] & cmask[None, :]
-        v = tl.load(tokens_ptr + (b * (P + 1) + src)[:, None] * D + cols[None, :], mask=m2, other=0.0)
-        tl.store(v_ptr + (b * (K + 1) + js)[:, None] * D + cols[None, :], v, mask=m2)
+        src, ok = _rows_of(keep_ptr, b, stride_keep, js, K, P)
+        v = tl.load(tokens_ptr + (b * (P + 1) + src)[:, None] * D + cols[None, :], mask=ok[:, None] & cmask[None, :],
+                    other=0.0)
+        tl.store(v_ptr + (b * (K + 1) + js)[:, None] * D + cols[None, :], v, mask=(js <= K)[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -63,8 +75,8 @@ def _encoder_input_bwd_kernel(dv_ptr, keep_ptr, mask_ptr, dtokens_ptr, K, P, D, 
     cmask = cols < D
     for j0 in range(0, K + 1, BLOCK_P):  # the kept patches and, as row K, the dummy
         js = j0 + tl.arange(0, BLOCK_P)
-        dest = tl.where(js < K, tl.load(keep_ptr + b * stride_keep + js, mask=js < K, other=0), P)
-        m2 = (js < K + 1)[:, None] & cmask[None, :]
+        dest, ok = _rows_of(keep_ptr, b, stride_keep, js, K, P)
+        m2 = ok[:, None] & cmask[None, :]
         g = tl.load(dv_ptr + (b * (K + 1) + js)[:, None] * D + cols[None, :], mask=m2, other=0.0)
         tl.store(dtokens_ptr + (b * (P + 1) + dest)[:, None] * D + cols[None, :], g, mask=m2)
     for p0 in range(0, P, BLOCK_P):  # the hidden patches
@@ -86,9 +98,8 @@ def _decoder_input_fwd_kernel(latent_ptr, keep_ptr, mask_ptr, token_ptr, pos_ptr
     token = tl.load(token_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for j0 in range(0, K + 1, BLOCK_P):  # the visible patches and, as row K, the dummy
         js = j0 + tl.arange(0, BLOCK_P)
-        jmask = js < K + 1
-        dest = tl.where(js < K, tl.load(keep_ptr + b * stride_keep + js, mask=js < K, other=0), P)
-        m2 = jmask[:, None] & cmask[None, :]
+        dest, ok = _rows_of(keep_ptr, b, stride_keep, js, K, P)
+        m2 = ok[:, None] & cmask[None, :]
         v = tl.load(latent_ptr + (b * (K + 1) + js)[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_POS:
             v += tl.load(pos_ptr + dest[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -115,11 +126,11 @@ def _decoder_input_bwd_kernel(dx_ptr, keep_ptr, mask_ptr, dlatent_ptr, dpos_ptr,
         b = pid.to(tl.int64)
         for j0 in range(0, K + 1, BLOCK_P):
             js = j0 + tl.arange(0, BLOCK_P)
-            src = tl.where(js < K, tl.load(keep_ptr + b * stride_keep + js, mask=js < K, other=0), P)
-            m2 = (js < K + 1)[:, None] & cmask[None, :]
-            g = tl.load(dx_ptr + (b * (P + 1) + src)[:, None] * D + cols[None, :], mask=m2, other=0.0)
+            src, ok = _rows_of(keep_ptr, b, stride_keep, js, K, P)
+            g = tl.load(dx_ptr + (b * (P + 1) + src)[:, None] * D + cols[None, :], mask=ok[:, None] & cmask[None, :],
+                        other=0.0)
             tl.store(dlatent_ptr + (b * (K + 1) + js)[:, None] * D + cols[None, :],
-                     g.to(dlatent_ptr.dtype.element_ty), mask=m2)
+                     g.to(dlatent_ptr.dtype.element_ty), mask=(js <= K)[:, None] & cmask[None, :])
     else:
         tile = pid - B
         ps = tile * POS_BLOCK + tl.arange(0, POS_BLOCK)
@@ -269,8 +280,9 @@ def _rows(keep: Tensor) -> Tensor:
 
 def fused_encoder_input(tokens: Tensor, keep: Tensor, mask: Tensor) -> Tensor:
     """The encoder's input (module docstring) in one launch: tokens (B, P+1, D) the embedded patches
-    then the dummy, keep (B, K) int64 the kept patches, mask (B, P) 1 where hidden → (B, K+1, D).
-    Raises ValueError naming a bad argument."""
+    then the dummy, keep (B, K) int64 the kept patches, mask (B, P) 1 exactly where keep names no
+    patch (as :func:`mlit.models.mae.random_masking` gives them) → (B, K+1, D). Raises ValueError
+    naming a bad argument."""
     if tokens.dim() != 3 or not tokens.is_floating_point():
         raise ValueError(f"tokens must be a (B, P+1, D) float tensor, got {tokens.dtype} {tuple(tokens.shape)}")
     b, p1, d = tokens.shape
@@ -284,8 +296,9 @@ def fused_encoder_input(tokens: Tensor, keep: Tensor, mask: Tensor) -> Tensor:
 
 def fused_decoder_input(latent: Tensor, keep: Tensor, mask: Tensor, token: Tensor, pos: Tensor | None) -> Tensor:
     """The decoder's input (module docstring) in one launch: latent (B, K+1, D) the encoded visible
-    tokens then the dummy, keep (B, K) int64 their patch indices, mask (B, P) 1 where hidden, token
-    (D,) the mask token, pos (P+1, D) or None. Raises ValueError naming a bad argument."""
+    tokens then the dummy, keep (B, K) int64 their patch indices, mask (B, P) 1 exactly where keep
+    names no patch, token (D,) the mask token, pos (P+1, D) or None. Raises ValueError naming a bad
+    argument."""
     if latent.dim() != 3 or not latent.is_floating_point():
         raise ValueError(f"latent must be a (B, K+1, D) float tensor, got {latent.dtype} {tuple(latent.shape)}")
     b, k1, d = latent.shape

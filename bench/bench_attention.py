@@ -25,10 +25,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bench_moe import CUDA, DEVICE, time_mode  # the same timing as the MoE layer's
+
 from mlit.models import GroupedQueryAttention
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 SHAPES = {"S-144-8-4": (144, 8, 4), "XS-128-8-4": (128, 8, 4), "XXS-108-6-3": (108, 6, 3)}
 TOKENS = {"cls-256x145": (256, 145), "mae-1280x37": (1280, 37)}
 CPU_SEQUENCES = 8
@@ -69,18 +69,4 @@ def test_attention_half_block(benchmark, mode, shape, tokens, backend):
     block = make_block(dim, heads, groups, backend)
     x = torch.randn(b if CUDA else CPU_SEQUENCES, n, dim, device=DEVICE, requires_grad=mode == "fwd+bwd")
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else "cpu", tokens=x.shape[0] * n)
-
-    def step():
-        with torch.autocast(DEVICE, dtype=torch.float16, enabled=CUDA):
-            y = block(x)
-        if mode == "fwd+bwd":
-            y.float().square().mean().backward()
-        if CUDA:
-            torch.cuda.synchronize()
-
-    rounds = {"rounds": 20, "warmup_rounds": 3} if CUDA else {"rounds": 3, "warmup_rounds": 1}
-    if mode == "fwd":
-        with torch.no_grad():
-            benchmark.pedantic(step, **rounds)
-    else:
-        benchmark.pedantic(step, **rounds)
+    time_mode(benchmark, mode, lambda: block(x), lambda y: y.float().square().mean())

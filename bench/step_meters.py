@@ -76,8 +76,8 @@ AUGMENT_BUDGET = 20
 # more (195 / 240 / 285 / 309, finetune 255, eval 86); the dense MoE kernels with the norm and
 # residual folded in, the one-launch loss and patch embedding 45-60 more (144 / 177 / 210 / 250,
 # finetune 204, eval 63); the head and the MAE's projections as norm + linear, the metrics vector,
-# the MAE loss and decoder input in kernels, and evaluation without the aux loss the rest
-# (133 / 166 / 199 / 197, finetune 193, eval 35).
+# the MAE loss and token shuffles in kernels, and evaluation without the aux loss the rest
+# (133 / 166 / 199 / 192, finetune 193, eval 35).
 STEP_BUDGETS = {"mLiT-XXS train": 136, "mLiT-XS train": 169, "mLiT-S train": 200, "mmLiT-XXS pretrain": 200,
                 "mmLiT-XXS finetune": 196}
 EVAL_BUDGET = 38  # the mLiT-XXS evaluation forward

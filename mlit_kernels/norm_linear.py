@@ -26,16 +26,10 @@ import triton
 from torch import Tensor
 
 from .attention.kernels import _attn_sum_splits_kernel, _ln_qkv_bwd_kernel, _ln_qkv_fwd_kernel
-from .attention.launch import BLOCK_E, BLOCK_M, MAX_DIM, SUM_BLOCK, Shape, precision
+from .attention.launch import BLOCK_E, BLOCK_M, MAX_DIM, SUM_BLOCK, precision, weight_splits
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NUM_WARPS = 4
-
-
-def _splits(m: int) -> tuple[int, int]:
-    """(splits, rows per split) of the weight-gradient sums over m rows (the attention block's rule)."""
-    shape = Shape(1, m, 1, 1, 1)
-    return shape.splits, shape.rows_per_split
 
 
 @torch.library.custom_op("mlit::norm_linear", mutates_args=())
@@ -71,7 +65,7 @@ def _norm_linear_backward_op(dy: Tensor, x: Tensor, ln_w: Tensor, ln_b: Tensor, 
     grads = torch.empty(numel, device=x.device, dtype=w.dtype)
     if not m:
         return dx, grads.zero_()
-    splits, rows_per_split = _splits(m)
+    splits, rows_per_split = weight_splits(m)
     part = torch.empty(splits, numel, device=x.device, dtype=torch.float32)
     _ln_qkv_bwd_kernel[(splits + triton.cdiv(m, BLOCK_M),)](
         x, x, ln_w, ln_b, w, mean, rstd, dy, dx, part, m, d, e, splits, rows_per_split, numel, x.stride(0),

@@ -33,10 +33,10 @@ import triton.language as tl
 from torch import Tensor
 
 from mlit_kernels.attention.kernels import _attn_sum_splits_kernel
+from mlit_kernels.attention.launch import SUM_BLOCK
 
 BLOCK_P = 16  # rows a forward / per-image backward program step handles
 POS_BLOCK = 4  # positions a backward position program sums over the images (37 programs at 145)
-SUM_BLOCK = 1024  # token-gradient entries a program of the split sum adds
 
 
 @triton.jit
@@ -273,6 +273,15 @@ def _check_masking(b: int, keep: Tensor, mask: Tensor) -> None:
         raise ValueError(f"mask must be a float (B={b}, P >= K) tensor, got {mask.dtype} {tuple(mask.shape)}")
 
 
+def _check_tokens(name: str, t: Tensor, rows: str) -> tuple[int, int, int]:
+    """t's shape (B, rows, D), once t is a 3-D float tensor of at most 1024 features."""
+    if t.dim() != 3 or not t.is_floating_point():
+        raise ValueError(f"{name} must be a (B, {rows}, D) float tensor, got {t.dtype} {tuple(t.shape)}")
+    if t.shape[2] > 1024:
+        raise ValueError(f"{name}: at most 1024 features (one register tile a row), got {t.shape[2]}")
+    return tuple(t.shape)
+
+
 def _rows(keep: Tensor) -> Tensor:
     """keep with unit column stride (its rows may stay any stride apart: no copy for a slice)."""
     return keep if keep.stride(1) == 1 else keep.contiguous()
@@ -283,14 +292,10 @@ def fused_encoder_input(tokens: Tensor, keep: Tensor, mask: Tensor) -> Tensor:
     then the dummy, keep (B, K) int64 the kept patches, mask (B, P) 1 exactly where keep names no
     patch (as :func:`mlit.models.mae.random_masking` gives them) → (B, K+1, D). Raises ValueError
     naming a bad argument."""
-    if tokens.dim() != 3 or not tokens.is_floating_point():
-        raise ValueError(f"tokens must be a (B, P+1, D) float tensor, got {tokens.dtype} {tuple(tokens.shape)}")
-    b, p1, d = tokens.shape
+    b, p1, _ = _check_tokens("tokens", tokens, "P+1")
     _check_masking(b, keep, mask)
     if mask.shape[1] != p1 - 1:
         raise ValueError(f"mask must have shape ({b}, {p1 - 1}), got {tuple(mask.shape)}")
-    if d > 1024:
-        raise ValueError(f"tokens: at most 1024 features (one register tile a row), got {d}")
     return encoder_input(tokens.contiguous(), _rows(keep), mask.contiguous())
 
 
@@ -299,9 +304,7 @@ def fused_decoder_input(latent: Tensor, keep: Tensor, mask: Tensor, token: Tenso
     tokens then the dummy, keep (B, K) int64 their patch indices, mask (B, P) 1 exactly where keep
     names no patch, token (D,) the mask token, pos (P+1, D) or None. Raises ValueError naming a bad
     argument."""
-    if latent.dim() != 3 or not latent.is_floating_point():
-        raise ValueError(f"latent must be a (B, K+1, D) float tensor, got {latent.dtype} {tuple(latent.shape)}")
-    b, k1, d = latent.shape
+    b, k1, d = _check_tokens("latent", latent, "K+1")
     _check_masking(b, keep, mask)
     if keep.shape[1] != k1 - 1:
         raise ValueError(f"keep must have shape ({b}, {k1 - 1}), got {tuple(keep.shape)}")
@@ -310,8 +313,6 @@ def fused_decoder_input(latent: Tensor, keep: Tensor, mask: Tensor, token: Tenso
         raise ValueError(f"token must hold {d} values, got {tuple(token.shape)}")
     if pos is not None and pos.numel() != (p + 1) * d:
         raise ValueError(f"pos must hold ({p + 1}, {d}) values, got {tuple(pos.shape)}")
-    if d > 1024:
-        raise ValueError(f"latent: at most 1024 features (one register tile a row), got {d}")
     return decoder_input(latent.contiguous(), _rows(keep), mask.contiguous(), token.reshape(d),
                          None if pos is None else pos.reshape(p + 1, d))
 

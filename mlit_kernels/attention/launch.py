@@ -43,6 +43,14 @@ TUNER: LaunchTuner[Config] = LaunchTuner("mlit_kernels.attention", CONFIGS)
 force_config = TUNER.force  # ``with force_config(Config(4)):`` runs the block's kernels with 4 warps
 
 
+def weight_splits(rows: int) -> tuple[int, int]:
+    """(splits, rows per split) of the weight-gradient sums over ``rows`` token rows: at most
+    MAX_SPLITS splits of whole BLOCK_M tiles, from the row count alone."""
+    tiles = max(1, triton.cdiv(rows, BLOCK_M))
+    rows_per_split = triton.cdiv(tiles, min(MAX_SPLITS, tiles)) * BLOCK_M
+    return max(1, triton.cdiv(rows, rows_per_split)), rows_per_split
+
+
 @dataclass(frozen=True)
 class Shape:
     """B sequences of n tokens of width D; H query heads of HD columns in G groups."""
@@ -72,12 +80,11 @@ class Shape:
 
     @property
     def splits(self) -> int:
-        return max(1, triton.cdiv(self.N, self.rows_per_split))
+        return weight_splits(self.N)[0]
 
     @property
     def rows_per_split(self) -> int:
-        tiles = max(1, triton.cdiv(self.N, BLOCK_M))
-        return triton.cdiv(tiles, min(MAX_SPLITS, tiles)) * BLOCK_M
+        return weight_splits(self.N)[1]
 
     def grad_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Layout of the flat weight gradient: dW_qkv (E, D), db_qkv (E,), dγ (D,), dβ (D,),
@@ -183,5 +190,5 @@ def block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, nu
     return dx, grads
 
 
-__all__ = ["block_forward", "block_backward", "split_grads", "Shape", "Config", "CONFIGS", "TUNER", "force_config",
-           "BLOCK_M", "BLOCK_N", "BLOCK_E", "PROJ_ROWS", "SUM_BLOCK", "MAX_DIM", "MAX_HEAD_DIM"]
+__all__ = ["block_forward", "block_backward", "split_grads", "weight_splits", "Shape", "Config", "CONFIGS", "TUNER",
+           "force_config", "BLOCK_M", "BLOCK_N", "BLOCK_E", "PROJ_ROWS", "SUM_BLOCK", "MAX_DIM", "MAX_HEAD_DIM"]

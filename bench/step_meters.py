@@ -25,7 +25,11 @@ graph; the batch gather and the graph launch are eager launches) and uncaptured 
 Minimum bytes: the fp32 weights read by the forward and by the backward, the fp32 gradients
 written, AdamW reading weights, gradients and both moments and writing weights and moments
 (10 × 4 bytes a parameter in all), the activations autograd saves for the backward written once
-and read once (as this implementation saves them), and the uint8 batch read once.
+and read once (as this implementation saves them), and the uint8 batch read once. That minimum
+is a step fused into a single kernel; a step that runs one transformer layer at a time also
+reads each layer's input once in the forward and writes and reads the residual stream's
+gradient once at each layer boundary (what the layer meters' minimum counts for one layer: dy
+read, dx written): the "layer-at-a-time minimum" adds those 3 passes over every layer's input.
 
     python bench/step_meters.py            # the launch table (also part of `python bench/meters.py`)
     python bench/step_meters.py --h100     # + the modelled H100 table at batch 256 (seconds with the Triton backend)
@@ -34,6 +38,7 @@ and read once (as this implementation saves them), and the uint8 batch read once
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -48,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlit_kernels.meter import H100, Meter, saved_for_backward  # noqa: E402
 
-from mlit.models import GroupedQueryAttention  # noqa: E402
+from mlit.models import GroupedQueryAttention, MoETransformerLayer  # noqa: E402
 from mlit.profile import component_of  # noqa: E402
 from mlit.train.recipes import get_recipe  # noqa: E402
 from mlit.train.step import Trainer  # noqa: E402
@@ -200,6 +205,7 @@ class ModelRow:
     flops: int
     seconds_captured: float
     seconds_uncaptured: float
+    min_layer_bytes: int = 0  # the layer-at-a-time minimum (module docstring)
     part_seconds: dict[str, float] = field(default_factory=dict)  # captured, by part of PARTS ("loss" in "other")
 
     @property
@@ -218,12 +224,33 @@ def min_step_bytes(trainer: Trainer, saved_bytes: int, images: torch.Tensor, lab
     return 10 * params + 2 * saved_bytes + batch
 
 
+class layer_inputs(contextlib.AbstractContextManager):
+    """``with layer_inputs(model) as inputs:`` — ``inputs.bytes``: the bytes of every transformer
+    layer's input (the residual stream entering it) in the forward passes run inside."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.bytes = 0
+        self._layers = [m for m in model.modules() if isinstance(m, MoETransformerLayer)]
+        self._handles = []
+
+    def _add(self, _module, args) -> None:
+        self.bytes += args[0].numel() * args[0].element_size()
+
+    def __enter__(self):
+        self._handles = [layer.register_forward_pre_hook(self._add) for layer in self._layers]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
 def model_row(case: str, recipe_name: str, size: str, batch: int = MODEL_BATCH) -> ModelRow:
     """Meter a later step at ``batch`` (the first, dry too, creates the optimizer state) and model it."""
     trainer, images, labels = make_trainer(recipe_name, size, batch)
     with Meter(dry_run=True):
         trainer.train_step(images, labels)
-    with Meter(dry_run=True) as meter, saved_for_backward() as saved:
+    with Meter(dry_run=True) as meter, saved_for_backward() as saved, layer_inputs(trainer.raw_model) as inputs:
         handles = _attach_sections(trainer, meter)
         try:
             trainer.train_step(images, labels)
@@ -236,9 +263,10 @@ def model_row(case: str, recipe_name: str, size: str, batch: int = MODEL_BATCH) 
     with Meter(dry_run=True) as gather:  # eager launches around a captured step: the gather, then the replay
         trainer.batch(images, labels, perm)
     eager = (gather.launches + 1) * H100.launch_uncaptured
-    return ModelRow(case, batch, meter.launches, meter.syncs, meter.bytes,
-                    min_step_bytes(trainer, saved.bytes, images, labels), meter.flops,
-                    meter.seconds(H100, captured=True) + eager, meter.seconds(H100, captured=False), part_seconds)
+    min_bytes = min_step_bytes(trainer, saved.bytes, images, labels)
+    return ModelRow(case, batch, meter.launches, meter.syncs, meter.bytes, min_bytes, meter.flops,
+                    meter.seconds(H100, captured=True) + eager, meter.seconds(H100, captured=False),
+                    min_bytes + 3 * inputs.bytes, part_seconds)
 
 
 def model_rows(batch: int = MODEL_BATCH, cases=MODEL_CASES) -> list[ModelRow]:
@@ -252,15 +280,17 @@ def model_rows(batch: int = MODEL_BATCH, cases=MODEL_CASES) -> list[ModelRow]:
 
 def model_table(rows: list[ModelRow], markdown: bool = False) -> str:
     """The modelled H100 table of :func:`model_rows`."""
-    head = ["training step", "batch", "launches", "syncs", "GB", "min GB", "× min", "GFLOP", "H100 ms captured",
-            "img/s captured", "H100 ms uncaptured", "img/s uncaptured"]
+    head = ["training step", "batch", "launches", "syncs", "GB", "min GB", "× min", "× layer-at-a-time min", "GFLOP",
+            "H100 ms captured", "img/s captured", "H100 ms uncaptured", "img/s uncaptured"]
     lines = [[r.case, str(r.batch), str(r.launches), str(r.syncs), f"{r.bytes / 1e9:.2f}", f"{r.min_bytes / 1e9:.2f}",
-              f"{r.bytes / r.min_bytes:.2f}", f"{r.flops / 1e9:.0f}", f"{r.seconds_captured * 1e3:.3f}",
+              f"{r.bytes / r.min_bytes:.2f}", f"{r.bytes / r.min_layer_bytes:.2f}", f"{r.flops / 1e9:.0f}", f"{r.seconds_captured * 1e3:.3f}",
               f"{r.images_per_s_captured:,.0f}", f"{r.seconds_uncaptured * 1e3:.3f}",
               f"{r.images_per_s_uncaptured:,.0f}"] for r in rows]
     note = (f"modelled {H100.name}: per launch max(launch, bytes / {H100.bandwidth / 1e12:.2f} TB/s, FLOPs / "
             f"{H100.peak_flops / 1e12:.0f} TFLOP/s), launch {H100.launch_captured * 1e6:.1f} µs captured "
-            f"(+ the eager gather and graph launch) / {H100.launch_uncaptured * 1e6:.0f} µs uncaptured")
+            f"(+ the eager gather and graph launch) / {H100.launch_uncaptured * 1e6:.0f} µs uncaptured; min: a step "
+            f"fused into one kernel; layer-at-a-time min: + every layer's input read once forward and its "
+            f"gradient written and read once")
     return _format(head, lines, note, markdown)
 
 

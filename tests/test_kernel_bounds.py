@@ -1,4 +1,4 @@
-"""Every masked-in load and store of the MoE kernels stays inside its tensors, and no kernel reads
+"""Every masked-in load and store of the MoE and attention-block kernels stays inside its tensors, and no kernel reads
 memory nobody wrote — checked under the CPU interpreter (tests/bounds.py), at every configuration.
 
 What a GPU would report as an illegal memory access (the dense kernels' first GPU launch did, on an
@@ -21,6 +21,8 @@ import triton.language as tl  # noqa: E402
 from bounds import checked_kernels  # noqa: E402
 
 from mlit_kernels import SharedSwiGLUMoE  # noqa: E402
+from mlit_kernels.attention import CONFIGS as ATTENTION_CONFIGS  # noqa: E402
+from mlit_kernels.attention import attention_block, force_config  # noqa: E402
 from mlit_kernels.common.tiling import interpreting  # noqa: E402
 from mlit_kernels.dense import launch as dense_launch  # noqa: E402
 from mlit_kernels.dispatch import launch as dispatch_launch  # noqa: E402
@@ -78,3 +80,20 @@ def test_layer_kernels_stay_in_bounds_at_every_configuration(case):
         grads = [x.grad] + [p.grad for p in layer.parameters()]
         assert torch.isfinite(y).all() and torch.isfinite(aux), config  # nothing read that nobody wrote
         assert all(g is not None and torch.isfinite(g).all() for g in grads), config
+
+
+@pytest.mark.parametrize("B, n, D, H, G", [(2, 37, 54, 3, 1), (9, 33, 32, 4, 2)])  # 9 × 33 tokens: 10 splits
+def test_attention_block_kernels_stay_in_bounds_at_every_configuration(B, n, D, H, G):
+    """The block's forward and backward, each backward kernel writing its own columns of the
+    weight-gradient partial sums (a strided view of one buffer)."""
+    g = torch.Generator().manual_seed(0)
+    E = D + 2 * G * (D // H)
+    for config in ATTENTION_CONFIGS:
+        x = torch.randn(B, n, D, generator=g, dtype=torch.float16).requires_grad_()
+        weights = [torch.randn(*shape, generator=g).mul_(0.1).requires_grad_()
+                   for shape in ((D,), (D,), (E, D), (E,), (D, D), (D,))]
+        with checked_kernels(), force_config(config):
+            y = attention_block(x, *weights, H, G)
+            y.float().square().mean().backward()
+        grads = [x.grad] + [w.grad for w in weights]
+        assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in grads), config

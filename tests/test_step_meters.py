@@ -66,6 +66,8 @@ def test_modelled_h100_row():
     row = step_meters.model_row("mLiT-XXS train", "table6-cifar10", "XXS", batch=2)
     assert row.syncs == 0 and row.launches <= step_meters.STEP_BUDGETS["mLiT-XXS train"]
     assert row.bytes > row.min_bytes > 0 and row.flops > 0
+    # the layer-at-a-time minimum: 3 passes over each of the 9 layers' fp32 inputs (2 images × 145 tokens × 108)
+    assert row.min_layer_bytes - row.min_bytes == 3 * 9 * 2 * 145 * 108 * 4
     floor = 1 - 1e-9  # a sum of launch costs alone (every launch launch-bound at batch 2) rounds below the product
     assert row.seconds_captured >= row.launches * H100.launch_captured * floor
     assert row.seconds_uncaptured >= row.launches * H100.launch_uncaptured * floor > row.seconds_captured

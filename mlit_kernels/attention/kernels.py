@@ -143,10 +143,11 @@ def _attn_fwd_kernel(qkv_ptr, x_ptr, pw_ptr, pb_ptr, o_ptr, lse_ptr, y_ptr, n_to
 
 @triton.jit
 def _proj_bwd_kernel(dy_ptr, o_ptr, pw_ptr, do_ptr, delta_ptr, part_ptr, N, D, H, HD, splits, rows_per_split, P,
-                     wp_off, D_PAD: tl.constexpr, HD_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     D_PAD: tl.constexpr, HD_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
                      DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
     """dy (N, D), o (N, D), W_proj (D, D) → dO = dy W_proj (N, D) DTYPE, Δ (N, H) fp32, and the
-    partial dW_proj (D, D), db_proj (D,) fp32 of every split at ``part[split, wp_off:]``.
+    partial dW_proj (D, D), db_proj (D,) fp32 of every split at ``part[split, :D·D + D]`` (rows P
+    apart: the caller passes the dW_proj columns of the block's partial-sum buffer).
     Grid: (splits + token tiles,): the first ``splits`` programs sum the weight gradients of their
     rows, ROWS at a time; the others compute dO and Δ of BLOCK_M tokens, every head."""
     pid = tl.program_id(0)
@@ -157,7 +158,7 @@ def _proj_bwd_kernel(dy_ptr, o_ptr, pw_ptr, do_ptr, delta_ptr, part_ptr, N, D, H
     if pid < splits:
         r0 = pid * rows_per_split
         r_end = tl.minimum(r0 + rows_per_split, N)
-        part = part_ptr + pid * P + wp_off
+        part = part_ptr + pid * P
         for h in range(H):
             dw = tl.zeros((D_PAD, HD_PAD), tl.float32)
             for t0 in range(r0, r_end, ROWS):

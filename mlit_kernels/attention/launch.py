@@ -169,18 +169,18 @@ def block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, nu
     pads = shape.pads
     kv_tiles = triton.cdiv(n, BLOCK_N)
     tiles = triton.cdiv(shape.N, BLOCK_M)  # token tiles of the per-token programs
-    wp_off = shape.E * D + shape.E + 2 * D
+    wp_off = shape.E * D + shape.E + 2 * D  # each kernel gets the columns of the partial sums it writes
 
     def launch(config: Config):
         w = config.num_warps
         _proj_bwd_kernel[(shape.splits + tiles,)](
-            dy2, o, proj_w, d_o, delta, part, shape.N, D, num_heads, shape.HD, shape.splits, shape.rows_per_split,
-            shape.grad_numel, wp_off, **pads, ROWS=PROJ_ROWS, BLOCK_M=BLOCK_M, **consts, num_warps=w)
+            dy2, o, proj_w, d_o, delta, part[:, wp_off:], shape.N, D, num_heads, shape.HD, shape.splits,
+            shape.rows_per_split, shape.grad_numel, **pads, ROWS=PROJ_ROWS, BLOCK_M=BLOCK_M, **consts, num_warps=w)
         _attn_bwd_kernel[(kv_tiles + triton.cdiv(n, BLOCK_M), B)](
             qkv, d_o, lse, delta, dqkv, n, D, shape.E, num_heads, num_groups, shape.HD, 1.0 / shape.HD ** 0.5,
             kv_tiles, HD_PAD=pads["HD_PAD"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **consts, num_warps=w)
         _ln_qkv_bwd_kernel[(shape.splits + tiles,)](
-            x2, dy2, ln_w, ln_b, qkv_w, mean, rstd, dqkv, dx, part, shape.N, D, shape.E, shape.splits,
+            x2, dy2, ln_w, ln_b, qkv_w, mean, rstd, dqkv, dx, part[:, :wp_off], shape.N, D, shape.E, shape.splits,
             shape.rows_per_split, shape.grad_numel, D, D_PAD=pads["D_PAD"], BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E,
             **consts, HAS_RESIDUAL=True, num_warps=w)
         _attn_sum_splits_kernel[(triton.cdiv(shape.grad_numel, SUM_BLOCK),)](

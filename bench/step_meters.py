@@ -205,7 +205,7 @@ class ModelRow:
     flops: int
     seconds_captured: float
     seconds_uncaptured: float
-    min_layer_bytes: int = 0  # the layer-at-a-time minimum (module docstring)
+    min_layer_bytes: int  # the layer-at-a-time minimum (module docstring)
     part_seconds: dict[str, float] = field(default_factory=dict)  # captured, by part of PARTS ("loss" in "other")
 
     @property
@@ -283,8 +283,8 @@ def model_table(rows: list[ModelRow], markdown: bool = False) -> str:
     head = ["training step", "batch", "launches", "syncs", "GB", "min GB", "× min", "× layer-at-a-time min", "GFLOP",
             "H100 ms captured", "img/s captured", "H100 ms uncaptured", "img/s uncaptured"]
     lines = [[r.case, str(r.batch), str(r.launches), str(r.syncs), f"{r.bytes / 1e9:.2f}", f"{r.min_bytes / 1e9:.2f}",
-              f"{r.bytes / r.min_bytes:.2f}", f"{r.bytes / r.min_layer_bytes:.2f}", f"{r.flops / 1e9:.0f}", f"{r.seconds_captured * 1e3:.3f}",
-              f"{r.images_per_s_captured:,.0f}", f"{r.seconds_uncaptured * 1e3:.3f}",
+              f"{r.bytes / r.min_bytes:.2f}", f"{r.bytes / r.min_layer_bytes:.2f}", f"{r.flops / 1e9:.0f}",
+              f"{r.seconds_captured * 1e3:.3f}", f"{r.images_per_s_captured:,.0f}", f"{r.seconds_uncaptured * 1e3:.3f}",
               f"{r.images_per_s_uncaptured:,.0f}"] for r in rows]
     note = (f"modelled {H100.name}: per launch max(launch, bytes / {H100.bandwidth / 1e12:.2f} TB/s, FLOPs / "
             f"{H100.peak_flops / 1e12:.0f} TFLOP/s), launch {H100.launch_captured * 1e6:.1f} µs captured "

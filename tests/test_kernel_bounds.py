@@ -1,5 +1,6 @@
-"""Every masked-in load and store of the MoE and attention-block kernels stays inside its tensors, and no kernel reads
-memory nobody wrote — checked under the CPU interpreter (tests/bounds.py), at every configuration.
+"""Every masked-in load and store of the MoE and attention-block kernels stays inside its tensors,
+and no kernel reads memory nobody wrote — checked under the CPU interpreter (tests/bounds.py), at
+every configuration.
 
 What a GPU would report as an illegal memory access (the dense kernels' first GPU launch did, on an
 H200 with Triton 3.6, 2026-12-04) shows here as an AssertionError naming the kernel, when the

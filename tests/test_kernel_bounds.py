@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from bounds import checked_kernels  # noqa: E402
+from test_attention_block import _inputs  # noqa: E402  (the block's weights, as its reference test makes them)
 
 from mlit_kernels import SharedSwiGLUMoE  # noqa: E402
 from mlit_kernels.attention import CONFIGS as ATTENTION_CONFIGS  # noqa: E402
@@ -87,14 +88,12 @@ def test_layer_kernels_stay_in_bounds_at_every_configuration(case):
 def test_attention_block_kernels_stay_in_bounds_at_every_configuration(B, n, D, H, G):
     """The block's forward and backward, each backward kernel writing its own columns of the
     weight-gradient partial sums (a strided view of one buffer)."""
-    g = torch.Generator().manual_seed(0)
-    E = D + 2 * G * (D // H)
+    x0, weights0, dy = _inputs(B, n, D, H, G)
     for config in ATTENTION_CONFIGS:
-        x = torch.randn(B, n, D, generator=g, dtype=torch.float16).requires_grad_()
-        weights = [torch.randn(*shape, generator=g).mul_(0.1).requires_grad_()
-                   for shape in ((D,), (D,), (E, D), (E,), (D, D), (D,))]
+        x = x0.half().requires_grad_()
+        weights = [w.clone().requires_grad_() for w in weights0]
         with checked_kernels(), force_config(config):
             y = attention_block(x, *weights, H, G)
-            y.float().square().mean().backward()
+            y.backward(dy.half())
         grads = [x.grad] + [w.grad for w in weights]
         assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in grads), config

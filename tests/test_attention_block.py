@@ -82,15 +82,19 @@ def test_values_and_gradients(shape, dtype):
     assert max(errors.values()) < TOL[dtype], errors
 
 
-def test_every_config_bitwise_equal():
+def test_every_config_computes_the_same_block():
+    """Each tuning candidate (warps) forced: outputs and gradients within the fp16 tolerance of the
+    first candidate's, row by row (on a GPU the warps change the layouts, so the order of sums)."""
     B, n, D, H, G = 2, 37, 54, 6, 2
     x, weights, dy = _inputs(B, n, D, H, G, seed=1)
     results = []
     for config in CONFIGS:
         with force_config(config):
             results.append(_run(x, weights, dy, H, G, torch.float16))
+    assert len(results) > 1
     for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+        errors = {name: _row_error(b, a) for name, a, b in zip(NAMES, results[0], other)}
+        assert max(errors.values()) < TOL[torch.float16], errors
 
 
 def test_autocast_compute_dtype():

@@ -1,8 +1,12 @@
-"""The dense variant's results do not depend on the tuned configuration, and the tuner never times
-kernels inside CUDA-graph capture (issue 19, items 2 and 3).
+"""Every tuned configuration of the dense variant computes the same layer, and the tuner never
+times kernels inside CUDA-graph capture.
 
-Under Triton's interpreter (no GPU) every configuration is forced and forward and backward are
-compared bit for bit; the tuner's capture rule is checked with capture and timing stubbed.
+What is promised (docs/layer.md, "Repeatability"): one configuration on one machine repeats bit for
+bit; different configurations agree within the per-dtype tolerance, not bitwise — a different
+token tile changes how a GPU's MMA instruction and reduction layouts group the sums, and under
+Triton's interpreter ``tl.dot`` is ``np.matmul``, whose bits for a row depend on the tile's height.
+Here every configuration is forced under the interpreter and compared with the first per row; the
+tuner's capture rule is checked with capture and timing stubbed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import pytest
 import torch
 
 from mlit_kernels.common.tiling import interpreting
+from mlit_kernels.reference import max_row_error as row_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():
@@ -22,6 +27,8 @@ from mlit_kernels.common import tuning  # noqa: E402
 from mlit_kernels.common.tuning import LaunchTuner  # noqa: E402
 from mlit_kernels.dense import CONFIGS, force_config  # noqa: E402
 from mlit_kernels.functional import moe_triton  # noqa: E402
+
+TOL_FP16 = 1e-2  # the fp16 per-row tolerance of every kernel test (tests/test_kernels.py)
 
 
 def _forward_backward(n, m, d_h, t, k, dropout, norm=False):
@@ -43,10 +50,9 @@ def _forward_backward(n, m, d_h, t, k, dropout, norm=False):
 
 
 @pytest.mark.parametrize("norm", [False, True])
-def test_every_configuration_gives_the_same_bits(norm):
-    """Partial sums, weight-gradient splits and row steps are fixed by the shape: forcing each
-    tuning candidate gives bitwise-identical outputs and gradients (with a LayerNorm folded in
-    too: its weight and bias gradients are sums of fixed token groups)."""
+def test_every_configuration_computes_the_same_layer(norm):
+    """Forcing each tuning candidate: outputs and every gradient (with a LayerNorm folded in too)
+    within the fp16 tolerance of the first candidate's, row by row."""
     results = {}
     for config in CONFIGS:
         with force_config(config):
@@ -54,8 +60,8 @@ def test_every_configuration_gives_the_same_bits(norm):
             results[config] = _forward_backward(260, 40, 16, 3, 2, dropout=0.1, norm=norm)
     first = results[CONFIGS[0]]
     for config, outs in results.items():
-        differ = [i for i, (a, b) in enumerate(zip(first, outs)) if not torch.equal(a, b)]
-        assert not differ, f"{config} differs from {CONFIGS[0]} in outputs {differ} (0 y, 1 aux, 2 dx, 3.. grads)"
+        errors = [row_error(b, a) for a, b in zip(first, outs)]
+        assert max(errors) < TOL_FP16, f"{config} against {CONFIGS[0]}: {errors} (0 y, 1 aux, 2 dx, 3.. grads)"
 
 
 def test_tuner_uses_the_default_inside_capture(monkeypatch):

@@ -167,7 +167,9 @@ def test_routing_tables():
 
 @pytest.mark.parametrize("train", [True, False])
 def test_bad_token_stays_in_its_row(train):
-    """A NaN token: its row is NaN, every other row is exactly what it is without it, indices in [0, t)."""
+    """A NaN token at t = 16: its row is NaN and picks experts 0..k-1 (a NaN logit counts as −∞,
+    ties go to the lowest index); every other row is finite and equal to the run without it within
+    the fp32 tolerance, with the same routing; indices in [0, t)."""
     n, m, t, k = 40, 16, 16, 2
     params = {name: p.float().to(DEVICE) for name, p in make_params(m, 16, t, False, seed=5).items()}
     x = torch.randn(n, m, device=DEVICE)
@@ -176,7 +178,9 @@ def test_bad_token_stays_in_its_row(train):
     with torch.no_grad():
         clean, dirty = _forward(x, params, k, train), _forward(bad, params, k, train)
     others = torch.arange(n, device=DEVICE) != 7
-    assert torch.isnan(dirty[0][7]).all() and torch.equal(dirty[0][others], clean[0][others])
+    assert torch.isnan(dirty[0][7]).all() and torch.isfinite(dirty[0][others]).all()
+    assert row_error(dirty[0][others], clean[0][others]) < TOL[torch.float32]
+    assert torch.equal(dirty[2][others], clean[2][others])
     assert dirty[2].min() >= 0 and dirty[2].max() < t and torch.equal(dirty[2][7].cpu(), torch.tensor([0, 1],
                                                                                                      dtype=torch.int32))
 
@@ -195,9 +199,11 @@ def test_ties_pick_the_lowest_index():
 
 
 @pytest.mark.parametrize("recompute", [True, False])
-def test_every_config_gives_bitwise_the_same(monkeypatch, recompute):
-    """Every row tile of the tuning candidates (the interpreter ignores warps): forward and every
-    gradient bitwise equal, the weight gradients' intermediates recomputed or stored."""
+def test_every_config_computes_the_same_layer(monkeypatch, recompute):
+    """Every row tile of the tuning candidates (the interpreter ignores warps), the weight
+    gradients' intermediates recomputed or stored: forward and every gradient within the fp16
+    tolerance of the first tile's, row by row (not bitwise: a tile's height changes how the sums
+    are grouped, on a GPU and in numpy's matmul alike)."""
     monkeypatch.setattr(launch, "recompute_intermediates", lambda *args: recompute)
     n, m, t, k = 40, 16, 8, 2
     params = make_params(m, 16, t, True, seed=6)
@@ -206,9 +212,10 @@ def test_every_config_gives_bitwise_the_same(monkeypatch, recompute):
     for config in {c.block_r: c for c in launch.configs_for(m)}.values():
         with launch.force_config(config):
             runs.append([got for got, _ in run_both(x, params, k, True, torch.float16).values()])
+    assert len(runs) > 1
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+            assert row_error(b, a) < TOL[torch.float16]
 
 
 def test_dropout_in_the_combine():

@@ -1,8 +1,8 @@
-"""`mlit doctor`: on a CPU it runs every check through Triton's interpreter in under a minute of
-CPU time, prints one table, and exits non-zero when a kernel disagrees with the reference."""
+"""`mlit doctor`: on a CPU it runs every check through Triton's interpreter, prints one table, and
+exits non-zero when a kernel disagrees with the reference. (Its CPU time is a benchmark row,
+bench/bench_doctor.py, not a condition here.)"""
 
 import os
-import time
 
 import pytest
 import torch
@@ -16,17 +16,14 @@ from mlit_kernels import selfcheck  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run; on a GPU `mlit doctor` checks the device")
-def test_doctor_passes_on_the_cpu_in_under_a_minute(capsys):
-    start = time.process_time()
+def test_doctor_passes_on_the_cpu(capsys):
     assert cli.main(["doctor"]) == 0
-    cpu_seconds = time.process_time() - start
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out and "device: cpu" in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| check |") and len(table) == 2 + 8 + 4  # head, 2 shapes x 2 variants x 2, timings
     assert sum("| ok |" in line for line in table) == 8 and "all checks passed" in out
     assert sum("x reference |" in line for line in table) == 4
-    assert cpu_seconds < 60, f"{cpu_seconds:.0f} s of CPU time"
 
 
 def test_a_mismatch_is_a_failed_row_and_exit_status_1(monkeypatch, capsys):

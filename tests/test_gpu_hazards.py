@@ -10,7 +10,9 @@ timing), and approximate ``exp``. On a CUDA device this module checks:
   of the logits at the chosen indices, which are a top k, rows summing to 1;
 * for each forced configuration (every ``LaunchTuner`` / ``triton.autotune`` of the package, the
   i-th candidate of each at once), the layer's forward and backward run twice bitwise equal;
-  two fresh processes (each tuning by timing) give bitwise equal gradients;
+  two fresh processes running the same configuration give bitwise equal gradients; every
+  configuration agrees with the first within the fp16 tolerance, and how many of its tensors are
+  bitwise equal to the first's is reported (measured, not promised: docs/layer.md);
 * a CUDA graph captured on a tuning key never met (no warm-up at that key) runs and replays the
   eager result;
 * 10,000 images through the augmentation kernels against the torch path: crop-box differences
@@ -223,12 +225,30 @@ def forced_repeatability(shape: Shape, device, configurations=None) -> dict[int,
     return result
 
 
-def fresh_process_step(shape: Shape, device, out: Path) -> None:
-    """Run ``layer_step`` in a new Python process (tuning by timing, as a user's first call)
-    and save its tensors to ``out``."""
+def fresh_process_step(shape: Shape, device, out: Path, configuration: int = 0) -> None:
+    """Run ``layer_step`` at the forced ``configuration`` in a new Python process and save its
+    tensors to ``out``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, __file__, "step", "--shape", json.dumps(vars(shape)), "--device", str(device),
-                    "--out", str(out)], check=True, cwd=REPO, env=env, timeout=900)
+                    "--configuration", str(configuration), "--out", str(out)], check=True, cwd=REPO, env=env,
+                   timeout=900)
+
+
+def cross_configuration(shape: Shape, device, configurations=None) -> dict[int, dict]:
+    """For each forced configuration i > 0 (all by default): the positions of its tensors not
+    bitwise equal to configuration 0's, and its worst per-row error against them."""
+    from mlit_kernels.reference import max_row_error
+
+    layer, x = make_layer(shape, device)
+    with forced(0):
+        first = layer_step(layer, x)
+    result = {}
+    for i in configurations or range(1, configuration_count()):
+        with forced(i):
+            outs = layer_step(layer, x)
+        result[i] = dict(differing=differing(first, outs),
+                         max_row_error=max(max_row_error(b, a) for a, b in zip(first, outs) if a is not None))
+    return result
 
 
 @needs_cuda
@@ -243,11 +263,22 @@ def test_forced_configurations_repeat_bitwise(shape):
 @needs_cuda
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: s.variant)
 def test_two_fresh_processes_agree(shape, tmp_path):
+    """One configuration, two processes: bit for bit."""
     for name in ("a", "b"):
         fresh_process_step(shape, "cuda", tmp_path / f"{name}.pt")
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     _figures(f"fresh processes {shape.variant}", differing=differing(a, b))
     assert not differing(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: s.variant)
+def test_configurations_agree_within_tolerance(shape):
+    """Every configuration against the first: within the fp16 tolerance; the bitwise differences
+    are printed (docs/layer.md reports them), not asserted."""
+    result = cross_configuration(shape, "cuda")
+    _figures(f"cross-configuration bits {shape.variant}", **{f"config{i}": r for i, r in result.items()})
+    assert all(r["max_row_error"] < 1e-2 for r in result.values()), result
 
 
 @interpreted
@@ -261,7 +292,10 @@ def test_helpers_configurations_under_the_interpreter(tmp_path):
     assert not any(forced_repeatability(dispatch, "cpu", [0]).values())  # interpreter: one autotune config
     fresh_process_step(dense, "cpu", tmp_path / "fresh.pt")  # one fresh process (~12 s), against this one
     fresh = torch.load(tmp_path / "fresh.pt")
-    assert len(fresh) == 3 + 8 and not differing(fresh, layer_step(*make_layer(dense, "cpu")))
+    with forced(0):
+        assert len(fresh) == 3 + 8 and not differing(fresh, layer_step(*make_layer(dense, "cpu")))
+    last = cross_configuration(dense, "cpu", [configuration_count() - 1])
+    assert last[configuration_count() - 1]["max_row_error"] < 1e-2, last
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,6 +413,12 @@ def test_augmentation_kernels_are_the_torch_path():
     _figures("augmentation crop boxes (ramp images)", **crop)
     full = augmentation_differences("cuda", 10_000, 1000, "cifar10", images=natural_images(10_000))
     _figures("augmentation with AutoAugment cifar10 (natural images)", **full)
+    assert_augmentation(crop, full)
+
+
+def assert_augmentation(crop: dict, full: dict) -> None:
+    """No crop box moved; pixel differences (rounding of a bilinear sample that lands on a .5:
+    an fma rounded once or twice) in fewer than 0.2% of the values."""
     assert crop["crop_box_differences"] == 0, crop
     assert crop["pixel_fraction"] < 2e-3 and full["pixel_fraction"] < 2e-3, (crop, full)
 
@@ -386,9 +426,9 @@ def test_augmentation_kernels_are_the_torch_path():
 @interpreted
 def test_helpers_augmentation_under_the_interpreter():
     crop = augmentation_differences("cpu", 12, 6, None)
-    assert crop == dict(images=12, crop_box_differences=0, images_differing=0, pixel_fraction=0.0)
     full = augmentation_differences("cpu", 8, 8, "cifar10", images=natural_images(8))
-    assert full["images_differing"] == 0
+    assert crop["images"] == 12 and full["images"] == 8
+    assert_augmentation(crop, full)
 
 
 def test_ramp_images_reveal_a_moved_crop_box():
@@ -426,11 +466,13 @@ def main(argv=None) -> None:
     parser.add_argument("what", choices=("step", "capture"))
     parser.add_argument("--shape", required=True, help="a Shape as JSON")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--configuration", type=int, default=0, help="the forced configuration of 'step'")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     shape = Shape(**json.loads(args.shape))
     if args.what == "step":
-        torch.save([t.cpu() for t in layer_step(*make_layer(shape, args.device))], args.out)
+        with forced(args.configuration):
+            torch.save([t.cpu() for t in layer_step(*make_layer(shape, args.device))], args.out)
     else:
         print(json.dumps(capture_untuned(shape)))
 

@@ -90,13 +90,11 @@ def test_failed_and_timed_out_steps_do_not_stop_the_next(tmp_path):
                                                              "time.sleep(120)"])]),
         "good": gpu_run.Step("good", [gpu_run.Command([py, "-c", "print('| a | b |')"], stdout_to=ctx.out / "t.md")]),
     }
-    t0 = time.monotonic()
     records = gpu_run.run_steps(["bad", "slow", "good"], ctx, {"torch": "x"}, step_timeout={"": 20.0, "slow": 3.0},
                                 export_to=tmp_path / "exp", steps_for=lambda ctx: steps)
-    assert time.monotonic() - t0 < 30  # SIGTERM ended the sleeper at once; no grace period waited out
     assert records["bad"]["status"] == "failed" and records["bad"]["exit_status"] == [3, 0]
     assert "boom: bad input" in records["bad"]["error_tail"]
-    assert records["slow"]["status"] == "timed out" and records["slow"]["exit_status"] == [-15]
+    assert records["slow"]["status"] == "timed out" and records["slow"]["exit_status"] == [-15]  # ended by SIGTERM
     assert records["good"]["status"] == "ok" and records["good"]["exit_status"] == [0]
     assert (ctx.out / "t.md").read_text() == "| a | b |\n"  # a command's table, stdout alone
     assert "second command still runs" in (ctx.out / "bad.log").read_text()

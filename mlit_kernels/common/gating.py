@@ -222,9 +222,12 @@ def gate_from_selection_normed(x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, 
 
 
 @triton.jit
-def cv_grad(v_ptr, cols, col_ok, T, SQUARED: tl.constexpr, UNBIASED: tl.constexpr):
-    """d CV(v) / d v (BLOCK_T,) of the reference's coefficient of variation of v (T,) fp32:
-    cv² = var / (mean² + CV_EPS); the plain CV is sqrt(cv² + CV_EPS²). Zero for T = 1."""
+def cv_grad(v_ptr, scale, cols, col_ok, T, SQUARED: tl.constexpr, UNBIASED: tl.constexpr):
+    """scale · d CV(v) / d v (BLOCK_T,) of the reference's coefficient of variation of v (T,) fp32:
+    cv² = var / (mean² + CV_EPS); the plain CV is sqrt(cv² + CV_EPS²). Zero for T = 1, and zero
+    where ``scale`` (the loss weight times d aux) is 0 — the balancing loss not differentiated —
+    even when v is not finite: a NaN token's statistics must not reach the other tokens' gradients
+    through a term nobody asked for (0 · NaN)."""
     v = tl.load(v_ptr + cols, mask=col_ok, other=0.0)
     mean = tl.sum(v, axis=0) / T
     dev = tl.where(col_ok, v - mean, 0.0)
@@ -235,7 +238,8 @@ def cv_grad(v_ptr, cols, col_ok, T, SQUARED: tl.constexpr, UNBIASED: tl.constexp
     grad = (dvar * denom - var * 2.0 * mean / T) / (denom * denom)
     if not SQUARED:
         grad = grad / (2.0 * tl.sqrt(var / denom + _CV_EPS_SQUARED))
-    return tl.where(col_ok & (T > 1), grad, 0.0)
+    grad = tl.where(col_ok & (T > 1), grad, 0.0)
+    return tl.where(scale != 0, scale * grad, 0.0)
 
 
 @triton.jit

@@ -483,7 +483,7 @@ def _fused_bwd_tokens_kernel(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
         NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
     d_aux = tl.load(daux_ptr)
-    dg = tl.where(valid, (w_importance * d_aux) * cv_grad(stats_ptr, cols, col_ok, T, SQUARED, UNBIASED)[None, :], 0.0)
+    dg = tl.where(valid, cv_grad(stats_ptr, w_importance * d_aux, cols, col_ok, T, SQUARED, UNBIASED)[None, :], 0.0)
 
     # experts
     x = _input_rows_by_chunk(x_ptr, rows, row_ok, M, ln_w_ptr, ln_b_ptr, mean, rstd, NORM, STARTS, WIDTHS, DTYPE)
@@ -525,7 +525,7 @@ def _fused_bwd_tokens_kernel(
     clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection_normed(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
         NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)
-    d_load = (w_load * d_aux) * cv_grad(stats_ptr + T, cols, col_ok, T, SQUARED, UNBIASED)
+    d_load = cv_grad(stats_ptr + T, w_load * d_aux, cols, col_ok, T, SQUARED, UNBIASED)
     dclean, draw = gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, d_load, valid,
                               cols, NOISY, LOAD_P)
     gslot = rows[:, None].to(tl.int64) * 2 * T + cols[None, :]

@@ -299,7 +299,7 @@ def _gate_bwd_tile(tile, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
         NOISE_MODE, BLOCK_N, BLOCK_T)
     d_aux = tl.load(daux_ptr)
-    dg = tl.where(valid, (w_importance * d_aux) * cv_grad(stats_ptr, cols, col_ok, T, SQUARED, UNBIASED)[None, :], 0.0)
+    dg = tl.where(valid, cv_grad(stats_ptr, w_importance * d_aux, cols, col_ok, T, SQUARED, UNBIASED)[None, :], 0.0)
     for j in range(K):
         p = rows.to(tl.int64) * K + j
         dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -312,7 +312,7 @@ def _gate_bwd_tile(tile, x_ptr, wg_ptr, wn_ptr, noise_ptr, seed_ptr, idx_ptr, o_
             dot += tl.sum(gy * o, axis=1)
         ej = tl.load(idx_ptr + p, mask=row_ok, other=-1)
         dg += tl.where(cols[None, :] == ej[:, None], dot[:, None], 0.0)
-    d_load = (w_load * d_aux) * cv_grad(stats_ptr + T, cols, col_ok, T, SQUARED, UNBIASED)
+    d_load = cv_grad(stats_ptr + T, w_load * d_aux, cols, col_ok, T, SQUARED, UNBIASED)
     dclean, draw = gate_grads(dg, h, clean, std, eps, raw, sel, g, kth, kth_col, nxt, nxt_col, d_load, valid, cols,
                               NOISY, LOAD_P)
     gslot = rows[:, None].to(tl.int64) * 2 * T + cols[None, :]

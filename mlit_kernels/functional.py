@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .common.options import MoEOptions
+from .common.precision import COMPUTE_DTYPES, compute_dtype
 from .common.settings import AUX_LOSS_WEIGHT, NOISE_EPS
 from .common.tiling import interpreting
-from .variants import COMPUTE_DTYPES, IMPLEMENTATIONS, compute_dtype, implementation, resolve_variant
+from .variants import IMPLEMENTATIONS, implementation, resolve_variant
 
 # variant -> its function, imported with this module (not while torch.compile traces moe_triton)
 _RUN = {variant: implementation(variant) for variant in IMPLEMENTATIONS}

@@ -12,10 +12,11 @@ import torch.nn as nn
 
 from . import reference, selfcheck
 from .common.settings import AUX_LOSS_WEIGHT, DEFAULT_SHARED, NOISE_EPS
-from .variants import COMPUTE_DTYPES, compute_dtype, resolve_variant
+from .common.clearance import BACKENDS, uses_triton
+from .common.precision import COMPUTE_DTYPES, compute_dtype
+from .variants import FAMILIES, resolve_variant
 
 PROJECTIONS = ("w1", "v", "w2")
-BACKENDS = ("reference", "triton", "auto")
 TRITON_SHARED = (DEFAULT_SHARED, ())  # the sharings the Triton backend runs (() on the dispatch variant)
 BACKEND_ENV = "MLIT_MOE_BACKEND"  # "reference" or "triton": forces every layer's backend
 FORCED_BACKENDS = ("reference", "triton")
@@ -51,8 +52,10 @@ class SharedSwiGLUMoE(nn.Module):
         backend: "reference" (plain PyTorch, :func:`mlit_kernels.reference.moe_reference`),
             "triton" (:func:`mlit_kernels.moe_triton`; sharing ("v", "w2") or () — separate experts
             run the dispatch variant; CUDA tensors, or any device under TRITON_INTERPRET=1) or
-            "auto" (Triton for CUDA tensors of a supported dtype with one of those sharings, the
-            reference otherwise). On CUDA the first Triton call of each configuration is checked
+            "auto" (Triton for CUDA tensors of a supported dtype with one of those sharings once the
+            variant's kernels are cleared on the GPU present — ``mlit doctor --clear`` checks them
+            in child processes, :mod:`mlit_kernels.common.clearance`; the reference otherwise, with
+            one warning naming that command). On CUDA the first Triton call of each configuration is checked
             against the reference (:func:`mlit_kernels.selfcheck.triton_passes`): a kernel that
             fails to compile or disagrees makes the layer fall back to the reference with one
             warning naming the cause. The environment variable ``MLIT_MOE_BACKEND=reference|triton``
@@ -210,8 +213,10 @@ class SharedSwiGLUMoE(nn.Module):
                                device=self.w1.device)
 
     def uses_triton(self, x: torch.Tensor) -> bool:
-        """Whether a call on x runs the Triton kernels: MLIT_MOE_BACKEND, else the backend, sharing,
-        device and dtype, and the first-use check of this configuration (run here when due)."""
+        """Whether a call on x runs the Triton kernels: MLIT_MOE_BACKEND, else the backend (with
+        "auto": sharing and dtype the kernels take, and the variant cleared on this GPU:
+        :func:`mlit_kernels.common.clearance.uses_triton`), and the first-use check of this
+        configuration (run here when due)."""
         forced = forced_backend()
         if forced == "triton":
             if self.shared not in TRITON_SHARED:
@@ -220,8 +225,8 @@ class SharedSwiGLUMoE(nn.Module):
             return True
         if forced == "reference" or self.backend == "reference":
             return False
-        if self.backend == "auto" and not (
-                x.is_cuda and self.shared in TRITON_SHARED and compute_dtype(x) in COMPUTE_DTYPES):
+        if self.backend == "auto" and not (self.shared in TRITON_SHARED and compute_dtype(x) in COMPUTE_DTYPES
+                                           and uses_triton(FAMILIES[self.resolved_variant], "auto", x.device)):
             return False
         return selfcheck.triton_passes(self, x.reshape(-1, self.dim))
 

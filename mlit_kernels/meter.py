@@ -15,7 +15,7 @@ is driven by counts that need no GPU: run the code under :class:`Meter` (on the 
 * ``flops``: the matmul work of each launch (2 per multiply-add): aten matmuls and convolutions by
   torch's own formulas (``torch.utils.flop_counter``), SDPA forward and backward (the backward
   recomputing the scores, as flash attention does), and the Triton kernels of
-  :data:`TRITON_FLOPS` from their math; element-wise work is left out (it is bound by bytes);
+  their family's FLOP models (:func:`mlit_kernels.registry.kernel_flops`); element-wise work is left out (it is bound by bytes);
 * ``seconds(H100)``: a roofline per launch, max(launch cost, bytes / bandwidth, flops / peak),
   summed (:class:`DeviceModel`).
 
@@ -41,7 +41,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .common.device_model import H100, DeviceModel
 from .common.tiling import padding, round_up
+from .registry import kernel_flops
 
 aten = torch.ops.aten
 
@@ -72,33 +74,6 @@ class Launch:
     section: str
     meta: dict = field(default_factory=dict)
     flops: int = 0
-
-
-@dataclass(frozen=True)
-class DeviceModel:
-    """A per-launch roofline: a launch takes max(launch cost, bytes / bandwidth, flops / peak).
-
-    ``launch_captured``: the cost of a kernel boundary inside a CUDA graph; ``launch_uncaptured``:
-    an eager launch (the host issuing one aten op or Triton kernel)."""
-
-    name: str
-    bandwidth: float  # HBM bytes / s
-    peak_flops: float  # dense fp16 tensor-core FLOP / s
-    launch_captured: float  # s
-    launch_uncaptured: float  # s
-
-    def launch_seconds(self, launch: Launch, captured: bool) -> float:
-        floor = self.launch_captured if captured else self.launch_uncaptured
-        return max(floor, launch.bytes / self.bandwidth, launch.flops / self.peak_flops)
-
-    def seconds(self, records: list[Launch], captured: bool) -> float:
-        """The modelled time of ``records`` run back to back."""
-        return sum(self.launch_seconds(r, captured) for r in records)
-
-
-#: H100 SXM: 3.35 TB/s HBM3, 989 TFLOP/s dense fp16; 1.3 µs a kernel boundary in a CUDA graph
-#: (the "No Bubbles" megakernel study), 4 µs an eager launch (3-5 µs measured for PyTorch ops).
-H100 = DeviceModel("H100 SXM", 3.35e12, 989e12, 1.3e-6, 4e-6)
 
 
 def _tensors(*trees) -> list[torch.Tensor]:
@@ -159,120 +134,6 @@ def _aten_flops(func, args, kwargs, out) -> int:
     if "scaled_dot_product" in func.overloadpacket.__name__:
         return _sdpa_flops(func, args)
     return 0
-
-
-def _gate_flops(n: int, m: int, t: int, noisy) -> int:
-    """The gate's logits (clean, + noisy): x W_g (and x W_noise)."""
-    return n * 2 * m * t * (1 + bool(noisy))
-
-
-def _fused_fwd_flops(a: dict) -> int:
-    """Per token: the gate (clean, + noisy logits), x V and x W_e for every expert of the tile
-    (the tile computes an expert any of its tokens picked: all t at training batch sizes), h W_2."""
-    n, m, d, t = a["N"], a["M"], a["D"], a["T"]
-    return n * (2 * m * d * (t + 1) + 2 * d * m) + _gate_flops(n, m, t, a["NOISY"])
-
-
-def _fused_bwd_tokens_flops(a: dict) -> int:
-    """Per token: dy W_2ᵀ, x V and x W_e recomputed, da W_eᵀ for every expert, du Vᵀ; the gate
-    recomputed twice and its dx."""
-    n, m, d, t = a["N"], a["M"], a["D"], a["T"]
-    return n * 2 * m * d * (2 * t + 3) + 3 * _gate_flops(n, m, t, a["NOISY"])
-
-
-def _fused_bwd_weights_flops(a: dict) -> int:
-    """xᵀ da over the token's k pairs (dW_e), xᵀ du (dV), hᵀ dy (dW_2), xᵀ dgate (dW_g, dW_noise)."""
-    n, m, d, t, k = a["N"], a["M"], a["D"], a["T"], a["K"]
-    return n * 2 * m * d * (k + 2) + _gate_flops(n, m, t, a["NOISY"])
-
-
-def _dispatch_gate_flops(a: dict) -> int:
-    """The dispatch gate kernel: the logits of every token."""
-    return _gate_flops(a["N"], a["M"], a["T"], a["NOISY"])
-
-
-def _dispatch_experts_fwd_flops(a: dict) -> int:
-    """Per (token, expert) pair: x W_e, x V_e and h W2_e."""
-    return a["x_ptr"].shape[0] * a["K"] * 6 * a["M"] * a["D"]
-
-
-def _dispatch_experts_bwd_flops(a: dict) -> int:
-    """Per pair: x W_e and x V_e recomputed, dy W2_eᵀ, da W_eᵀ and du V_eᵀ; the gate recomputed twice and its dx."""
-    n = a["N"]
-    return n * a["K"] * 10 * a["M"] * a["D"] + 3 * _gate_flops(n, a["M"], a["T"], a["NOISY"])
-
-
-def _dispatch_weights_flops(a: dict) -> int:
-    """Per pair xᵀ da, xᵀ du, hᵀ dy (dW_e, dV_e, dW2_e), with RECOMPUTE also x W_e, x V_e and dy W2_eᵀ
-    (a, u, dh) once per m column group (G0 + … + G3 columns); xᵀ dgate (dW_g, dW_noise)."""
-    n, m = a["N"], a["M"]
-    groups = -(-m // sum(a[f"G{i}"] for i in range(4)))
-    recompute = 6 * groups if a["RECOMPUTE"] else 0
-    return n * a["K"] * (6 + recompute) * m * a["D"] + _gate_flops(n, m, a["T"], a["NOISY"])
-
-
-def _attn_pairs(a: dict) -> int:
-    """(query, key) pairs of every head: N tokens × n keys × H heads (N from the qkv buffer)."""
-    return a["qkv_ptr"].shape[0] * a["n_tok"] * a["H"]
-
-
-def _ln_qkv_fwd_flops(a: dict) -> int:
-    """LN(x) W_qkvᵀ."""
-    return 2 * a["N"] * a["D"] * a["E"]
-
-
-def _attn_fwd_flops(a: dict) -> int:
-    """q kᵀ and p v of every head, then the output projection."""
-    return 4 * _attn_pairs(a) * a["HD"] + 2 * a["qkv_ptr"].shape[0] * a["D"] ** 2
-
-
-def _proj_bwd_flops(a: dict) -> int:
-    """dy W_proj (dO) and dyᵀ o (dW_proj)."""
-    return 4 * a["N"] * a["D"] ** 2
-
-
-def _attn_bwd_flops(a: dict) -> int:
-    """Key-tile programs: q kᵀ recomputed, pᵀ dO, dO vᵀ, dsᵀ q; query-tile programs: q kᵀ, dO vᵀ, ds k."""
-    return 14 * _attn_pairs(a) * a["HD"]
-
-
-def _ln_qkv_bwd_flops(a: dict) -> int:
-    """dqkvᵀ LN(x) (dW_qkv), and dqkv W_qkv twice (for dx in the token-tile programs, for dγ, dβ in the splits)."""
-    return 6 * a["N"] * a["D"] * a["E"]
-
-
-def _patch_embed_flops(a: dict) -> int:
-    """mlit.models.embed_kernels: per token (patches + the dummy) its C·P·P values times Wᵀ (forward),
-    or their product with the token's gradient (dW, backward)."""
-    p = a["P"]
-    tokens = a["B"] * ((a["H"] // p) * (a["W"] // p) + 1)
-    return tokens * 2 * a["C"] * p * p * a["M"]
-
-
-#: Matmul FLOPs of the Triton kernels with matmul work, from their arguments by name (a kernel not
-#: listed counts 0: element-wise or reduction work, bound by its bytes; see Meter.unmodelled).
-TRITON_FLOPS: dict[str, Callable[[dict], int]] = {
-    "_fused_fwd_kernel": _fused_fwd_flops,
-    "_fused_bwd_tokens_kernel": _fused_bwd_tokens_flops,
-    "_fused_bwd_weights_kernel": _fused_bwd_weights_flops,
-    "_gate_route_kernel": _dispatch_gate_flops,
-    "_experts_fwd_kernel": _dispatch_experts_fwd_flops,
-    "_experts_bwd_kernel": _dispatch_experts_bwd_flops,
-    "_weights_dx_kernel": _dispatch_weights_flops,
-    "_ln_qkv_fwd_kernel": _ln_qkv_fwd_flops,
-    "_attn_fwd_kernel": _attn_fwd_flops,
-    "_proj_bwd_kernel": _proj_bwd_flops,
-    "_attn_bwd_kernel": _attn_bwd_flops,
-    "_ln_qkv_bwd_kernel": _ln_qkv_bwd_flops,
-    "_embed_fwd_kernel": _patch_embed_flops,
-    "_embed_bwd_kernel": _patch_embed_flops,
-}
-#: Triton kernels known to do no matmul work (their 0 FLOPs are the model, not a gap).
-TRITON_NO_MATMUL = {"_fused_aux_kernel", "_reduce_kernel", "_crop_kernel", "_op_kernel", "noise_kernel",
-                    "_combine_kernel", "_shared_grads_kernel", "_attn_sum_splits_kernel", "_loss_fwd_kernel",
-                    "_loss_bwd_kernel", "_embed_reduce_kernel", "_eval_sums_kernel", "_encoder_input_fwd_kernel",
-                    "_encoder_input_bwd_kernel", "_decoder_input_fwd_kernel", "_decoder_input_bwd_kernel",
-                    "_mae_loss_part_kernel", "_mae_loss_sum_kernel", "_mae_loss_bwd_kernel"}
 
 
 def _kernel_arguments(fn, args, kwargs) -> dict:
@@ -369,7 +230,7 @@ class Meter(TorchDispatchMode):
     def unmodelled(self) -> set[str]:
         """Triton kernels launched whose matmul work no formula models (counted as 0 FLOPs)."""
         return {r.name for r in self.records if r.kind == "triton"
-                and r.name.removeprefix("triton.") not in TRITON_FLOPS.keys() | TRITON_NO_MATMUL}
+                and r.name.removeprefix("triton.") not in kernel_flops()}
 
     def by_name(self) -> Counter:
         return Counter(r.name for r in self.records)
@@ -442,7 +303,7 @@ class Meter(TorchDispatchMode):
     def _record_triton(self, fn, args, grid, kwargs) -> None:
         meta = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
         name = getattr(getattr(fn, "fn", None), "__name__", None) or getattr(fn, "__name__", "triton_kernel")
-        flops = TRITON_FLOPS.get(name)
+        flops = kernel_flops().get(name)
         launch = Launch("triton", f"triton.{name}", _distinct_bytes(_tensors(args, kwargs)), self._sections[-1], meta,
                         0 if flops is None else int(flops(_kernel_arguments(fn, args, kwargs))))
         launch.meta["grid"] = grid
@@ -485,7 +346,7 @@ class Meter(TorchDispatchMode):
             cls.run = run
 
 
-__all__ = ["Meter", "Launch", "DeviceModel", "H100", "TRITON_FLOPS", "saved_for_backward"]
+__all__ = ["Meter", "Launch", "DeviceModel", "H100", "saved_for_backward"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .common.precision import max_row_error  # noqa: F401 - the measure, re-exported for tests and checks
 from .common.settings import AUX_LOSS_WEIGHT, CV_EPS, NOISE_EPS
 
 
@@ -82,21 +83,6 @@ def load_probability(clean: torch.Tensor, h: torch.Tensor, noise_std: torch.Tens
     clean = x W_g, h = the noisy logits H(x), noise_std = softplus(x W_noise) + eps; all (N, t).
     """
     return normal_cdf((clean - psi(h, k)) / noise_std)
-
-
-def max_row_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:
-    """The measure the kernels are held to: for each row (last dimension) of ``ref``, max |out − ref|
-    over the row divided by max |ref| over the row — rows below 1e-3 of the tensor's largest value
-    measured against that floor — and the worst row. ``out`` None counts as zeros."""
-    ref = ref.detach().double().cpu()
-    out = torch.zeros_like(ref) if out is None else out.detach().double().cpu()
-    if out.shape != ref.shape:
-        raise ValueError(f"out has shape {tuple(out.shape)} but ref has {tuple(ref.shape)}")
-    if ref.numel() == 0:
-        return 0.0
-    ref, out = (t.reshape(1, 1) if t.dim() == 0 else t.reshape(-1, t.shape[-1]) for t in (ref, out))
-    scale = ref.abs().amax(1).clamp_min(max(ref.abs().max().item() * 1e-3, 1e-30))
-    return ((out - ref).abs().amax(1) / scale).max().item()
 
 
 def coefficient_of_variation(v: torch.Tensor, squared: bool = True, unbiased: bool = True) -> torch.Tensor:

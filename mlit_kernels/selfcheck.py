@@ -12,11 +12,8 @@ import warnings
 import torch
 
 from . import reference
-from .variants import compute_dtype
+from .common.precision import TOL, compute_dtype, tolerance
 
-#: Worst per-row relative error (:func:`reference.max_row_error`) allowed against the float64
-#: reference, by compute dtype: the kernels' tests' tolerances (tests/test_kernels.py).
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 #: The first-use check allows 10x TOL: no rounding difference of a correct kernel comes near it,
 #: while a wrong kernel (a missed expert, a bad tile) errs by order 1.
 FIRST_USE_SLACK = 10.0
@@ -32,16 +29,19 @@ NAMES = ("w_gate", "w_noise", "w1", "b1", "v", "b_v", "w2", "b2")
 
 def compare(m: int, d_h: int, t: int, k: int, n: int, *, device: torch.device | str, dtype: torch.dtype,
             weight_dtype: torch.dtype | None = None, gate_dtype: torch.dtype = torch.float32,
-            variant: str = "auto", per_expert: bool = False, grad: bool = True, seed: int = 0) -> dict[str, float]:
+            variant: str = "auto", per_expert: bool = False, grad: bool = True, seed: int = 0,
+            norm: bool = False) -> dict[str, float]:
     """Errors of ``moe_triton`` against the float64 reference on the same random inputs.
 
     x (n, m) in ``dtype``; W_g, W_noise in ``gate_dtype``, the other weights in ``weight_dtype``
     (default ``dtype``; V, b_V, W_2, b_2 one per expert with ``per_expert``, i.e. shared=()); the
-    reference gets the same rounded values in float64. Training mode with
-    explicit gate noise and no dropout, so both sides are deterministic and torch's RNG is not
+    reference gets the same rounded values in float64. ``norm``: the pre-norm block's half
+    x + MoE(LayerNorm(x)) (a fp32 LayerNorm weight and bias, the mLiT layer's call). Training mode
+    with explicit gate noise and no dropout, so both sides are deterministic and torch's RNG is not
     touched. The Triton side runs under the caller's autocast, the reference without it.
     Returns {name: worst per-row relative error} for "y", "aux" and, with ``grad``, "x" and every
-    parameter gradient. Exceptions of the kernels (a failed compile) propagate.
+    parameter gradient ("ln_w", "ln_b" with ``norm``). Exceptions of the kernels (a failed compile)
+    propagate.
     """
     from .functional import moe_triton  # imported lazily: Triton decides interpret-or-compile at first definition
 
@@ -57,12 +57,16 @@ def compare(m: int, d_h: int, t: int, k: int, n: int, *, device: torch.device | 
     x = torch.randn(n, m, generator=g).to(device, dtype)
     noise = torch.randn(n, t, generator=g).to(device)
     dy = torch.randn(n, m, generator=g).to(device, dtype)
+    if norm:
+        params["ln_w"] = (1 + 0.2 * torch.randn(m, generator=g)).to(device)
+        params["ln_b"] = (0.2 * torch.randn(m, generator=g)).to(device)
 
     def run(fn, cast):
         inputs = {"x": cast(x), **{name: cast(p) for name, p in params.items()}}
         for tensor in inputs.values():
             tensor.requires_grad_(grad)
-        y, aux = fn(inputs["x"], *(inputs[name] for name in NAMES), k, True, noise=cast(noise))
+        folded = dict(norm=(inputs["ln_w"], inputs["ln_b"], 1e-5), residual=True) if norm else {}
+        y, aux = fn(inputs["x"], *(inputs[name] for name in NAMES), k, True, noise=cast(noise), **folded)
         if grad:
             torch.autograd.backward((y, aux), (cast(dy), torch.tensor(10.0, device=device, dtype=aux.dtype)))
         return y, aux, {name: tensor.grad for name, tensor in inputs.items()}
@@ -140,7 +144,7 @@ def _first_use_failure(layer, x: torch.Tensor, dtype: torch.dtype, grad: bool) -
                 "MLIT_MOE_BACKEND=reference, or another triton_variant") from err
         return f"the Triton kernels failed at first use ({type(err).__name__}: {first_line})"
     name, error = worst(errors)
-    tol = FIRST_USE_SLACK * TOL.get(dtype, TOL[torch.float32])
+    tol = FIRST_USE_SLACK * tolerance(dtype)
     if not error <= tol:
         what = name if name in ("y", "aux") else f"gradient of {name}"
         return f"the Triton kernels disagree with the reference at first use ({what}: max row error {error:.2e} > {tol:.0e})"

@@ -8,8 +8,9 @@ defined; an implementation's module is imported on first use).
   token tile, experts over tokens grouped per expert and gathered in-kernel, a combine
   (:mod:`mlit_kernels.dispatch`).
 * ``"auto"`` — dense up to :data:`DENSE_AUTO_MAX` experts, dispatch above: a fixed rule, so no
-  timing runs inside a training step. On CUDA dense only once a GPU run has cleared it
-  (:mod:`mlit_kernels.common.clearance`: its first GPU launch faulted), dispatch until then.
+  timing runs inside a training step. On CUDA dense only once it is cleared on the GPU present
+  (:mod:`mlit_kernels.common.clearance`: its first GPU launch faulted on 2026-12-04), dispatch
+  otherwise (which runs only once cleared itself, :meth:`mlit_kernels.SharedSwiGLUMoE.uses_triton`).
 
 An implementation is ``fn(x, params, seed, noise, options) -> (y, aux_loss)``: x (N, m) and the
 eight parameters contiguous, noise fp32 or None, seed as the caller gave it (None, an int or a
@@ -24,16 +25,19 @@ from typing import Callable
 import torch
 
 from .common.clearance import may_run
+from .common.family import Family
 from .common.settings import BLOCK_T
+from .dense.family import FAMILY as DENSE
+from .dispatch.family import FAMILY as DISPATCH
 
 IMPLEMENTATIONS = {  # variant -> "module:function", relative to this package
     "dense": ".dense.ops:moe_dense",
     "dispatch": ".dispatch.moe:moe_dispatch",
 }
+FAMILIES: dict[str, Family] = {"dense": DENSE, "dispatch": DISPATCH}  # variant -> its kernel family
 VARIANTS = ("auto", *IMPLEMENTATIONS)
 DENSE_AUTO_MAX = 8
 DENSE_LIMIT = BLOCK_T  # the dense kernels hold the gate in one BLOCK_T-column tile
-COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def resolve_variant(variant: str, num_experts: int, per_expert: bool = False,
@@ -48,7 +52,7 @@ def resolve_variant(variant: str, num_experts: int, per_expert: bool = False,
             raise ValueError("variant 'dense' needs V and W2 shared (shared=('v', 'w2')); use 'dispatch'")
         return "dispatch"
     if variant == "auto":
-        return "dense" if num_experts <= DENSE_AUTO_MAX and may_run("dense", device) else "dispatch"
+        return "dense" if num_experts <= DENSE_AUTO_MAX and may_run(DENSE, device) else "dispatch"
     if variant == "dense" and num_experts > DENSE_LIMIT:
         raise ValueError(f"variant 'dense' supports up to {DENSE_LIMIT} experts, got {num_experts}; use 'dispatch'")
     return variant
@@ -60,12 +64,5 @@ def implementation(variant: str) -> Callable:
     return getattr(importlib.import_module(module, __package__), name)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the expert products run in: autocast's when it is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-__all__ = ["VARIANTS", "IMPLEMENTATIONS", "DENSE_AUTO_MAX", "DENSE_LIMIT", "COMPUTE_DTYPES", "resolve_variant",
-           "implementation", "compute_dtype"]
+__all__ = ["VARIANTS", "IMPLEMENTATIONS", "FAMILIES", "DENSE_AUTO_MAX", "DENSE_LIMIT", "resolve_variant",
+           "implementation"]

@@ -1,9 +1,11 @@
 """The paper's models: GQA attention, MoE transformer layers, the mLiT encoder and classifier,
 and the mmLiT masked auto-encoder."""
 
+from mlit_kernels.patch_embed import patchify
+
 from .attention import GroupedQueryAttention
 from .classifier import MLiTClassifier
-from .encoder import MLiTEncoder, patchify
+from .encoder import MLiTEncoder
 from .mae import MAEOutput, MMLiT, random_masking
 from .transformer import MoETransformer, MoETransformerLayer
 

@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlit_kernels.common.clearance import may_run
+from mlit_kernels.attention import FAMILY as ATTENTION
+from mlit_kernels.common.clearance import uses_triton
+from mlit_kernels.common.precision import compute_dtype
 
 PAD_MULTIPLE = 8  # PyTorch's fused attention kernels (flash, memory-efficient) need head dims that are multiples of 8
 
@@ -36,7 +38,8 @@ class GroupedQueryAttention(nn.Module):
     :mod:`mlit_kernels.attention` (LayerNorm + qkv in one launch, attention + projection + residual
     in one, four for the backward; the weights in their own dtype, cast in registers, so ``weights``
     is not needed there). ``backend``: "reference" (torch: SDPA), "triton", or "auto" (Triton on
-    CUDA once a GPU run has cleared the kernels: :mod:`mlit_kernels.common.clearance`); shapes or dtypes the kernels do not take use torch.
+    CUDA once the kernels are cleared on the GPU present: :mod:`mlit_kernels.common.clearance`);
+    shapes or dtypes the kernels do not take use torch.
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int, pad_head_dim: bool | str = "auto",
@@ -59,12 +62,11 @@ class GroupedQueryAttention(nn.Module):
 
     def uses_triton(self, x: torch.Tensor) -> bool:
         """Whether a half-block call (``norm`` given) on x runs the fused Triton kernels."""
-        if self.backend == "reference" or (self.backend == "auto" and not (x.is_cuda and may_run("attention", x.device))):
+        if not uses_triton(ATTENTION, self.backend, x.device):
             return False
         from mlit_kernels.attention import supports  # imports Triton: only once a Triton backend is asked for
 
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return supports(self.proj.in_features, self.num_heads, self.num_groups, dtype)
+        return supports(self.proj.in_features, self.num_heads, self.num_groups, compute_dtype(x))
 
     def forward(self, x: torch.Tensor, weights: Sequence[torch.Tensor] | None = None,
                 norm: nn.LayerNorm | None = None) -> torch.Tensor:

@@ -4,30 +4,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from mlit_kernels.common.clearance import may_run
+from mlit_kernels import registry
+from mlit_kernels.common.clearance import uses_triton
+from mlit_kernels.patch_embed import patch_embed
 
 from ..config import ImageConfig, TransformerConfig
 from .transformer import MoETransformer, biases_and_norms, set_moe_backend
-
-
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) → (B, H·W/p², p·p·C); patches row by row, values ordered (p, p, C) as in MAE."""
-    B, C, H, W = images.shape
-    if H % patch_size or W % patch_size:
-        raise ValueError(f"images of {H}×{W} do not split into {patch_size}×{patch_size} patches")
-    h, w = H // patch_size, W // patch_size
-    x = images.reshape(B, C, h, patch_size, w, patch_size)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, patch_size * patch_size * C)
 
 
 class MLiTEncoder(nn.Module):
     """Patch embedding (no bias) + positional embedding of 145 tokens + layers + final LayerNorm.
 
     The 145th token is the embedding of an all-zero dummy patch; a classifier reads it.
-    embed(images (B, 3, 36, 36)) → tokens (B, 145, m) with positions added (with the Triton
-    backend — ``"triton"``, or ``"auto"`` on CUDA once cleared (:mod:`mlit_kernels.common.clearance`) — one kernel: :mod:`mlit.models.embed_kernels`);
+    embed(images (B, 3, 36, 36)) → tokens (B, 145, m) with positions added (the patch-embedding
+    family, :mod:`mlit_kernels.patch_embed`: one kernel with the Triton backend — ``"triton"``, or
+    ``"auto"`` on CUDA once cleared, :mod:`mlit_kernels.common.clearance`);
     forward(images, need_aux=True) → (features (B, 145, m), auxiliary loss (); None without
     ``need_aux``). ``device`` / ``dtype``: torch.nn's factory keywords, for every parameter.
     """
@@ -47,17 +39,12 @@ class MLiTEncoder(nn.Module):
         expected = (self.image.in_chans, self.image.image_size, self.image.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        if self.uses_triton("patch_embed", images):
-            from .embed_kernels import fused_patch_embed  # lazily: Triton decides interpret-or-compile on definition
-
-            return fused_patch_embed(images, self.patch_embed.weight, self.pos_embed, self.image.patch_size)
-        patches = F.pad(patchify(images, self.image.patch_size), (0, 0, 0, 1))  # + the all-zero dummy patch
-        return self.patch_embed(patches) + self.pos_embed
+        return patch_embed(images, self.patch_embed.weight, self.pos_embed, self.image.patch_size, backend=self.backend)
 
     def uses_triton(self, family: str, x: torch.Tensor) -> bool:
-        """Whether a Triton kernel family (:mod:`mlit_kernels.common.clearance`) runs on x here: with
-        the "triton" backend, or "auto" on CUDA once the family is cleared."""
-        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda and may_run(family, x.device))
+        """Whether the kernel family ``family`` (a :mod:`mlit_kernels.registry` name) runs on x with this
+        model's backend (:func:`mlit_kernels.common.clearance.uses_triton`)."""
+        return uses_triton(registry.family(family), self.backend, x.device)
 
     def encode(self, tokens: torch.Tensor, final_norm: bool = True,
                need_aux: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -7,16 +7,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from mlit_kernels.mae_loss import mae_loss
+from mlit_kernels.mae_tokens import decoder_input, encoder_input
+
 from ..config import DECODER, ImageConfig, TransformerConfig
-from .encoder import MLiTEncoder, patchify
+from .encoder import MLiTEncoder
 from .transformer import MoETransformer, biases_and_norms, set_moe_backend
 
 
 @dataclass
 class MAEOutput:
     """loss (): Eq. 16; pred (B, 144, 27) predicted patches; mask (B, 144) 1 where hidden;
-    masked_mse, unmasked_mse, moe_loss (): its three parts before weighting (the first two detached
-    with the Triton loss); metrics (4,) fp32, detached: (loss, masked_mse, unmasked_mse, moe_loss)."""
+    masked_mse, unmasked_mse (detached), moe_loss (): its three parts before weighting; metrics (4,)
+    fp32, detached: (loss, masked_mse, unmasked_mse, moe_loss)."""
 
     loss: torch.Tensor
     pred: torch.Tensor
@@ -109,27 +112,13 @@ class MMLiT(nn.Module):
         tokens = self.encoder.embed(images)  # (B, 145, m): 144 patches, then the dummy
         B, n, m = tokens.shape
         keep, mask = random_masking(B, n - 1, self.num_keep, images.device)
-        shuffles = self.encoder.uses_triton("mae_tokens", images)  # the token gathers and scatters: one launch each
-        if shuffles:
-            from .mae_token_kernels import fused_decoder_input, fused_encoder_input  # lazily (Triton's interpreter)
-
-            visible = fused_encoder_input(tokens, keep, mask)
-        else:
-            patches, dummy = tokens[:, :-1], tokens[:, -1:]
-            visible = torch.cat([torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, m)), dummy], dim=1)
+        backend = self.encoder.backend
+        visible = encoder_input(tokens, keep, mask, backend=backend)  # the kept patches' tokens, the dummy last
         fused = self.encoder.uses_triton("norm_linear", images)  # final norms + projections: one launch each
         latent, encoder_loss = self.encoder.encode(visible, final_norm=not fused)
         latent = (self._norm_linear(latent, self.encoder.norm, self.decoder_embed) if fused
                   else self.decoder_embed(latent))
-        if shuffles:
-            x = fused_decoder_input(latent, keep, mask, self.mask_token, self.decoder_pos_embed)
-        else:
-            d = latent.shape[-1]
-            full = self.mask_token.to(latent.dtype).expand(B, n - 1, d).clone()
-            full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, d), latent[:, :-1])
-            x = torch.cat([full, latent[:, -1:]], dim=1)
-            if self.decoder_pos_embed is not None:
-                x = x + self.decoder_pos_embed
+        x = decoder_input(latent, keep, mask, self.mask_token, self.decoder_pos_embed, backend=backend)
         x, decoder_loss = self.decoder(x)
         pred = (self._norm_linear(x, self.decoder_norm, self.decoder_pred) if fused
                 else self.decoder_pred(self.decoder_norm(x)))[:, :-1]
@@ -143,18 +132,9 @@ class MMLiT(nn.Module):
         return norm_linear(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps)
 
     def loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, moe_loss: torch.Tensor) -> MAEOutput:
-        """Eq. 16: MSE on hidden patches + α · MSE on visible patches + β · Σ MoE losses. With the
-        Triton backend ("triton", or "auto" on CUDA once cleared) two launches forward and one
-        backward (:mod:`mlit.models.mae_kernels`), else in torch."""
-        if self.encoder.uses_triton("mae_loss", images):
-            from .mae_kernels import fused_mae_loss  # lazily: Triton decides interpret-or-compile on definition
-
-            loss, metrics = fused_mae_loss(images, pred, mask, moe_loss, self.image.patch_size, self.alpha, self.beta)
-            return MAEOutput(loss, pred, mask, metrics[1], metrics[2], moe_loss, metrics)
-        target = patchify(images, self.image.patch_size)
-        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
-        masked_mse = (per_patch * mask).sum() / mask.sum()
-        unmasked_mse = (per_patch * (1 - mask)).sum() / (1 - mask).sum()
-        loss = masked_mse + self.alpha * unmasked_mse + self.beta * moe_loss
-        metrics = torch.stack([t.detach().float() for t in (loss, masked_mse, unmasked_mse, moe_loss)])
-        return MAEOutput(loss, pred, mask, masked_mse, unmasked_mse, moe_loss, metrics)
+        """Eq. 16: MSE on hidden patches + α · MSE on visible patches + β · Σ MoE losses: the MAE-loss
+        family (:mod:`mlit_kernels.mae_loss`; with the Triton backend two launches forward and one
+        backward)."""
+        loss, metrics = mae_loss(images, pred, mask, moe_loss, self.image.patch_size, self.alpha, self.beta,
+                                 backend=self.encoder.backend)
+        return MAEOutput(loss, pred, mask, metrics[1], metrics[2], moe_loss, metrics)

@@ -25,7 +25,7 @@ from .control import Request, RunControl
 from .metrics import MetricsLog
 from .progress import EpochProgress, default_log_every
 from .recipes import Recipe
-from .step import Evaluator, RunError, Trainer, build_model, disable_gate_noise, fused_loss_for, model_config
+from .step import Evaluator, RunError, Trainer, build_model, disable_gate_noise, model_config
 
 __all__ = ["Evaluator", "RunError", "Trainer", "TrainingInterrupted", "build_model", "disable_gate_noise",
            "epoch_permutation", "evaluate_checkpoint", "load_data", "model_config", "run", "seed_everything"]
@@ -393,7 +393,7 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, split: str
     if limit is not None:
         x, y = x[:limit], y[:limit]
     evaluator = Evaluator(model.to(dev), task, dev, amp=bool(recipe.amp and dev.type == "cuda"), seed=recipe.seed,
-                          fused_loss=fused_loss_for(backend, dev))
+                          backend=backend)
     t0 = time.time()
     res = evaluator.evaluate(x.to(dev), None if task == "pretrain" else y.to(dev), batch_size, progress)
     return {"checkpoint": str(path), "task": task, "model": cfg.name, "dataset": dataset, "split": split,

@@ -18,14 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlit_kernels.common.clearance import may_run
+from mlit_kernels.loss import add_eval_sums, classification_loss
 
 from ..config import encoder_config
 from ..models import MLiTClassifier, MMLiT
 from . import distributed as D
 from .capture import DeviceSchedule, StepGraph, capture_unavailable, quiet_capturable_warning, side_stream
 from .checkpoint import CheckpointError
-from .loss import add_eval_sums, classification_loss
 from .optim import WarmupCosine, build_optimizer
 from .progress import bar
 from .recipes import Recipe
@@ -80,19 +79,6 @@ def disable_gate_noise(model: nn.Module) -> int:
     return len(layers)
 
 
-def augment_backend(backend: str) -> str:
-    """GPUAugment's backend for a model backend: "reference" stays plain torch, "triton" and
-    "auto" use the augmentation kernels (auto: on CUDA)."""
-    return backend if backend in ("reference", "triton") else "auto"
-
-
-def fused_loss_for(backend: str, device: torch.device) -> bool:
-    """Whether the classification loss (and evaluation's sums) run as Triton launches
-    (:mod:`mlit.train.loss_kernels`): with the "triton" backend, or "auto" on CUDA once cleared."""
-    aug_backend = augment_backend(backend)
-    return aug_backend == "triton" or (aug_backend == "auto" and device.type == "cuda" and may_run("loss", device))
-
-
 def _device(device: str | torch.device) -> torch.device:
     """The device with its index (tensors report cuda:0, never plain cuda)."""
     device = torch.device(device)
@@ -130,14 +116,15 @@ class Evaluator:
     """Loss (and top-1 %) of a model over a uint8 set on the device, sharded over ranks; needs no
     optimizer. Deterministic: the MAE's masks come from ``seed`` and the caller's RNG is left
     untouched. cuda_graphs: full batches replay one captured evaluation step (CUDA only).
-    fused_loss: a classifier's batch sums (cross-entropy, correct count) in one Triton launch."""
+    backend: the model's; a classifier's batch sums (cross-entropy, correct count) run as one
+    Triton launch where it takes the loss kernels (:func:`mlit_kernels.loss.add_eval_sums`)."""
 
     def __init__(self, model: nn.Module, task: str, device: torch.device, *, amp: bool = False, seed: int = 0,
-                 info: D.DistInfo | None = None, cuda_graphs: bool = False, fused_loss: bool = False):
+                 info: D.DistInfo | None = None, cuda_graphs: bool = False, backend: str = "reference"):
         from ..data import GPUAugment
 
         self.model, self.task, self.device = model, task, _device(device)
-        self.use_amp, self.seed, self.fused_loss = amp, seed, fused_loss
+        self.use_amp, self.seed, self.backend = amp, seed, backend
         self.info = info or D.DistInfo(device=self.device)
         self.transform = GPUAugment(train=False)
         self.capture = cuda_graphs and capture_unavailable(self.device, self.info) is None
@@ -157,7 +144,7 @@ class Evaluator:
                 self._sums[1:] += part
             else:
                 logits, _ = self.model(x, need_aux=False)
-                add_eval_sums(logits, labels, self._sums[:3], fused=self.fused_loss)
+                add_eval_sums(logits, labels, self._sums[:3], backend=self.backend)
         return self._sums
 
     @torch.no_grad()
@@ -258,16 +245,15 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.scheduler = WarmupCosine(self.optimizer, recipe.peak_lr, recipe.epochs * steps_per_epoch,
                                       round(recipe.warmup_epochs * steps_per_epoch), recipe.min_lr)
-        aug_backend = augment_backend(backend)
-        self.fused_loss = fused_loss_for(backend, self.device)
+        self.backend = backend
         if recipe.augment:
             self.augment = GPUAugment(train=True, crop_scale=recipe.crop_scale, hflip=recipe.hflip,
-                                      autoaugment=recipe.autoaugment, backend=aug_backend)
+                                      autoaugment=recipe.autoaugment, backend=backend)
         else:
             self.augment = GPUAugment(train=False)
         self.augment.prepare(self.device)
         self.evaluator = Evaluator(self.raw_model, self.task, self.device, amp=self.use_amp, seed=recipe.seed,
-                                   info=self.info, cuda_graphs=self.capture, fused_loss=self.fused_loss)
+                                   info=self.info, cuda_graphs=self.capture, backend=backend)
         self.eval_transform = self.evaluator.transform
         self.metric_names = METRICS["pretrain" if self.task == "pretrain" else "classify"]
         self.sums = torch.zeros(len(self.metric_names), dtype=torch.float64, device=self.device)
@@ -288,7 +274,7 @@ class Trainer:
             return out.loss, out.metrics
         logits, aux = model(x)
         return classification_loss(logits, labels, aux, self.recipe.label_smoothing, self.recipe.aux_weight,
-                                   fused=self.fused_loss)
+                                   backend=self.backend)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor | None, update: bool = True) -> torch.Tensor:
         """Everything one step does on the device; returns its (K,) fp32 values.

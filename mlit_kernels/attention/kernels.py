@@ -17,23 +17,21 @@ backward (four launches)
                            compute dQ over every key tile; both recompute P from the logsumexp
   ``_ln_qkv_bwd_kernel``   per split: the partial dW_qkv, db_qkv, dγ, dβ of the split; per token
                            tile: dx = LayerNorm backward of dqkv W_qkv + dy (the residual)
-  ``_attn_sum_splits_kernel``  the partial weight gradients summed over the splits in split order
+  (then the ordered split sum, :mod:`mlit_kernels.common.split_sum`: the partial weight gradients summed
+  over the splits in split order)
 
 Weights arrive in their own dtype (fp32 under autocast) and are cast in registers to DTYPE, the
 compute dtype of the products; every product accumulates in fp32. Reduction boundaries (BLOCK_M,
-BLOCK_N, BLOCK_E, the splits) are fixed by the shape, never by the tuned configuration (warps), so
-results are bitwise independent of it. The weight gradients are summed by few long programs (the
+BLOCK_N, BLOCK_E, the splits) are fixed by the shape, never by the tuned configuration (warps). The weight gradients are summed by few long programs (the
 splits) while, in the same launch, one short program per token tile does the per-token work, so
 the per-token work spreads over the whole GPU. No kernel loads a buffer it stores.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -335,14 +333,3 @@ def _ln_qkv_bwd_kernel(x_ptr, dy_ptr, lnw_ptr, lnb_ptr, w_ptr, mean_ptr, rstd_pt
         if HAS_RESIDUAL:
             dx += tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _attn_sum_splits_kernel(part_ptr, out_ptr, splits, P, BLOCK: tl.constexpr):
-    """part (splits, P) fp32 → out (P,) = the sum over splits, in split order, in out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(splits):
-        acc += tl.load(part_ptr + s * P + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -4,7 +4,8 @@ the buffers, and the forward (two launches) and backward (four launches) over
 
 Tiles are fixed: BLOCK_M query / token rows, BLOCK_N keys, BLOCK_E qkv columns per step, and the
 backward's weight-gradient splits (at most MAX_SPLITS programs, each a whole number of BLOCK_M
-tiles) follow from the shape alone, so the tuned number of warps changes speed, never a bit.
+tiles) follow from the shape alone; the tuned number of warps changes the speed (and, on a GPU, the
+register layouts: results agree within the per-dtype tolerance across configurations).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..common.tiling import interpreting, next_pow2
+from ..common.precision import dot_precision
+from ..common.split_sum import split_sum
+from ..common.tiling import next_pow2
 from ..common.tuning import LaunchTuner
-from .kernels import (TL_DTYPES, _attn_bwd_kernel, _attn_fwd_kernel, _attn_sum_splits_kernel, _ln_qkv_bwd_kernel,
+from .kernels import (_attn_bwd_kernel, _attn_fwd_kernel, _ln_qkv_bwd_kernel,
                       _ln_qkv_fwd_kernel, _proj_bwd_kernel)
 
 BLOCK_M = 32  # query rows of an attention program; token rows of the LayerNorm / projection tiles
@@ -24,7 +27,6 @@ BLOCK_N = 32  # keys per step of the attention loops
 BLOCK_E = 32  # qkv columns per step of the LayerNorm + qkv kernels
 PROJ_ROWS = 16  # token rows per step of dW_proj's sums (its (D, head dim) gradient tile stays in registers)
 MAX_SPLITS = 64  # weight-gradient partial sums: the long programs of the backward's split kernels
-SUM_BLOCK = 1024  # gradient entries a program of the split sum adds
 MAX_DIM = 256  # widths the register tiles hold (D_PAD)
 MAX_HEAD_DIM = 64
 
@@ -102,15 +104,10 @@ def split_grads(flat: torch.Tensor, shape: Shape) -> list[torch.Tensor]:
     return [p.view(s) for p, s in zip(flat.split([torch.Size(s).numel() for s in shapes]), shapes)]
 
 
-def precision(dtype: torch.dtype) -> dict:
-    """DTYPE of the products and DOT_F32 (IEEE fp32 dots: fp32, and bf16 under the interpreter)."""
-    return dict(DTYPE=TL_DTYPES[dtype], DOT_F32=dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()))
-
-
 def _config(kind: str, shape: Shape, dtype: torch.dtype, device: torch.device, launch) -> Config:
     """:data:`TUNER`'s configuration for ``kind`` ("fwd" / "bwd") at this shape (timed with
     ``launch(config)`` when it tunes)."""
-    key = (kind, shape.D, shape.H, shape.G, shape.n, dtype, device.index)
+    key = (kind, shape.D, shape.H, shape.G, shape.n, dtype)
     return TUNER.choose(key, device, launch)
 
 
@@ -131,7 +128,7 @@ def block_forward(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads: int, n
     lse = torch.empty(shape.N, num_heads, device=dev, dtype=torch.float32)
     mean = torch.empty(shape.N, device=dev, dtype=torch.float32)
     rstd = torch.empty(shape.N, device=dev, dtype=torch.float32)
-    consts = precision(dtype)
+    consts = dot_precision(dtype)
     pads = shape.pads
 
     def launch(config: Config):
@@ -165,7 +162,7 @@ def block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, nu
     delta = torch.empty(shape.N, num_heads, device=dev, dtype=torch.float32)
     dqkv = torch.empty(shape.N, shape.E, device=dev, dtype=dtype)
     part = torch.empty(shape.splits, shape.grad_numel, device=dev, dtype=torch.float32)
-    consts = precision(dtype)
+    consts = dot_precision(dtype)
     pads = shape.pads
     kv_tiles = triton.cdiv(n, BLOCK_N)
     tiles = triton.cdiv(shape.N, BLOCK_M)  # token tiles of the per-token programs
@@ -183,12 +180,11 @@ def block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, nu
             x2, dy2, ln_w, ln_b, qkv_w, mean, rstd, dqkv, dx, part[:, :wp_off], shape.N, D, shape.E, shape.splits,
             shape.rows_per_split, shape.grad_numel, D, D_PAD=pads["D_PAD"], BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E,
             **consts, HAS_RESIDUAL=True, num_warps=w)
-        _attn_sum_splits_kernel[(triton.cdiv(shape.grad_numel, SUM_BLOCK),)](
-            part, grads, shape.splits, shape.grad_numel, BLOCK=SUM_BLOCK)
+        split_sum(part, grads)
 
     launch(_config("bwd", shape, dtype, dev, launch))
     return dx, grads
 
 
 __all__ = ["block_forward", "block_backward", "split_grads", "weight_splits", "Shape", "Config", "CONFIGS", "TUNER",
-           "force_config", "BLOCK_M", "BLOCK_N", "BLOCK_E", "PROJ_ROWS", "SUM_BLOCK", "MAX_DIM", "MAX_HEAD_DIM"]
+           "force_config", "BLOCK_M", "BLOCK_N", "BLOCK_E", "PROJ_ROWS", "MAX_DIM", "MAX_HEAD_DIM"]

@@ -18,43 +18,17 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ..common.custom_op import custom_op
+from ..common.precision import COMPUTE_DTYPES
 from .launch import MAX_DIM, MAX_HEAD_DIM, Shape, block_backward, block_forward, split_grads
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-
-@torch.library.custom_op("mlit::attention_block", mutates_args=())
-def fused_attention_block(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_b: Tensor, proj_w: Tensor,
-                          proj_b: Tensor, num_heads: int, num_groups: int, eps: float, dtype: torch.dtype
-                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The block's forward (see :func:`mlit_kernels.attention.launch.block_forward`)."""
-    return block_forward(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads, num_groups, eps, dtype)
-
-
-@fused_attention_block.register_fake
 def _fused_attention_block_fake(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads, num_groups, eps, dtype):
     B, n, D = x.shape
     N, E = B * n, qkv_w.shape[0]
     f32 = torch.float32
     return (torch.empty_like(x), x.new_empty((N, E), dtype=dtype), x.new_empty((N, D), dtype=dtype),
             x.new_empty((N, num_heads), dtype=f32), x.new_empty((N,), dtype=f32), x.new_empty((N,), dtype=f32))
-
-
-@torch.library.custom_op("mlit::attention_block_backward", mutates_args=())
-def fused_attention_block_backward(dy: Tensor, x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, proj_w: Tensor,
-                                   qkv: Tensor, o: Tensor, lse: Tensor, mean: Tensor, rstd: Tensor, num_heads: int,
-                                   num_groups: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """(dx, flat weight gradients) of ``mlit::attention_block`` (see :func:`~.launch.block_backward`)."""
-    return block_backward(dy.contiguous(), x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads,
-                          num_groups, dtype)
-
-
-@fused_attention_block_backward.register_fake
-def _fused_attention_block_backward_fake(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads,
-                                         num_groups, dtype):
-    D = x.shape[-1]
-    E = qkv_w.shape[0]
-    return torch.empty_like(x), qkv_w.new_empty((E * D + E + 2 * D + D * D + D,))
 
 
 def _setup_context(ctx, inputs, output):
@@ -78,13 +52,34 @@ def _backward(ctx, dy, *_unused):
     return dx, d_ln_w, d_ln_b, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, None, None, None, None
 
 
-fused_attention_block.register_autograd(_backward, setup_context=_setup_context)
+@custom_op("attention_block", fake=_fused_attention_block_fake, backward=_backward, setup_context=_setup_context)
+def fused_attention_block(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_b: Tensor, proj_w: Tensor,
+                          proj_b: Tensor, num_heads: int, num_groups: int, eps: float, dtype: torch.dtype
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The block's forward (see :func:`mlit_kernels.attention.launch.block_forward`)."""
+    return block_forward(x, ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b, num_heads, num_groups, eps, dtype)
+
+
+def _fused_attention_block_backward_fake(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads,
+                                         num_groups, dtype):
+    D = x.shape[-1]
+    E = qkv_w.shape[0]
+    return torch.empty_like(x), qkv_w.new_empty((E * D + E + 2 * D + D * D + D,))
+
+
+@custom_op("attention_block_backward", fake=_fused_attention_block_backward_fake)
+def fused_attention_block_backward(dy: Tensor, x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, proj_w: Tensor,
+                                   qkv: Tensor, o: Tensor, lse: Tensor, mean: Tensor, rstd: Tensor, num_heads: int,
+                                   num_groups: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(dx, flat weight gradients) of ``mlit::attention_block`` (see :func:`~.launch.block_backward`)."""
+    return block_backward(dy.contiguous(), x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, num_heads,
+                          num_groups, dtype)
 
 
 def supports(dim: int, num_heads: int, num_groups: int, dtype: torch.dtype) -> bool:
     """Whether the kernels take this width, head count and compute dtype."""
     return (dim <= MAX_DIM and num_heads > 0 and dim % num_heads == 0 and dim // num_heads <= MAX_HEAD_DIM
-            and num_groups > 0 and num_heads % num_groups == 0 and dtype in DTYPES)
+            and num_groups > 0 and num_heads % num_groups == 0 and dtype in COMPUTE_DTYPES)
 
 
 def attention_block(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_b: Tensor, proj_w: Tensor,
@@ -99,10 +94,10 @@ def attention_block(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_b:
     Returns y (B, n, D) in x's dtype. Raises ValueError naming the argument a bad input is in."""
     if dtype is None:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if x.dim() != 3 or x.dtype not in DTYPES:
+    if x.dim() != 3 or x.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"x must be (B, n, D) in fp16, bf16 or fp32, got {tuple(x.shape)} {x.dtype}")
     D = x.shape[-1]
-    if dtype not in DTYPES:
+    if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype}")
     if num_heads < 1 or D % num_heads:
         raise ValueError(f"num_heads must divide the width {D}, got {num_heads}")
@@ -124,4 +119,4 @@ def attention_block(x: Tensor, ln_w: Tensor, ln_b: Tensor, qkv_w: Tensor, qkv_b:
                                  float(eps), dtype)[0]
 
 
-__all__ = ["attention_block", "fused_attention_block", "fused_attention_block_backward", "supports", "DTYPES"]
+__all__ = ["attention_block", "fused_attention_block", "fused_attention_block_backward", "supports"]

@@ -14,7 +14,7 @@ BLOCK_T = 16  # gate columns of a token tile: the dense kernels hold the whole g
 NOISE_NONE, NOISE_GIVEN, NOISE_PHILOX = 0, 1, 2
 
 # Reduction boundaries that depend on the shape only, never on a tuned configuration, so every
-# configuration sums in the same order (bitwise-identical results): the forward's importance and
+# configuration sums the same groups in the same order: the forward's importance and
 # load are summed per group of SUM_ROWS tokens (every tuned token tile is a multiple), the weight
 # gradients over at most MAX_SPLITS ranges of at least MIN_SPLIT_ROWS tokens, each range a multiple
 # of WGRAD_ROWS tokens and walked WGRAD_ROWS at a time by WGRAD_WARPS warps.

@@ -24,7 +24,8 @@ Backward
   4. ``_fused_bwd_weights_kernel``: one program per (weight tile, N split): W_e[:, chunk],
      V[:, chunk], W_2[chunk, :] (+ their biases) and W_g / W_noise, each summing its split's
      tokens in registers, ROWS at a time; writes per-split partials.
-  5. ``_reduce_kernel``: sums the splits in a fixed order into the gradients (parameter dtype).
+  5. the ordered split sum (:mod:`mlit_kernels.common.split_sum`): sums the splits in a fixed order
+     into the gradients (parameter dtype).
 
 With NORM the layer's input is LayerNorm(x) (:mod:`mlit_kernels.common.norm`): kernel 1 computes
 each row's mean and rstd and stores them ((2, N) fp32), every kernel normalizes x where it reads
@@ -49,7 +50,6 @@ Width chunks: a kernel takes their widths M0 ≥ M1 ≥ M2 ≥ M3 (0 = absent) a
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -57,7 +57,6 @@ from ..common.gating import (cv_grad, cv_value, gate_from_selection_normed, gate
                              gate_tile_normed, load_probability, select_top_k, selection_key, token_tile)
 from ..common.norm import norm_backward_sums, norm_input_grad, norm_row_stats, normalized_cols
 
-TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _DROPOUT_STREAM = tl.constexpr(0x5EED)  # Philox key offset of the dropout draws (the gate noise uses the seed itself)
 
 
@@ -715,16 +714,3 @@ def _fused_bwd_weights_kernel(
             if WIDTHS[i] > 0:
                 if c == i:
                     _norm_grad_partial(ln_part_ptr, lo, hi, M, out + o_b2 + M, STARTS[i], WIDTHS[i], SUM_ROWS)
-
-
-@triton.jit
-def _reduce_kernel(part_ptr, out_ptr, splits, total, BLOCK: tl.constexpr):
-    """out[p] = Σ_s part[s, p], s in order (fp32), stored in out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < total
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    ptrs = part_ptr + offs.to(tl.int64)
-    for _ in range(splits):
-        acc += tl.load(ptrs, mask=ok, other=0.0)
-        ptrs += total
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)

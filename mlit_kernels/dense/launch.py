@@ -10,14 +10,15 @@ import torch
 import triton
 
 from ..common.options import MoEOptions
+from ..common.precision import dot_precision
 from ..common.settings import BLOCK_T, MAX_SPLITS, MIN_SPLIT_ROWS, SUM_ROWS, WGRAD_ROWS, WGRAD_WARPS, gate_flags
-from ..common.tiling import hidden_chunk, interpreting, width_chunks
+from ..common.split_sum import split_sum
+from ..common.tiling import hidden_chunk, width_chunks
 from ..common.tuning import LaunchTuner
-from .kernels import (TL_DTYPES, _fused_aux_kernel, _fused_bwd_tokens_kernel, _fused_bwd_weights_kernel,
-                      _fused_fwd_kernel, _reduce_kernel)
+from .kernels import (_fused_aux_kernel, _fused_bwd_tokens_kernel, _fused_bwd_weights_kernel,
+                      _fused_fwd_kernel)
 
 AUX_BLOCK_P = 64  # partial sums the aux kernel adds per step
-REDUCE_BLOCK = 1024  # gradient entries a reduce program sums over the splits
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,8 @@ def _geometry(kind: str, x: torch.Tensor, m: int, d_h: int, t: int, options: MoE
     def geometry(config: Config) -> Geometry:
         return Geometry(n, m, d_h, t, config.block_n, config.num_warps, norm)
 
-    key = (kind, m, d_h, t, options.k, options.dtype, norm, x.device.index)
+    key = (kind, m, d_h, t, options.k, options.dtype, norm)
     return geometry(TUNER.choose(key, x.device, lambda config: launch(geometry(config))))
-
-
-def precision(dtype: torch.dtype) -> dict:
-    """DTYPE of the expert products and DOT_F32 (IEEE fp32 dots: fp32, and bf16 under the interpreter)."""
-    return dict(DTYPE=TL_DTYPES[dtype], DOT_F32=dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()))
 
 
 def _gate_constexprs(options: MoEOptions, noise, t: int) -> dict:
@@ -167,7 +163,7 @@ def fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, optio
     aux = torch.empty((), device=dev, dtype=torch.float32)
     noise_arg = noise if noise is not None else stats
     part = torch.empty(max(1, triton.cdiv(n, SUM_ROWS)), 2, t, device=dev, dtype=torch.float32)
-    scalars = dict(K=options.k, SUM_ROWS=SUM_ROWS, **precision(options.dtype), **flags)
+    scalars = dict(K=options.k, SUM_ROWS=SUM_ROWS, **dot_precision(options.dtype), **flags)
 
     def launch(geo: Geometry):
         _fused_fwd_kernel[(geo.tiles,)](
@@ -213,7 +209,7 @@ def fused_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, nois
     dgate = torch.empty(n, 2, t, device=dev, dtype=torch.float32)
     noise_arg = noise if noise is not None else stats
     keep_arg = keep if keep.numel() else stats
-    scalars = dict(K=options.k, **precision(dtype))
+    scalars = dict(K=options.k, **dot_precision(dtype))
 
     def launch_tokens(geo: Geometry):
         _fused_bwd_tokens_kernel[(geo.tiles,)](
@@ -232,8 +228,7 @@ def fused_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, nois
             x, dy, keep_arg, idx, da, du, h, dgate, ln_w, ln_b, ln_stats, ln_part_arg, part, n, m, d_h, t,
             float(options.dropout), geo.rows_per_split, geo.grad_numel, NOISY=flags["NOISY"], DROPOUT=flags["DROPOUT"],
             NORM=has_norm, **scalars, **geo.weight_constexprs(), num_warps=WGRAD_WARPS)
-        _reduce_kernel[(triton.cdiv(geo.grad_numel, REDUCE_BLOCK),)](part, grads, geo.splits, geo.grad_numel,
-                                                                    BLOCK=REDUCE_BLOCK)
+        split_sum(part, grads)
     else:
         grads.zero_()
     return dx, grads

@@ -24,23 +24,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..common.custom_op import custom_op
 from ..common.options import MoEOptions
 from ..common.seed import philox_seed
 from .launch import fused_backward, fused_forward, split_grads
 
 
-@torch.library.custom_op("mlit::fused_moe", mutates_args=())
-def fused_moe(x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor, w2: Tensor,
-              b2: Tensor, seed: Tensor, noise: Optional[Tensor], k: int, training: bool, noisy: bool, dropout: float,
-              noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
-              dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The whole layer, forward (see :func:`mlit_kernels.dense.launch.fused_forward`)."""
-    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
-                         need_aux)
-    return fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options)[:5]
-
-
-@fused_moe.register_fake
 def _fused_moe_fake(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, *flat_options):
     options = MoEOptions(*flat_options)
     n, m = x.shape
@@ -49,26 +38,6 @@ def _fused_moe_fake(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, *fl
     return (torch.empty_like(x), x.new_empty((), dtype=torch.float32),
             x.new_empty((n, options.k), dtype=torch.int32), x.new_empty((2, t), dtype=torch.float32),
             x.new_empty(keep_shape, dtype=torch.uint8))
-
-
-@torch.library.custom_op("mlit::fused_moe_backward", mutates_args=())
-def fused_moe_backward(dy: Tensor, d_aux: Tensor, x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor,
-                       v: Tensor, b_v: Tensor, w2: Tensor, seed: Tensor, noise: Optional[Tensor], topk_idx: Tensor,
-                       stats: Tensor, keep: Tensor, k: int, training: bool, noisy: bool, dropout: float,
-                       noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
-                       dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor]:
-    """(dx, flat parameter gradients) of :func:`fused_moe` (see :func:`mlit_kernels.dense.launch.fused_backward`)."""
-    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
-                         need_aux)
-    return fused_backward(dy.contiguous(), d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats,
-                          keep, options)
-
-
-@fused_moe_backward.register_fake
-def _fused_moe_backward_fake(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats, keep,
-                             *flat_options):
-    numel = sum(p.numel() for p in (w_gate, w_noise, w1, b1, v, b_v, w2)) + w2.shape[1]
-    return torch.empty_like(x), w1.new_empty((numel,))
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -96,50 +65,40 @@ def _fused_backward(ctx, dy, d_aux, _d_idx, _d_stats, _d_keep):
     return (dx, *grads, None, None, *([None] * len(options)))
 
 
-fused_moe.register_autograd(_fused_backward, setup_context=_fused_setup_context)
-
-
-@torch.library.custom_op("mlit::fused_norm_moe", mutates_args=())
-def fused_norm_moe(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, ln_eps: float, residual: bool, w_gate: Tensor,
-                   w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor, w2: Tensor, b2: Tensor,
-                   seed: Tensor, noise: Optional[Tensor], k: int, training: bool, noisy: bool, dropout: float, noise_eps: float,
-                   w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
-                   dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The whole layer on LayerNorm(x) (+ x with ``residual``), forward (see
-    :func:`mlit_kernels.dense.launch.fused_forward`)."""
+@custom_op("fused_moe", fake=_fused_moe_fake, backward=_fused_backward, setup_context=_fused_setup_context)
+def fused_moe(x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor, w2: Tensor,
+              b2: Tensor, seed: Tensor, noise: Optional[Tensor], k: int, training: bool, noisy: bool, dropout: float,
+              noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
+              dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole layer, forward (see :func:`mlit_kernels.dense.launch.fused_forward`)."""
     options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
                          need_aux)
-    return fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options,
-                         norm=(ln_weight, ln_bias, ln_eps), residual=residual)
+    return fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options)[:5]
 
 
-@fused_norm_moe.register_fake
+def _fused_moe_backward_fake(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats, keep,
+                             *flat_options):
+    numel = sum(p.numel() for p in (w_gate, w_noise, w1, b1, v, b_v, w2)) + w2.shape[1]
+    return torch.empty_like(x), w1.new_empty((numel,))
+
+
+@custom_op("fused_moe_backward", fake=_fused_moe_backward_fake)
+def fused_moe_backward(dy: Tensor, d_aux: Tensor, x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor,
+                       v: Tensor, b_v: Tensor, w2: Tensor, seed: Tensor, noise: Optional[Tensor], topk_idx: Tensor,
+                       stats: Tensor, keep: Tensor, k: int, training: bool, noisy: bool, dropout: float,
+                       noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
+                       dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor]:
+    """(dx, flat parameter gradients) of :func:`fused_moe` (see :func:`mlit_kernels.dense.launch.fused_backward`)."""
+    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
+                         need_aux)
+    return fused_backward(dy.contiguous(), d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats,
+                          keep, options)
+
+
 def _fused_norm_moe_fake(x, ln_weight, ln_bias, ln_eps, residual, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise,
                          *flat_options):
     outs = _fused_moe_fake(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, *flat_options)
     return (*outs, x.new_empty((2, x.shape[0]), dtype=torch.float32))
-
-
-@torch.library.custom_op("mlit::fused_norm_moe_backward", mutates_args=())
-def fused_norm_moe_backward(dy: Tensor, d_aux: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, ln_eps: float,
-                            residual: bool, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor,
-                            b_v: Tensor, w2: Tensor, seed: Tensor, noise: Optional[Tensor], topk_idx: Tensor, stats: Tensor,
-                            keep: Tensor, ln_stats: Tensor, k: int, training: bool, noisy: bool, dropout: float,
-                            noise_eps: float, w_importance: float, w_load: float, squared_cv: bool,
-                            unbiased_cv: bool, dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor]:
-    """(dx, flat parameter gradients, the norm's last) of :func:`fused_norm_moe`."""
-    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
-                         need_aux)
-    return fused_backward(dy.contiguous(), d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats,
-                          keep, options, norm=(ln_weight, ln_bias, ln_eps), ln_stats=ln_stats, residual=residual)
-
-
-@fused_norm_moe_backward.register_fake
-def _fused_norm_moe_backward_fake(dy, d_aux, x, ln_weight, ln_bias, ln_eps, residual, w_gate, w_noise, w1, b1, v,
-                                  b_v, w2, seed, noise, topk_idx, stats, keep, ln_stats, *flat_options):
-    dx, flat = _fused_moe_backward_fake(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx,
-                                        stats, keep)
-    return dx, w1.new_empty((flat.numel() + 2 * x.shape[1],))
 
 
 def _fused_norm_setup_context(ctx, inputs, output):
@@ -171,7 +130,40 @@ def _fused_norm_backward(ctx, dy, d_aux, _d_idx, _d_stats, _d_keep, _d_ln_stats)
     return (dx, d_ln_weight, d_ln_bias, None, None, *grads[:8], None, None, *([None] * len(options)))
 
 
-fused_norm_moe.register_autograd(_fused_norm_backward, setup_context=_fused_norm_setup_context)
+@custom_op("fused_norm_moe", fake=_fused_norm_moe_fake, backward=_fused_norm_backward,
+           setup_context=_fused_norm_setup_context)
+def fused_norm_moe(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, ln_eps: float, residual: bool, w_gate: Tensor,
+                   w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor, w2: Tensor, b2: Tensor,
+                   seed: Tensor, noise: Optional[Tensor], k: int, training: bool, noisy: bool, dropout: float,
+                   noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
+                   dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole layer on LayerNorm(x) (+ x with ``residual``), forward (see
+    :func:`mlit_kernels.dense.launch.fused_forward`)."""
+    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
+                         need_aux)
+    return fused_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, options,
+                         norm=(ln_weight, ln_bias, ln_eps), residual=residual)
+
+
+def _fused_norm_moe_backward_fake(dy, d_aux, x, ln_weight, ln_bias, ln_eps, residual, w_gate, w_noise, w1, b1, v,
+                                  b_v, w2, seed, noise, topk_idx, stats, keep, ln_stats, *flat_options):
+    dx, flat = _fused_moe_backward_fake(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx,
+                                        stats, keep)
+    return dx, w1.new_empty((flat.numel() + 2 * x.shape[1],))
+
+
+@custom_op("fused_norm_moe_backward", fake=_fused_norm_moe_backward_fake)
+def fused_norm_moe_backward(dy: Tensor, d_aux: Tensor, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, ln_eps: float,
+                            residual: bool, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor,
+                            b_v: Tensor, w2: Tensor, seed: Tensor, noise: Optional[Tensor], topk_idx: Tensor,
+                            stats: Tensor, keep: Tensor, ln_stats: Tensor, k: int, training: bool, noisy: bool,
+                            dropout: float, noise_eps: float, w_importance: float, w_load: float, squared_cv: bool,
+                            unbiased_cv: bool, dtype: torch.dtype, need_aux: bool) -> Tuple[Tensor, Tensor]:
+    """(dx, flat parameter gradients, the norm's last) of :func:`fused_norm_moe`."""
+    options = MoEOptions(k, training, noisy, dropout, noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype,
+                         need_aux)
+    return fused_backward(dy.contiguous(), d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, seed, noise, topk_idx, stats,
+                          keep, options, norm=(ln_weight, ln_bias, ln_eps), ln_stats=ln_stats, residual=residual)
 
 
 def moe_dense(x: Tensor, params: tuple, seed, noise: Optional[Tensor], options: MoEOptions,

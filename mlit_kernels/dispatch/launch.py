@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..common.device_model import H100
+from ..common.precision import dot_precision
 from ..common.settings import gate_flags
 from ..common.tiling import MIN_CHUNK, hidden_chunk, next_pow2, round_up, width_chunks
 from ..common.tuning import LaunchTuner
-from ..dense.launch import precision
-from ..meter import H100
 from .kernels import (ROUTE_BLOCK_N, SUPER_TILES, _combine_kernel, _experts_bwd_kernel, _experts_fwd_kernel,
                       _gate_route_kernel, _shared_grads_kernel, _weights_dx_kernel)
 
@@ -85,7 +85,7 @@ def recompute_intermediates(pairs: int, m: int, d_h: int, itemsize: int, expert_
 
     Recomputing costs 3 products of 2·m·d_h FLOPs a pair per m column group (:func:`weight_groups`)
     and a read of the expert weights, storing 6·d_h elements a pair (written and read). Chosen
-    where it takes less modelled H100 time (:data:`mlit_kernels.meter.H100`: at large N where
+    where it takes less modelled H100 time (:data:`mlit_kernels.common.device_model.H100`: at large N where
     groups · m < 2 · peak FLOP/s ÷ bandwidth, ≈ 590 in fp16, i.e. m ≤ WEIGHT_GROUP_MAX), and where
     storing would take the step past BYTES_BUDGET times the least."""
     stored = 6 * pairs * d_h * itemsize
@@ -155,7 +155,7 @@ def dispatch_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k:
     if n:
         m0, m1, m2, m3 = width_chunks(m)
         consts = dict(K=k, **_separate(w1, v, w2), M0=m0, M1=m1, M2=m2, M3=m3, DC=hidden_chunk(d_h),
-                      SUPER=SUPER_TILES, BLOCK_N=ROUTE_BLOCK_N, **precision(dtype))
+                      SUPER=SUPER_TILES, BLOCK_N=ROUTE_BLOCK_N, **dot_precision(dtype))
 
         def launch(c: Config):
             rt = _row_tiles(n, c.block_r)
@@ -202,7 +202,7 @@ def dispatch_backward(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, see
     keep_arg = keep if keep.numel() else stats
     sep = _separate(w1, v, w2)
     assert sep["SEP_W1"] and sep["SEP_V"] == sep["SEP_W2"], "W1 per expert; V and W2 both shared or both per expert"
-    common = dict(K=k, SUPER=SUPER_TILES, BLOCK_N=ROUTE_BLOCK_N, **precision(dtype))
+    common = dict(K=k, SUPER=SUPER_TILES, BLOCK_N=ROUTE_BLOCK_N, **dot_precision(dtype))
     dc = hidden_chunk(d_h)
     n_sc = triton.cdiv(tiles, SUPER_TILES)
     block_t = max(16, next_pow2(t))

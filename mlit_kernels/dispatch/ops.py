@@ -15,22 +15,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..common.custom_op import custom_op
 from .kernels import ROUTE_BLOCK_N
 from .launch import dispatch_backward, dispatch_forward, route_tiles
 
 
-@torch.library.custom_op("mlit::dispatch_moe", mutates_args=())
-def dispatch_moe(x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor,
-                 w2: Tensor, b2: Tensor, seed: Tensor, noise: Optional[Tensor], k: int, training: bool, noisy: bool,
-                 dropout: float, noise_eps: float, w_importance: float, w_load: float, squared_cv: bool,
-                 unbiased_cv: bool, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                  Tensor, Tensor]:
-    """The layer's forward (see :func:`mlit_kernels.dispatch.launch.dispatch_forward`)."""
-    return dispatch_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k, training, noisy, dropout,
-                            noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
-
-
-@dispatch_moe.register_fake
 def _dispatch_moe_fake(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k, training, noisy, dropout,
                        noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype):
     n, m = x.shape
@@ -41,25 +30,6 @@ def _dispatch_moe_fake(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, 
             x.new_empty((n, k), dtype=torch.float32), x.new_empty((rows, 2, t), dtype=torch.int32),
             x.new_empty((rows * ROUTE_BLOCK_N * k,), dtype=torch.int32), x.new_empty((n * k, m), dtype=dtype),
             x.new_empty((2, t), dtype=torch.float32), x.new_empty(keep_shape, dtype=torch.uint8))
-
-
-@torch.library.custom_op("mlit::dispatch_moe_backward", mutates_args=())
-def dispatch_moe_backward(dy: Tensor, d_aux: Tensor, x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor,
-                          b1: Tensor, v: Tensor, b_v: Tensor, w2: Tensor, b2: Tensor, seed: Tensor,
-                          noise: Optional[Tensor], idx: Tensor, gates: Tensor, route: Tensor, local: Tensor, o: Tensor,
-                          stats: Tensor, keep: Tensor, k: int, training: bool, noisy: bool, dropout: float,
-                          noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
-                          dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                       Tensor]:
-    """(dx, dW_g, dW_noise, dW1, db1, dV, db_V, dW2, db2) of :func:`dispatch_moe`."""
-    return dispatch_backward(dy.contiguous(), d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, idx,
-                             gates, route, local, o, stats, keep, k, training, noisy, dropout, noise_eps, w_importance,
-                             w_load, squared_cv, unbiased_cv, dtype)
-
-
-@dispatch_moe_backward.register_fake
-def _dispatch_moe_backward_fake(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, *rest):
-    return tuple(torch.empty_like(p) for p in (x, w_gate, w_noise, w1, b1, v, b_v, w2, b2))
 
 
 def _setup_context(ctx, inputs, output):
@@ -83,6 +53,30 @@ def _backward(ctx, dy, d_aux, *_saved_grads):
     return (*grads, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
-dispatch_moe.register_autograd(_backward, setup_context=_setup_context)
+@custom_op("dispatch_moe", fake=_dispatch_moe_fake, backward=_backward, setup_context=_setup_context)
+def dispatch_moe(x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor, b1: Tensor, v: Tensor, b_v: Tensor,
+                 w2: Tensor, b2: Tensor, seed: Tensor, noise: Optional[Tensor], k: int, training: bool, noisy: bool,
+                 dropout: float, noise_eps: float, w_importance: float, w_load: float, squared_cv: bool,
+                 unbiased_cv: bool, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                  Tensor, Tensor]:
+    """The layer's forward (see :func:`mlit_kernels.dispatch.launch.dispatch_forward`)."""
+    return dispatch_forward(x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, k, training, noisy, dropout,
+                            noise_eps, w_importance, w_load, squared_cv, unbiased_cv, dtype)
 
-__all__ = ["dispatch_moe", "dispatch_moe_backward"]
+
+def _dispatch_moe_backward_fake(dy, d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, *rest):
+    return tuple(torch.empty_like(p) for p in (x, w_gate, w_noise, w1, b1, v, b_v, w2, b2))
+
+
+@custom_op("dispatch_moe_backward", fake=_dispatch_moe_backward_fake)
+def dispatch_moe_backward(dy: Tensor, d_aux: Tensor, x: Tensor, w_gate: Tensor, w_noise: Tensor, w1: Tensor,
+                          b1: Tensor, v: Tensor, b_v: Tensor, w2: Tensor, b2: Tensor, seed: Tensor,
+                          noise: Optional[Tensor], idx: Tensor, gates: Tensor, route: Tensor, local: Tensor, o: Tensor,
+                          stats: Tensor, keep: Tensor, k: int, training: bool, noisy: bool, dropout: float,
+                          noise_eps: float, w_importance: float, w_load: float, squared_cv: bool, unbiased_cv: bool,
+                          dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                       Tensor]:
+    """(dx, dW_g, dW_noise, dW1, db1, dV, db_V, dW2, db2) of :func:`dispatch_moe`."""
+    return dispatch_backward(dy.contiguous(), d_aux, x, w_gate, w_noise, w1, b1, v, b_v, w2, b2, seed, noise, idx,
+                             gates, route, local, o, stats, keep, k, training, noisy, dropout, noise_eps, w_importance,
+                             w_load, squared_cv, unbiased_cv, dtype)

@@ -1,7 +1,8 @@
-"""Triton kernels of GPUAugment's training transform: three launches per call, no host sync.
+"""Triton kernels of the augmentation's training transform: three launches per call, no host sync.
 
-The transform and its semantics are those of :mod:`mlit.data.augment` (the torch path, which
-stays the reference these kernels are tested against); here the work is grouped per image:
+The transform and its semantics are those of :mod:`mlit_kernels.augment.reference` (the torch
+path, which stays the reference these kernels are tested against); here the work is grouped per
+image:
 
 * ``_crop_kernel`` — one program per image: the random resized crop (torchvision's 10 tries),
   the flip and the resize to size x size as one bilinear sample of the uint8 source, rounded to
@@ -23,15 +24,12 @@ rounds after each operation (no contraction: ``enable_fp_fusion=False`` on GPUs)
 
 from __future__ import annotations
 
-import math
-
-import torch
 import triton
 import triton.language as tl
 
 from .crop_ratio import EXP_TAYLOR, LOG_RATIO
 
-# Op indices (mlit.data.augment.OPS; tests/test_augment.py checks they agree), as constexprs: a
+# Op indices (mlit_kernels.augment.reference.OPS; tests/test_augment.py checks they agree), as constexprs: a
 # compiled kernel may read only constexpr globals.
 _SHEAR_X, _SHEAR_Y, _TRANSLATE_X, _TRANSLATE_Y, _ROTATE = (tl.constexpr(i) for i in range(0, 5))
 _BRIGHTNESS, _COLOR, _CONTRAST, _SHARPNESS = (tl.constexpr(i) for i in range(5, 9))
@@ -245,57 +243,3 @@ def _op_kernel(x_ptr, u_ptr, ops_ptr, probs_ptr, mags_ptr, signed_ptr, trig_ptr,
     _store(out, p, r, valid, NORMALISE)
     _store(out + S * S, p, g, valid, NORMALISE)
     _store(out + 2 * S * S, p, bl, valid, NORMALISE)
-
-
-def _launch_options(device: torch.device) -> dict:
-    """No fused multiply-add on GPUs: the arithmetic must round as the torch path's."""
-    return {"enable_fp_fusion": False} if device.type == "cuda" else {}
-
-
-def rotation_table(mags: torch.Tensor) -> torch.Tensor:
-    """(n, 2, 2) cos and sin of each table magnitude read as degrees, computed as
-    ``mlit.data.augment._geometric`` computes them (``_op_kernel`` uses it for Rotate only)."""
-    rad = mags * (math.pi / 180)
-    return torch.stack([torch.cos(rad), torch.sin(rad)], dim=-1).contiguous()
-
-
-def train_transform(images: torch.Tensor, u: torch.Tensor, size: int, crop_scale: tuple[float, float],
-                    hflip: float, tables: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-    """uint8 (B, 3, H, W) + uniforms (B, 28) → normalised float32 (B, 3, size, size), as
-    :func:`mlit.data.augment.train_transform`; tables: ``policy_tables`` + the (n_sub, 2, 2)
-    cos / sin table of ``rotation_table``, or None (no AutoAugment)."""
-    B, _, H, W = images.shape
-    images = images.contiguous()
-    block = triton.next_power_of_2(size * size)
-    opts = _launch_options(images.device)
-    out = torch.empty(B, 3, size, size, dtype=torch.float32, device=images.device)
-    cropped = out if tables is None else torch.empty(B, 3, size, size, dtype=torch.uint8, device=images.device)
-    lo, hi = crop_scale
-    _crop_kernel[(B,)](images, u, cropped, H, W, lo, hi - lo, *LOG_RATIO, hflip,
-                       S=size, D=u.shape[1], NORMALISE=tables is None, BLOCK=block, **opts)
-    if tables is None:
-        return out
-    ops, probs, mags, signed, trig = tables
-    first = torch.empty_like(cropped)
-    for slot, (src, dst) in enumerate(((cropped, first), (first, out))):
-        _op_kernel[(B,)](src, u, ops, probs, mags, signed, trig, dst, ops.shape[0], SLOT=slot, S=size,
-                         D=u.shape[1], NORMALISE=slot == 1, BLOCK=block, **opts)
-    return out
-
-
-def apply_ops(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """:func:`mlit.data.augment.apply_ops` through ``_op_kernel`` (for tests): image i gets op
-    ``op[i]`` (NO_OP = -1: none) with signed ``magnitude[i]``; x float (B, 3, S, S) of integers."""
-    B, _, S, _ = x.shape
-    device = x.device
-    ops = torch.stack([op.clamp(min=0), torch.zeros_like(op)], 1).to(device)
-    probs = torch.stack([(op >= 0).float(), torch.zeros(B, device=op.device)], 1).to(device)
-    mags = torch.stack([magnitude.float(), torch.zeros(B, device=op.device)], 1).to(device)
-    signed = torch.zeros(B, 2, dtype=torch.bool, device=device)
-    u = torch.zeros(B, 28, device=device)
-    u[:, 23] = (torch.arange(B, device=device) + 0.5) / B  # image i draws sub-policy i
-    out = torch.empty(B, 3, S, S, dtype=torch.uint8, device=device)
-    _op_kernel[(B,)](x.to(torch.uint8).contiguous(), u, ops, probs, mags, signed, rotation_table(mags), out, B,
-                     SLOT=0, S=S, D=28, NORMALISE=False, BLOCK=triton.next_power_of_2(S * S),
-                     **_launch_options(device))
-    return out.float()

@@ -1,5 +1,5 @@
-"""``Linear(LayerNorm(x))`` in one launch forward and two backward: a classifier head on the
-final norm, the MAE's encoder-to-decoder projection and its pixel prediction.
+"""``Linear(LayerNorm(x))`` as ``torch.library`` custom ops over the attention block's LayerNorm +
+projection kernels, and :func:`norm_linear`, the checked entry: one launch forward and two backward.
 
 * ``mlit::norm_linear(x, ln_w, ln_b, w, b?, eps, dtype) -> (y (M, E) dtype, mean, rstd (M,) fp32)``:
   the attention block's LayerNorm + projection kernel (:func:`mlit_kernels.attention.kernels._ln_qkv_fwd_kernel`)
@@ -7,13 +7,11 @@ final norm, the MAE's encoder-to-decoder projection and its pixel prediction.
   ``x[:, -1]``: no copy).
 * ``mlit::norm_linear_backward(dy, x, ln_w, ln_b, w, mean, rstd, dtype) -> (dx (M, D), flat_grads)``:
   its LayerNorm + projection backward kernel without the residual (per-token dx; the partial
-  dW, db, dγ, dβ of few long programs), then the split sum — flat_grads holding dW (E, D), db (E,),
-  dγ, dβ (D,) in w's dtype.
+  dW, db, dγ, dβ of few long programs), then the ordered split sum — flat_grads holding dW (E, D),
+  db (E,), dγ, dβ (D,) in w's dtype.
 
-:func:`norm_linear` is the entry (checks, autograd; no double backward); :func:`norm_linear_reference`
-the same in torch. Tiles follow the shape alone (the attention block's BLOCK_M, BLOCK_E and
-splits) and the warps are fixed, so results never depend on a tuned choice. No host reads:
-capturable.
+Tiles follow the shape alone (the attention block's BLOCK_M, BLOCK_E and splits) and the warps are
+fixed, so no tuned choice is involved. No host reads: capturable.
 """
 
 from __future__ import annotations
@@ -21,41 +19,24 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from .attention.kernels import _attn_sum_splits_kernel, _ln_qkv_bwd_kernel, _ln_qkv_fwd_kernel
-from .attention.launch import BLOCK_E, BLOCK_M, MAX_DIM, SUM_BLOCK, precision, weight_splits
+from ..attention.kernels import _ln_qkv_bwd_kernel, _ln_qkv_fwd_kernel
+from ..attention.launch import BLOCK_E, BLOCK_M, MAX_DIM, weight_splits
+from ..common.custom_op import custom_op
+from ..common.precision import COMPUTE_DTYPES, dot_precision
+from ..common.split_sum import split_sum
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NUM_WARPS = 4
 
 
-@torch.library.custom_op("mlit::norm_linear", mutates_args=())
-def _norm_linear_op(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Optional[Tensor], eps: float,
-                    dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    m, d = x.shape
-    e = w.shape[0]
-    y = torch.empty(m, e, device=x.device, dtype=dtype)
-    mean = torch.empty(m, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-    if m:
-        _ln_qkv_fwd_kernel[(triton.cdiv(m, BLOCK_M),)](
-            x, ln_w, ln_b, w, w if b is None else b, y, mean, rstd, m, d, e, float(eps), x.stride(0),
-            D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **precision(dtype),
-            HAS_BIAS=b is not None, num_warps=NUM_WARPS)
-    return y, mean, rstd
+def _norm_linear_backward_fake(dy, x, ln_w, ln_b, w, mean, rstd, dtype):
+    d, e = x.shape[1], w.shape[0]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), w.new_empty((e * d + e + 2 * d,))
 
 
-@_norm_linear_op.register_fake
-def _norm_linear_fake(x, ln_w, ln_b, w, b, eps, dtype):
-    m = x.shape[0]
-    return (x.new_empty((m, w.shape[0]), dtype=dtype), x.new_empty((m,), dtype=torch.float32),
-            x.new_empty((m,), dtype=torch.float32))
-
-
-@torch.library.custom_op("mlit::norm_linear_backward", mutates_args=())
+@custom_op("norm_linear_backward", fake=_norm_linear_backward_fake)
 def _norm_linear_backward_op(dy: Tensor, x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, mean: Tensor, rstd: Tensor,
                              dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     m, d = x.shape
@@ -69,16 +50,16 @@ def _norm_linear_backward_op(dy: Tensor, x: Tensor, ln_w: Tensor, ln_b: Tensor, 
     part = torch.empty(splits, numel, device=x.device, dtype=torch.float32)
     _ln_qkv_bwd_kernel[(splits + triton.cdiv(m, BLOCK_M),)](
         x, x, ln_w, ln_b, w, mean, rstd, dy, dx, part, m, d, e, splits, rows_per_split, numel, x.stride(0),
-        D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **precision(dtype),
+        D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **dot_precision(dtype),
         HAS_RESIDUAL=False, num_warps=NUM_WARPS)
-    _attn_sum_splits_kernel[(triton.cdiv(numel, SUM_BLOCK),)](part, grads, splits, numel, BLOCK=SUM_BLOCK)
+    split_sum(part, grads)
     return dx, grads
 
 
-@_norm_linear_backward_op.register_fake
-def _norm_linear_backward_fake(dy, x, ln_w, ln_b, w, mean, rstd, dtype):
-    d, e = x.shape[1], w.shape[0]
-    return torch.empty_like(x, memory_format=torch.contiguous_format), w.new_empty((e * d + e + 2 * d,))
+def _norm_linear_fake(x, ln_w, ln_b, w, b, eps, dtype):
+    m = x.shape[0]
+    return (x.new_empty((m, w.shape[0]), dtype=dtype), x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((m,), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,12 +79,25 @@ def _backward(ctx, dy, _d_mean, _d_rstd):
     return (dx, dgamma.to(ln_w.dtype), dbeta.to(ln_b.dtype), dw.view(e, d), db if ctx.has_bias else None, None, None)
 
 
-_norm_linear_op.register_autograd(_backward, setup_context=_setup_context)
+@custom_op("norm_linear", fake=_norm_linear_fake, backward=_backward, setup_context=_setup_context)
+def _norm_linear_op(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Optional[Tensor], eps: float,
+                    dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    m, d = x.shape
+    e = w.shape[0]
+    y = torch.empty(m, e, device=x.device, dtype=dtype)
+    mean = torch.empty(m, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    if m:
+        _ln_qkv_fwd_kernel[(triton.cdiv(m, BLOCK_M),)](
+            x, ln_w, ln_b, w, w if b is None else b, y, mean, rstd, m, d, e, float(eps), x.stride(0),
+            D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **dot_precision(dtype),
+            HAS_BIAS=b is not None, num_warps=NUM_WARPS)
+    return y, mean, rstd
 
 
 def supports(dim: int, dtype: torch.dtype) -> bool:
     """Whether the kernels take this width and compute dtype."""
-    return 0 < dim <= MAX_DIM and dtype in DTYPES
+    return 0 < dim <= MAX_DIM and dtype in COMPUTE_DTYPES
 
 
 def norm_linear(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Tensor | None = None, eps: float = 1e-5,
@@ -118,9 +112,9 @@ def norm_linear(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Tensor | No
     (..., E). Raises ValueError naming the argument a bad input is in."""
     if dtype is None:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if x.dim() < 1 or x.dtype not in DTYPES:
+    if x.dim() < 1 or x.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"x must be (..., D) in fp16, bf16 or fp32, got {tuple(x.shape)} {x.dtype}")
-    if dtype not in DTYPES:
+    if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype}")
     d = x.shape[-1]
     if not 0 < d <= MAX_DIM:
@@ -145,10 +139,4 @@ def norm_linear(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Tensor | No
     return y.view(*lead, e)
 
 
-def norm_linear_reference(x: Tensor, ln_w: Tensor, ln_b: Tensor, w: Tensor, b: Tensor | None = None,
-                          eps: float = 1e-5) -> Tensor:
-    """:func:`norm_linear` in torch (any dtype, float64 included)."""
-    return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), w, b)
-
-
-__all__ = ["norm_linear", "norm_linear_reference", "supports", "DTYPES"]
+__all__ = ["norm_linear", "supports"]

@@ -1,6 +1,6 @@
 """The random resized crop's aspect ratio, computed alike by the torch path
-(:mod:`mlit.data.augment`) and the crop kernel (:mod:`mlit.data.augment_kernels`), which both
-import it (torch only, no Triton).
+(:mod:`mlit_kernels.augment.reference`) and the crop kernel (:mod:`mlit_kernels.augment.kernels`),
+which both import it (torch only, no Triton).
 
 The ratio is exp(z), z uniform on [log 3/4, log 4/3]. torch.exp and tl.exp (an approximate
 instruction on GPUs) differ by an ulp or two, enough to move a box by a pixel; both paths

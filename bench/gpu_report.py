@@ -185,7 +185,7 @@ _AUGMENT_PTRS = {"src_ptr": "u8", "x_ptr": "u8", "ops_ptr": "i64", "signed_ptr":
 # output and their gradients in the compute dtype; statistics and partial sums fp32).
 _ATTENTION_PTRS = {"qkv_ptr": "act", "o_ptr": "act", "do_ptr": "act", "dqkv_ptr": "act"}
 _ATTENTION_KERNELS = {"_ln_qkv_fwd_kernel", "_attn_fwd_kernel", "_proj_bwd_kernel", "_attn_bwd_kernel",
-                      "_ln_qkv_bwd_kernel", "_attn_sum_splits_kernel"}
+                      "_ln_qkv_bwd_kernel"}
 
 
 def _pointer_type(kernel_name, name, dtype, constexprs):
@@ -193,10 +193,10 @@ def _pointer_type(kernel_name, name, dtype, constexprs):
         if name == "out_ptr":
             return "fp32" if constexprs["NORMALISE"] else "u8"
         return _AUGMENT_PTRS.get(name, "fp32")
-    if kernel_name.startswith("_fused") or kernel_name == "_reduce_kernel":
+    if kernel_name.startswith("_fused"):
         kind = _FUSED_PTRS.get(name, "fp32")
         return _TRITON_TYPES[dtype] if kind == "act" else kind
-    if kernel_name in ("_embed_fwd_kernel", "_embed_bwd_kernel", "_embed_reduce_kernel"):
+    if kernel_name in ("_embed_fwd_kernel", "_embed_bwd_kernel", "_split_sum_kernel"):
         return "fp32"
     if kernel_name in ("_loss_fwd_kernel", "_loss_bwd_kernel", "_eval_sums_kernel"):
         return {"logits_ptr": "fp16", "dlogits_ptr": "fp16", "labels_ptr": "i64", "sums_ptr": "fp64"}.get(name, "fp32")
@@ -235,7 +235,7 @@ def _compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch, sizes):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     options = {"num_warps": num_warps, "num_stages": num_stages}
     if fn.__name__ in ("_crop_kernel", "_op_kernel"):
-        options["enable_fp_fusion"] = False  # as mlit.data.augment_kernels launches them on CUDA
+        options["enable_fp_fusion"] = False  # as mlit_kernels.augment launches them on CUDA
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=options)
     usage = {"shared": compiled.metadata.shared}
@@ -256,11 +256,13 @@ def _compile_one(kernel, dtype, constexprs, num_warps, num_stages, arch, sizes):
 def _fused_jobs(m, d_h, t, k, dtype, quick):
     """(kernel, constexprs, warps, stages) of the dense variant, every tuning configuration (the
     weight-gradient kernel has one fixed configuration)."""
+    from mlit_kernels.common import split_sum
+    from mlit_kernels.common.precision import dot_precision
     from mlit_kernels.common.settings import BLOCK_T, SUM_ROWS, WGRAD_WARPS
     from mlit_kernels.dense import kernels, launch
 
     jobs = []
-    precision = dict(K=k, DTYPE=kernels.TL_DTYPES[dtype], DOT_F32=dtype == torch.float32)
+    precision = dict(K=k, **dot_precision(dtype))
     configs = launch.CONFIGS[:1] if quick else launch.CONFIGS
     # training (noise, dropout) with the pre-MLP LayerNorm and the residual add folded in (the mLiT
     # layer) and without
@@ -282,7 +284,7 @@ def _fused_jobs(m, d_h, t, k, dtype, quick):
                                                                  "NORM": mode["NORM"]}, WGRAD_WARPS, 1))
     jobs.append((kernels._fused_aux_kernel, dict(SQUARED=True, UNBIASED=True, BLOCK_P=launch.AUX_BLOCK_P,
                                                  BLOCK_T=BLOCK_T), 4, 1))
-    jobs.append((kernels._reduce_kernel, dict(BLOCK=launch.REDUCE_BLOCK), 4, 1))
+    jobs.append((split_sum._split_sum_kernel, dict(BLOCK=split_sum.SUM_BLOCK), 4, 1))
     return jobs
 
 
@@ -291,13 +293,12 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
     every tuning configuration of the grouped kernels (the first with --quick)."""
     from mlit_kernels.common import gating
     from mlit_kernels.common.tiling import hidden_chunk, width_chunks
-    from mlit_kernels.dense.kernels import TL_DTYPES
+    from mlit_kernels.common.precision import dot_precision
     from mlit_kernels.dispatch import kernels, launch
 
     m0, m1, m2, m3 = width_chunks(m)
     block_t = max(16, 1 << (t - 1).bit_length())
-    base = dict(K=k, SUPER=kernels.SUPER_TILES, BLOCK_N=kernels.ROUTE_BLOCK_N, DTYPE=TL_DTYPES[dtype],
-                DOT_F32=dtype == torch.float32)
+    base = dict(K=k, SUPER=kernels.SUPER_TILES, BLOCK_N=kernels.ROUTE_BLOCK_N, **dot_precision(dtype))
     chunks = dict(M0=m0, M1=m1, M2=m2, M3=m3, DC=hidden_chunk(d_h))
     g0, g1, g2, g3 = launch.weight_groups(m)[1]
     recomputes = (True, False)  # the weight gradients recompute a, u, dh or read them, by shape and N
@@ -331,12 +332,14 @@ def _dispatch_jobs(m, d_h, t, k, dtype, quick):
 def _attention_jobs(dim, heads, groups, dtype, quick):
     """(kernel, constexprs, warps, stages) of the fused attention block, every tuning configuration
     (the first with --quick); the split sum has one."""
-    from mlit_kernels import norm_linear
     from mlit_kernels.attention import kernels, launch
+    from mlit_kernels.common import split_sum
+    from mlit_kernels.common.precision import dot_precision
+    from mlit_kernels.norm_linear import ops as norm_linear
 
     shape = launch.Shape(256, 145, dim, heads, groups)
     pads = shape.pads
-    base = dict(DTYPE=kernels.TL_DTYPES[dtype], DOT_F32=dtype == torch.float32)
+    base = dot_precision(dtype)
     jobs = []
     for config in launch.CONFIGS[:1] if quick else launch.CONFIGS:
         w = config.num_warps
@@ -348,7 +351,7 @@ def _attention_jobs(dim, heads, groups, dtype, quick):
                                                  **base), w, 1),
                  (kernels._ln_qkv_bwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M,
                                                    BLOCK_E=launch.BLOCK_E, **base, HAS_RESIDUAL=True), w, 1)]
-    jobs.append((kernels._attn_sum_splits_kernel, dict(BLOCK=launch.SUM_BLOCK), 4, 1))
+    jobs.append((split_sum._split_sum_kernel, dict(BLOCK=split_sum.SUM_BLOCK), 4, 1))
     # the same LayerNorm + projection kernels as mlit_kernels.norm_linear launches them (the heads)
     jobs += [(kernels._ln_qkv_fwd_kernel, dict(D_PAD=pads["D_PAD"], BLOCK_M=launch.BLOCK_M, BLOCK_E=launch.BLOCK_E,
                                                **base, HAS_BIAS=False), norm_linear.NUM_WARPS, 1),
@@ -359,7 +362,7 @@ def _attention_jobs(dim, heads, groups, dtype, quick):
 
 def _augment_jobs():
     """(kernel, constexprs, warps, stages) of the augmentation kernels at 36 × 36 (28 uniforms an image)."""
-    from mlit.data import augment_kernels
+    from mlit_kernels.augment import kernels as augment_kernels
 
     block = triton.next_power_of_2(36 * 36)
     jobs = [(augment_kernels._crop_kernel, dict(S=36, D=28, NORMALISE=normalise, BLOCK=block), 4, 3)
@@ -373,10 +376,10 @@ def _loss_jobs():
     """(kernel, constexprs, warps, stages) of the classification loss and evaluation sums (10 and 100
     classes), the MAE loss (3 × 3 patches of 3 channels), the patch embedding (m = 108 and 144) and
     the MAE encoder's and decoder's inputs (width 108)."""
-    from mlit.models import mae_token_kernels as dk
-    from mlit.models import embed_kernels as ek
-    from mlit.models import mae_kernels as mk
-    from mlit.train import loss_kernels
+    from mlit_kernels.loss import kernels as loss_kernels
+    from mlit_kernels.mae_loss import kernels as mk
+    from mlit_kernels.mae_tokens import kernels as dk
+    from mlit_kernels.patch_embed import kernels as ek
 
     jobs = [(kernel, dict(BLOCK_B=loss_kernels.BLOCK_B, BLOCK_C=c), 4, 1)
             for kernel in (loss_kernels._loss_fwd_kernel, loss_kernels._loss_bwd_kernel,
@@ -391,7 +394,6 @@ def _loss_jobs():
     for block_m in (128, 256):
         jobs.append((ek._embed_fwd_kernel, dict(C=3, P=3, BLOCK_T=ek.BLOCK_T, BLOCK_M=block_m), 4, 1))
         jobs.append((ek._embed_bwd_kernel, dict(P=3, BLOCK_B=ek.BLOCK_B, BLOCK_M=block_m, K_PAD=ek.K_PAD), 4, 1))
-    jobs.append((ek._embed_reduce_kernel, dict(BLOCK=ek.REDUCE_BLOCK), 4, 1))
     return jobs
 
 

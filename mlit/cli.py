@@ -11,7 +11,7 @@
     mlit profile  --recipe table6-cifar10 --model S --batch-size 256
     mlit export   runs/ft --onnx ft.onnx
     mlit predict  runs/ft image.png [more.jpg batch.npy]
-    mlit doctor   [--quick] [--no-timing]                 self-check of the kernels on this machine
+    mlit doctor   [--clear] [--json] [--quick] [--no-timing]   check and clear the kernels on this machine
 
 Every recipe setting is a flag made from its :class:`~mlit.train.recipes.Recipe` field (help text
 and allowed values from the field), so a bad value stops at parsing, with one
@@ -231,6 +231,9 @@ def _add_training_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--max-steps", type=_int_at_least(1), default=None, metavar="N",
                    help="stop after N optimizer steps in all (a smoke run; checkpoint written)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-clear", dest="clear_kernels", action="store_false",
+                   help="on CUDA with --backend auto, skip checking the uncleared kernel families in child processes "
+                        "before the first step (they then run as torch)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +368,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
     try:
         run(recipe, out, device=args.device, backend=args.backend, resume=args.resume,
-            stop_after_epochs=args.stop_after_epochs, progress=args.progress, **_run_kwargs(args))
+            stop_after_epochs=args.stop_after_epochs, progress=args.progress, clear_kernels=args.clear_kernels,
+            **_run_kwargs(args))
     except TrainingInterrupted as e:
         print(f"mlit {task}: {e}", file=sys.stderr)
         return e.exit_code
@@ -449,7 +453,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import run
 
-    return 0 if run(quick=args.quick, timing=args.timing).ok else 1
+    families = tuple(args.families.split(",")) if args.families else None
+    report = run(quick=args.quick, timing=args.timing and not args.clear, clear_only=args.clear, families=families,
+                 model=args.model, task=args.task, batch=args.batch_size, as_json=args.json, timeout=args.timeout)
+    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -509,10 +516,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the onnxruntime-versus-torch comparison on random inputs after export")
 
-    p = command("doctor", "self-check: versions, device; every Triton kernel against the reference (values and "
-                "gradients) and timings; exit status 1 on a mismatch", cmd_doctor)
-    p.add_argument("--quick", action="store_true", help="the fp16-autocast configuration only")
+    p = command("doctor", "self-check: versions, device; every kernel family checked against its reference "
+                "(values and gradients) in a child process and cleared for this GPU; timings; exit status 1 when a "
+                "family fails", cmd_doctor)
+    p.add_argument("--clear", action="store_true",
+                   help="check only the families not yet cleared on this GPU for their current code; no timings")
+    p.add_argument("--json", action="store_true", help="print one JSON record per family instead of the tables")
+    p.add_argument("--quick", action="store_true", help="on a GPU, the fp16-autocast configuration only")
     p.add_argument("--no-timing", dest="timing", action="store_false", help="skip the timings")
+    p.add_argument("--model", default="XXS", type=str.upper, choices=MODEL_SIZES,
+                   help="on a GPU, check at this model's shapes (default XXS)")
+    p.add_argument("--task", default="train", choices=("train", "pretrain"),
+                   help="on a GPU, the families and shapes of this task (default train)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=256, metavar="N", help="images a step (default 256)")
+    p.add_argument("--families", default=None, metavar="A,B", help="only these families (mlit_kernels.registry names)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds a family's check may take")
 
     p = command("predict", "top-5 classes of image files (PNG/JPEG) or .npy batches with a trained classifier",
                 cmd_predict)

@@ -1,27 +1,28 @@
-"""``mlit doctor``: a self-check for the first run on a machine (also ``mlit.doctor.run()``).
+"""``mlit doctor``: check and clear the kernels on the machine at hand (also ``mlit.doctor.run()``).
 
 1. Versions (Python, torch, Triton, mlit), the device and its compute capability.
-2. Every Triton variant of the MoE layer ("dense": the fused kernels; "dispatch": tokens grouped
-   by expert) in fp32, fp16, bf16 and under fp16 autocast (the training loop's configuration),
-   forward and backward in training mode, against the float64 reference on the same inputs
-   (:func:`mlit_kernels.selfcheck.compare`): the worst per-row relative error over y, the
-   auxiliary loss and every gradient, within :data:`mlit_kernels.selfcheck.TOL` of the compute
-   dtype (fp32 1e-4, fp16 1e-2, bf16 5e-2). Shapes: the paper's (mLiT-S layer 0, m = d_h = 144,
-   t = 3; mLiT-XXS last layer, m = 108, d_h = 27, t = 5) and many-expert dispatch shapes (t = 16,
-   t = 64), 4133 tokens (not a multiple of any block). Running them compiles every kernel the
-   layer launches for the GPU present; a kernel that fails to compile is a row with its error.
-3. Times (CUDA events, median of 10 after 3 warm-up runs) the layer forward + backward and a
-   training step of mLiT-XXS (batch 256, fp16 autocast, AdamW) with the Triton backend, the
-   reference and torch.compile(reference).
+2. Every kernel family of :mod:`mlit_kernels.registry`, each in a child process
+   (:mod:`mlit_kernels.checks`): its forward and backward against its float64 reference
+   (:attr:`~mlit_kernels.common.family.Family.check`) — on a GPU at the shapes of the model at hand
+   (:func:`model_shapes`: ``--model``, ``--batch-size``; fp16 under autocast as training runs it,
+   fp32 and bf16 too unless ``quick``), without one at small shapes through Triton's interpreter
+   (fp32, bf16). A child that faults, hangs, fails to compile or disagrees beyond the per-dtype
+   tolerance fails its family, with that cause, and cannot harm this process. Each verdict is
+   recorded in the machine cache with the launch configurations the child tuned: from then on
+   ``"auto"`` runs the cleared families on this kind of GPU, every process with the same
+   configuration (:mod:`mlit_kernels.common.clearance`). ``clear_only``: only the families not yet
+   cleared there for their current code.
+3. With ``timing``: the MoE layer forward + backward and a training step of mLiT-XXS (batch 256,
+   fp16 autocast, AdamW) per backend (reference, torch.compile(reference), Triton), CUDA events,
+   median of 10 after 3 warm-up runs; without a GPU one run each at small shapes, the wall clock.
 
-One table; :func:`run` returns a :class:`Report` whose ``ok`` is False on any mismatch or error
-(the command then exits with status 1). Without a GPU the kernels run through Triton's
-interpreter at small shapes in fp32 and bf16, the timings (one run each of the layer and of a
-3-layer model's step, batch 1) use the wall clock and skip torch.compile: under a minute.
+:func:`run` returns a :class:`Report` whose ``ok`` is False when a family fails or a timing errs
+(the command then exits with status 1); ``json`` prints one record per family instead of the table.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -34,25 +35,26 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .config import DECODER, ENCODERS, TransformerConfig
 
-#: (name, m, d_h, t, k) checked on a GPU: the paper's layers and many-expert dispatch shapes.
-GPU_SHAPES = (("mLiT-S layer 0", 144, 144, 3, 2), ("mLiT-XXS last", 108, 27, 5, 2),
-              ("dispatch t=16", 144, 144, 16, 2), ("dispatch t=64", 108, 27, 64, 2))
-#: ... and through the interpreter on a CPU (small, awkward widths).
-CPU_SHAPES = (("small dense", 16, 27, 5, 2), ("small dispatch", 16, 24, 12, 3))
-GPU_TOKENS, CPU_TOKENS = 4096 + 37, 37
-#: dtype configurations: (label, x and weight dtype, autocast dtype or None).
-CONFIGS = (("fp32", torch.float32, None), ("fp16", torch.float16, None), ("bf16", torch.bfloat16, None),
-           ("amp-fp16", torch.float32, torch.float16))
-HEADER = ("check", "shape (m, d_h, t, k)", "variant / backend", "dtype", "result", "limit", "status")
+HEADER = ("family", "checked", "dtypes", "verdict", "worst error / limit", "seconds")
+TIMING_HEADER = ("timing", "shape", "backend", "dtype", "median", "vs reference")
+#: The families a run of each task uses.
+TASK_FAMILIES = {"train": ("augment", "patch_embed", "attention", "dense", "dispatch", "norm_linear", "loss"),
+                 "pretrain": ("augment", "patch_embed", "attention", "dense", "dispatch", "norm_linear", "mae_tokens",
+                              "mae_loss")}
+TASK_FAMILIES["finetune"] = TASK_FAMILIES["train"]
+MAX_CHECK_TOKENS = 4096  # a MoE check runs at the model's token count up to this (+ N mod 16: the same specialisation)
 
 
 @dataclass
 class Report:
-    """The doctor's findings: header lines, table rows, and the number of failed checks."""
+    """The doctor's findings: header lines, verdict rows, timing rows, the failures counted."""
 
     lines: list[str] = field(default_factory=list)
     rows: list[tuple[str, ...]] = field(default_factory=list)
+    timings: list[tuple[str, ...]] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
     failures: int = 0
 
     @property
@@ -60,24 +62,62 @@ class Report:
         return self.failures == 0
 
     def table(self) -> str:
-        """The header lines and one markdown table."""
-        return "\n".join(self.lines + ["", *_table_head()] + [_table_row(row) for row in self.rows])
+        """The header lines and the markdown tables."""
+        parts = self.lines + ["", *_table_head(HEADER)] + [_table_row(row) for row in self.rows]
+        if self.timings:
+            parts += ["", *_table_head(TIMING_HEADER)] + [_table_row(row) for row in self.timings]
+        return "\n".join(parts)
 
 
 def _table_row(row: tuple[str, ...]) -> str:
     return "| " + " | ".join(row) + " |"
 
 
-def _table_head() -> list[str]:
-    return [_table_row(HEADER), _table_row(tuple("---" for _ in HEADER))]
+def _table_head(header: tuple[str, ...]) -> list[str]:
+    return [_table_row(header), _table_row(tuple("---" for _ in header))]
 
 
-def run(quick: bool = False, timing: bool = True, quiet: bool = False) -> Report:
-    """Check and time the MoE kernels on this machine's device, printing rows as they come
-    (to stdout; nothing when ``quiet``).
+def model_shapes(cfg: TransformerConfig, batch: int, task: str = "train", num_classes: int = 10,
+                 decoder: TransformerConfig = DECODER) -> dict[str, list[dict]]:
+    """The shapes each kernel family runs at in a ``task`` run of ``cfg`` at ``batch`` images
+    (36×36, 3×3 patches; the MAE keeps 36 of 144), in the families' own shape names."""
+    m, tokens = cfg.embed_dim, 145
+    moe_tokens = batch * (37 if task == "pretrain" else tokens)
+    n_check = moe_tokens if moe_tokens <= MAX_CHECK_TOKENS else MAX_CHECK_TOKENS + moe_tokens % 16
+    stacks = [(cfg, n_check)]
+    if task == "pretrain":
+        dec_tokens = batch * tokens
+        stacks.append((decoder, dec_tokens if dec_tokens <= MAX_CHECK_TOKENS else MAX_CHECK_TOKENS + dec_tokens % 16))
+    layers = sorted({(c.embed_dim, c.hidden_dim(i), c.num_experts(i), c.top_k, n)
+                     for c, n in stacks for i in range(c.depth)})
+    moe = [dict(m=a, d_h=d, t=t, k=k, N=n) for a, d, t, k, n in layers]
+    shapes = {
+        "augment": [dict(B=batch, H=32, S=36)],
+        "patch_embed": [dict(B=batch, S=36, P=3, M=m)],
+        "attention": [dict(B=batch, n=37 if task == "pretrain" else tokens, D=m, H=cfg.num_heads, G=cfg.num_groups)],
+        "dense": [dict(s, norm=True) for s in moe if s["t"] <= 16],
+        "dispatch": moe,
+        "norm_linear": [dict(B=batch, n=tokens, D=m, E=num_classes)],
+        "loss": [dict(B=batch, C=num_classes)],
+    }
+    if task == "pretrain":
+        d = decoder.embed_dim
+        shapes["attention"].append(dict(B=batch, n=tokens, D=d, H=decoder.num_heads, G=decoder.num_groups))
+        shapes["norm_linear"] = [dict(B=batch, n=37, D=m, E=d), dict(B=batch, n=tokens, D=d, E=27)]
+        shapes["mae_tokens"] = [dict(B=batch, P=144, K=36, D=m), dict(B=batch, P=144, K=36, D=d)]
+        shapes["mae_loss"] = [dict(B=batch, S=36, P=3)]
+        del shapes["loss"]
+    return {name: shapes[name] for name in TASK_FAMILIES[task]}
 
-    quick: on a GPU, the amp-fp16 configuration only. timing: also time the layer and a training step.
-    """
+
+def run(quick: bool = False, timing: bool = True, quiet: bool = False, *, clear_only: bool = False,
+        families: tuple[str, ...] | None = None, model: str = "XXS", task: str = "train", batch: int = 256,
+        as_json: bool = False, timeout: float | None = None) -> Report:
+    """Check (and clear) the kernel families on this machine's device, printing rows as they come
+    (to stdout; nothing when ``quiet``); see the module docstring."""
+    from mlit_kernels import registry
+    from mlit_kernels.checks import DEFAULT_TIMEOUT_S, clear, verdict_row
+
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first Triton kernel is defined
@@ -86,21 +126,65 @@ def run(quick: bool = False, timing: bool = True, quiet: bool = False) -> Report
     device = torch.device("cuda" if cuda else "cpu")
     report = Report(lines=[f"mlit doctor — mlit {__version__}, Python {platform.python_version()}, "
                            f"torch {torch.__version__}, triton {triton.__version__}", _device_line(device)])
-    emit = _printer(report, None if quiet else sys.stdout)
-    shapes, tokens = (GPU_SHAPES, GPU_TOKENS) if cuda else (CPU_SHAPES, CPU_TOKENS)
+    out = None if quiet else sys.stdout
+    names = families or (TASK_FAMILIES[task] if cuda else registry.NAMES)
+    shapes = model_shapes(ENCODERS[model.upper()], batch, task) if cuda else {}
     if cuda:
-        configs = [c for c in CONFIGS if c[0] == "amp-fp16"] if quick else list(CONFIGS)
+        dtypes = (torch.float16,) if quick else (torch.float16, torch.float32, torch.bfloat16)
     else:  # the interpreter is slow (and exact): fp32 and bf16 only
-        configs = [c for c in CONFIGS if c[0] in ("fp32", "bf16")]
-    for name, m, d_h, t, k in shapes:
-        for variant in ("dense", "dispatch") if t <= 16 else ("dispatch",):
-            for label, dtype, amp in configs:
-                emit(_check_row(name, m, d_h, t, k, tokens, variant, label, dtype, amp, device))
-    if timing:
+        dtypes = (torch.float32, torch.bfloat16)
+    if out is not None and not as_json:
+        print("\n".join(report.lines + ["", *_table_head(HEADER)]), file=out, flush=True)
+
+    def add(verdict) -> None:
+        record = verdict_row(verdict)
+        report.records.append(record)
+        report.failures += not verdict.cleared
+        worst = record["worst"]
+        row = (verdict.family, f"{len(verdict.checked)} shape(s)", "/".join(verdict.checked[0]["dtypes"]),
+               "cleared" if verdict.cleared else f"FAILED: {verdict.cause}",
+               (f"{worst['error']:.1e} / {worst['limit']:.0e} ({worst['what'].rsplit('/', 1)[-1]})" if worst else "")
+               + ("" if verdict.cleared else f"; {_cell(verdict.detail)}"), f"{verdict.seconds:.1f}")
+        report.rows.append(row)
+        if out is not None:
+            print(json.dumps(record) if as_json else _table_row(row), file=out, flush=True)
+
+    clear([registry.family(name) for name in names], shapes, device, dtypes=dtypes, report=add,
+          timeout=timeout or DEFAULT_TIMEOUT_S, only_uncleared=clear_only, jobs=1 if cuda else os.cpu_count() or 1)
+    if timing and not as_json:
+        if out is not None:
+            print("\n".join(["", *_table_head(TIMING_HEADER)]), file=out, flush=True)
         for row in _timing_rows(device):
-            emit(row)
-    emit(None)
+            report.timings.append(row)
+            report.failures += row[-1] == "ERROR"
+            if out is not None:
+                print(_table_row(row), file=out, flush=True)
+    if out is not None and not as_json:
+        print(f"\n{report.failures} failed check(s)" if report.failures else "\nall checks passed", file=out)
     return report
+
+
+def clear_for_run(cfg: TransformerConfig, batch: int, task: str, device: torch.device, num_classes: int = 10,
+                  log: TextIO | None = sys.stderr) -> list:
+    """Before a run's first step on CUDA: check, in child processes, every family the run uses that
+    is not cleared on this GPU for its current code, at the run's shapes (fp16 under autocast);
+    returns the verdicts (their records in the machine cache decide what ``"auto"`` runs)."""
+    from mlit_kernels import registry
+    from mlit_kernels.checks import clear
+
+    names = TASK_FAMILIES[task]
+
+    def report(verdict) -> None:
+        if log is not None:
+            status = "cleared" if verdict.cleared else f"not cleared ({verdict.cause}: {verdict.detail[:200]})"
+            print(f"kernels: {verdict.family} {status} in {verdict.seconds:.0f} s", file=log, flush=True)
+
+    return clear([registry.family(name) for name in names], model_shapes(cfg, batch, task, num_classes), device,
+                 dtypes=(torch.float16,), only_uncleared=True, report=report)
+
+
+def _cell(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:160].replace("|", "/")
 
 
 def _device_line(device: torch.device) -> str:
@@ -111,44 +195,6 @@ def _device_line(device: torch.device) -> str:
             f"CUDA {torch.version.cuda}")
 
 
-def _printer(report: Report, out: TextIO | None) -> Callable:
-    """emit(row): add a row (counting failures) and print it; emit(None): print the closing line."""
-    if out is not None:
-        print("\n".join(report.lines + ["", *_table_head()]), file=out, flush=True)
-
-    def emit(row):
-        if row is None:
-            if out is not None:
-                print(f"\n{report.failures} failed check(s)" if report.failures else "\nall checks passed", file=out)
-            return
-        report.rows.append(row)
-        report.failures += row[-1] in ("MISMATCH", "ERROR")
-        if out is not None:
-            print(_table_row(row), file=out, flush=True)
-
-    return emit
-
-
-def _check_row(name, m, d_h, t, k, n, variant, label, dtype, amp, device) -> tuple[str, ...]:
-    from mlit_kernels.selfcheck import TOL, compare, worst
-
-    shape = f"{name}: {m}, {d_h}, {t}, {k}; N={n}"
-    tol = TOL[amp or dtype]
-    try:
-        with torch.autocast(device.type, dtype=amp or torch.float16, enabled=amp is not None):
-            errors = compare(m, d_h, t, k, n, device=device, dtype=dtype, variant=variant)
-    except Exception as err:  # noqa: BLE001 - a kernel that does not compile or launch is a finding
-        return ("values + gradients", shape, variant, label, f"{type(err).__name__}: {_first_line(err)}",
-                f"{tol:.0e}", "ERROR")
-    worst_name, error = worst(errors)
-    return ("values + gradients", shape, variant, label, f"{error:.1e} ({worst_name})", f"{tol:.0e}",
-            "ok" if error <= tol else "MISMATCH")
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:160].replace("|", "/")
-
-
 # ---- timings ----------------------------------------------------------------------------------
 
 
@@ -156,7 +202,6 @@ def _timing_rows(device: torch.device):
     """Rows timing the layer and a training step per backend, with the speed-up over the reference."""
     from mlit_kernels import SharedSwiGLUMoE
 
-    from .config import ENCODERS, TransformerConfig
     from .models import MLiTClassifier
 
     cuda = device.type == "cuda"
@@ -199,17 +244,17 @@ def _timing_rows(device: torch.device):
         return step
 
     dtype = "amp-fp16" if cuda else "fp32"
-    for what, shape, make in (("time layer fwd+bwd", f"{m}, {d_h}, {t}, {k}; N={n}", layer_step),
-                              (f"time train step ({cfg.name}, batch {batch})", "AdamW", train_step)):
+    for what, shape, make in (("layer fwd+bwd", f"{m}, {d_h}, {t}, {k}; N={n}", layer_step),
+                              (f"train step ({cfg.name}, batch {batch})", "AdamW", train_step)):
         times = {}
         for backend in backends:
             try:
                 times[backend] = _median_ms(make(backend), device)
             except Exception as err:  # noqa: BLE001 - reported as a row
-                yield (what, shape, backend, dtype, f"{type(err).__name__}: {_first_line(err)}", "", "ERROR")
+                yield (what, shape, backend, dtype, f"{type(err).__name__}: {_cell(str(err))}", "ERROR")
                 continue
             speedup = times["reference"] / times[backend] if "reference" in times else float("nan")
-            yield (what, shape, backend, dtype, f"{times[backend]:.3f} ms", "", f"{speedup:.2f}x reference")
+            yield (what, shape, backend, dtype, f"{times[backend]:.3f} ms", f"{speedup:.2f}x")
 
 
 def _median_ms(step: Callable[[], None], device: torch.device) -> float:
@@ -235,4 +280,4 @@ def _median_ms(step: Callable[[], None], device: torch.device) -> float:
     return statistics.median(times)
 
 
-__all__ = ["Report", "run", "GPU_SHAPES", "CPU_SHAPES", "CONFIGS"]
+__all__ = ["Report", "run", "clear_for_run", "model_shapes", "TASK_FAMILIES"]

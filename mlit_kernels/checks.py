@@ -15,6 +15,7 @@ child runs the kernels through Triton's interpreter (the verdict's capability is
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib
 import json
@@ -84,7 +85,7 @@ def run_checks(family: Family, shapes: Sequence[Mapping], dtypes: Sequence[torch
 def child_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlit_kernels.checks",
                                      description="one kernel family's check, in this process (a child of clear())")
-    parser.add_argument("module", help="the family's descriptor module (defines FAMILY)")
+    parser.add_argument("module", help="the family's descriptor: its module (defining FAMILY), or module:NAME")
     parser.add_argument("--device", required=True)
     parser.add_argument("--dtypes", required=True, help="comma-separated: fp32, fp16, bf16")
     parser.add_argument("--shapes", required=True, help="a JSON list of shape dicts")
@@ -96,7 +97,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     from .common import tuning
 
     tuning.allow_timing(args.tune)
-    family = importlib.import_module(args.module).FAMILY
+    module, _, attr = args.module.partition(":")
+    family = getattr(importlib.import_module(module), attr or "FAMILY")
     start = time.monotonic()
     result = run_checks(family, json.loads(args.shapes), [DTYPES[d] for d in args.dtypes.split(",")], device)
     result.update(source_hash=source_hash(family), seconds=round(time.monotonic() - start, 3),
@@ -158,25 +160,28 @@ def check_in_child(family: Family, shapes: Sequence[Mapping], dtypes: Sequence[t
 
 def clear(families: Iterable[Family], shapes: Mapping[str, Sequence[Mapping]], device: torch.device | str, *,
           dtypes: Sequence[torch.dtype] = (torch.float16,), tune: bool = True, timeout: float = DEFAULT_TIMEOUT_S,
-          record: bool = True, only_uncleared: bool = False, report=None) -> list[clearance.Verdict]:
-    """Check each family in its own child process, one after another, at ``shapes[name]`` (default:
-    its ``gpu_shapes`` on CUDA, ``small_shapes`` elsewhere) in each of ``dtypes`` it takes; record
-    each verdict and the tuned configurations in the machine cache (``record``). ``only_uncleared``:
-    skip families already cleared on this device. ``report(verdict)`` is called as each one ends."""
+          record: bool = True, only_uncleared: bool = False, jobs: int = 1, report=None) -> list[clearance.Verdict]:
+    """Check each family in its own child process at ``shapes[name]`` (default: its ``gpu_shapes`` on
+    CUDA, ``small_shapes`` elsewhere) in each of ``dtypes`` it takes (else its widest); record each
+    verdict and the tuned configurations in the machine cache (``record``). ``only_uncleared``: skip
+    families already cleared on this device. ``jobs`` children at a time (1 on a GPU: the tuning
+    times candidates). ``report(verdict)`` is called as each one ends; returns the verdicts in the
+    families' order."""
     device = torch.device(device)
-    verdicts = []
-    for family in families:
-        if only_uncleared and clearance.cleared(family, device):
-            continue
+    todo = [f for f in families if not (only_uncleared and clearance.cleared(f, device))]
+
+    def one(family: Family) -> clearance.Verdict:
         fam_shapes = shapes.get(family.name) or (family.gpu_shapes if device.type == "cuda" else family.small_shapes)
         fam_dtypes = [d for d in dtypes if d in family.dtypes] or [family.dtypes[-1]]
         verdict, tuned = check_in_child(family, fam_shapes, fam_dtypes, device, tune=tune, timeout=timeout)
         if record:
             clearance.record([verdict], tuned, device)
-        verdicts.append(verdict)
         if report is not None:
             report(verdict)
-    return verdicts
+        return verdict
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, todo))
 
 
 def _ratio(error: float, limit: float) -> float:

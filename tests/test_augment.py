@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mlit.data import GPUAugment
-from mlit.data.augment import NO_OP, OPS, apply_ops, magnitude_bins
+from mlit_kernels.augment.reference import NO_OP, OPS, apply_ops, magnitude_bins
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -324,7 +324,7 @@ def test_triton_transform_is_the_torch_transform(policy, size):
 @needs_triton
 def test_triton_ops_are_apply_ops():
     """Every op at several magnitude bins and both signs, each image its own op."""
-    from mlit.data import augment_kernels
+    from mlit_kernels.augment.ops import fused_apply_ops
 
     x = images(len(OPS) * 2, 36, seed=5).float()
     bins = magnitude_bins(36)
@@ -334,7 +334,7 @@ def test_triton_ops_are_apply_ops():
         mags = bins[ops, b] * torch.where(ops < 9, sign, 1.0)
         ops = torch.where(torch.arange(2 * len(OPS)) == 3, NO_OP, ops)  # one image left unchanged
         ref = apply_ops(x, ops, mags)
-        out = augment_kernels.apply_ops(x.to(DEVICE), ops.to(DEVICE), mags.to(DEVICE)).cpu()
+        out = fused_apply_ops(x.to(DEVICE), ops.to(DEVICE), mags.to(DEVICE)).cpu()
         assert_same_images(out, ref, ops)
 
 
@@ -358,7 +358,7 @@ def test_augmentation_launches_and_syncs(policy):
 
 
 def test_backend_choice(monkeypatch):
-    """"auto": the kernels on CUDA once a GPU run clears them (MLIT_UNCLEARED_KERNELS=1 until then)."""
+    """"auto": the kernels on CUDA once cleared there (MLIT_UNCLEARED_KERNELS=1 until then)."""
     monkeypatch.delenv("MLIT_UNCLEARED_KERNELS", raising=False)
     aug = GPUAugment(autoaugment="cifar10")
     assert aug.backend == "auto" and not aug.uses_triton(torch.device("cpu")) and not aug.uses_triton("cuda")
@@ -385,8 +385,7 @@ def test_cuda_matches_cpu_ops():
 
 
 def test_kernel_op_indices_match_the_op_table():
-    from mlit.data import augment_kernels as K
-    from mlit.data.augment import OPS
+    from mlit_kernels.augment import kernels as K
 
     names = {"_SHEAR_X": "ShearX", "_SHEAR_Y": "ShearY", "_TRANSLATE_X": "TranslateX", "_TRANSLATE_Y": "TranslateY",
              "_ROTATE": "Rotate", "_BRIGHTNESS": "Brightness", "_COLOR": "Color", "_CONTRAST": "Contrast",
@@ -399,7 +398,7 @@ def test_kernel_op_indices_match_the_op_table():
 def test_crop_ratio_polynomial_is_exp():
     """The crop's aspect ratio (no exp: its rounding differs by device) is exp within one ulp over
     the whole log-ratio range, ends included."""
-    from mlit.data.crop_ratio import LOG_RATIO, exp_taylor
+    from mlit_kernels.augment.crop_ratio import LOG_RATIO, exp_taylor
 
     z = LOG_RATIO[0] + LOG_RATIO[1] * torch.cat([torch.linspace(0, 1, 200_001), torch.rand(200_000)])
     p = exp_taylor(z)

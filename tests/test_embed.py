@@ -1,4 +1,4 @@
-"""The patch embedding in one Triton launch (mlit.models.embed_kernels) against the torch path of
+"""The patch embedding in one Triton launch (mlit_kernels.patch_embed) against the torch path of
 MLiTEncoder.embed (patchify, the dummy patch, the linear, the positions): tokens and the gradients
 of the projection and of the position table, per row."""
 

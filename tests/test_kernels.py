@@ -23,8 +23,6 @@ import torch
 
 from mlit_kernels import SharedSwiGLUMoE, reference
 from mlit_kernels.reference import max_row_error as row_error
-from mlit_kernels.common import clearance
-from mlit_kernels.variants import resolve_variant
 from mlit_kernels.common.tiling import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -388,34 +386,6 @@ def test_variant_rule():
     assert SharedSwiGLUMoE(16, 8, 9, triton_variant="dense").resolved_variant == "dense"
     with pytest.raises(ValueError, match="triton_variant.*16 experts"):
         SharedSwiGLUMoE(16, 8, 17, triton_variant="dense")
-
-def test_uncleared_kernels_stay_off_cuda_unless_asked_for(monkeypatch):
-    """On CUDA "auto" is dispatch at every t until a GPU run clears the dense kernels (their first
-    GPU launch faulted); MLIT_UNCLEARED_KERNELS=1 lets it pick them; by name they always run."""
-    monkeypatch.delenv(clearance.ENV, raising=False)
-    assert "dense" not in clearance.CLEARED
-    assert resolve_variant("auto", 3, device="cuda") == "dispatch"
-    assert resolve_variant("auto", 3, device="cpu") == SharedSwiGLUMoE(16, 8, 3, device="meta").resolved_variant == "dense"
-    assert resolve_variant("dense", 3, device="cuda") == "dense"
-    monkeypatch.setenv(clearance.ENV, "1")
-    assert resolve_variant("auto", 3, device="cuda") == "dense"
-    monkeypatch.setenv(clearance.ENV, "yes")
-    with pytest.raises(ValueError, match="MLIT_UNCLEARED_KERNELS must be 0 or 1"):
-        resolve_variant("auto", 3, device="cuda")
-
-
-def test_every_uncleared_family_stays_off_cuda(monkeypatch):
-    """The families no GPU run has cleared may not run on CUDA under "auto" (tests/test_augment.py:
-    a site that asks); every family runs off CUDA; an unknown family is named."""
-    monkeypatch.delenv(clearance.ENV, raising=False)
-    uncleared = [f for f in clearance.FAMILIES if f not in clearance.CLEARED]
-    assert uncleared and all(not clearance.may_run(f, "cuda") and clearance.may_run(f, "cpu") for f in uncleared)
-    assert all(clearance.may_run(f, "cuda:0") for f in clearance.CLEARED)
-    monkeypatch.setenv(clearance.ENV, "1")
-    assert all(clearance.may_run(f, "cuda") for f in clearance.FAMILIES)
-    with pytest.raises(ValueError, match="family must be one of"):
-        clearance.may_run("moe", "cuda")
-
 
 def _args(n=9, m=16, d_h=27, t=5, dtype=torch.float32):
     p = make_params(m, d_h, t)

@@ -1,4 +1,4 @@
-"""The classification loss in one Triton launch forward and one backward (mlit.train.loss_kernels)
+"""The classification loss in one Triton launch forward and one backward (mlit_kernels.loss)
 against its torch reference: the loss, the metrics (cross-entropy, aux, correct count) and the
 gradients of the logits and of the auxiliary loss, per row, for every logits dtype, label
 smoothing on and off, awkward batch sizes and class counts; bad inputs raise ValueError."""
@@ -16,9 +16,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():
     pytest.skip("no CUDA and Triton kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
-from mlit.train.loss import add_eval_sums, classification_loss  # noqa: E402
+from mlit_kernels.loss import add_eval_sums, classification_loss  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+BACKEND = {True: "triton", False: "reference"}
 
 
 @pytest.mark.parametrize("b, c, dtype, smoothing", [
@@ -35,7 +36,7 @@ def test_fused_loss_matches_the_reference(b, c, dtype, smoothing):
     for fused in (True, False):
         z = logits.clone().requires_grad_()
         a = aux.clone().requires_grad_()
-        loss, metrics = classification_loss(z, labels, a, smoothing, 0.01, fused=fused)
+        loss, metrics = classification_loss(z, labels, a, smoothing, 0.01, backend=BACKEND[fused])
         (loss * 7.0).backward()
         out[fused] = (loss, [m.float() for m in metrics], z.grad, a.grad)
     (loss, metrics, dz, da), (loss_r, metrics_r, dz_r, da_r) = out[True], out[False]
@@ -52,16 +53,16 @@ def test_fused_loss_checks_its_arguments():
     labels = torch.zeros(4, dtype=torch.int64, device=DEVICE)
     aux = torch.zeros((), device=DEVICE)
     with pytest.raises(ValueError, match="logits must be"):
-        classification_loss(z[0], labels, aux, 0.1, 0.01, fused=True)
+        classification_loss(z[0], labels, aux, 0.1, 0.01, backend="triton")
     with pytest.raises(ValueError, match="labels must be"):
-        classification_loss(z, labels[:3], aux, 0.1, 0.01, fused=True)
+        classification_loss(z, labels[:3], aux, 0.1, 0.01, backend="triton")
     with pytest.raises(ValueError, match="aux must be"):
-        classification_loss(z, labels, aux.view(1), 0.1, 0.01, fused=True)
+        classification_loss(z, labels, aux.view(1), 0.1, 0.01, backend="triton")
 
 
 def test_opcheck_loss_ops():
     """Schemas, fake tensors and autograd registration: torch.compile traces the ops, graphs capture them."""
-    import mlit.train.loss_kernels  # noqa: F401 - defines the ops (imported on first use otherwise)
+    import mlit_kernels.loss.ops  # noqa: F401 - defines the ops (imported on first use otherwise)
 
     z = torch.randn(5, 10, device=DEVICE, requires_grad=True)
     labels = torch.randint(0, 10, (5,), device=DEVICE)
@@ -83,10 +84,10 @@ def test_eval_sums_match_the_reference(b, c, dtype):
     start = torch.tensor([5.0, 1.5, 2.0], dtype=torch.float64, device=DEVICE)
     got, want = start.clone(), start.clone()
     with Meter() as meter:
-        add_eval_sums(logits, labels, got, fused=True)
-    add_eval_sums(logits, labels, want, fused=False)
+        add_eval_sums(logits, labels, got, backend="triton")
+    add_eval_sums(logits, labels, want, backend="reference")
     assert (meter.launches, meter.syncs) == (1, 0)
     assert got[0] == want[0] == 5 + b and got[2] == want[2]
     assert torch.allclose(got, want, rtol=1e-5)
     with pytest.raises(ValueError, match="sums must be"):
-        add_eval_sums(logits, labels, got.float(), fused=True)
+        add_eval_sums(logits, labels, got.float(), backend="triton")

@@ -1,4 +1,4 @@
-"""The MAE loss (Eq. 16) in two Triton launches forward and one backward (mlit.models.mae_kernels)
+"""The MAE loss (Eq. 16) in two Triton launches forward and one backward (mlit_kernels.mae_loss)
 against MMLiT.loss's torch reference: the loss, its three parts, the metrics vector and the
 gradients of pred and of the MoE loss, per value, for fp32 / fp16 / bf16 pred, contiguous or the
 decoder's [:, :-1] slice, awkward batch sizes and masks; launches counted; bad inputs raise
@@ -18,7 +18,7 @@ if DEVICE == "cpu" and not interpreting():
 
 from mlit.config import TransformerConfig  # noqa: E402
 from mlit.models import MMLiT, random_masking  # noqa: E402
-from mlit.models.mae_kernels import fused_mae_loss  # noqa: E402
+from mlit_kernels.mae_loss.ops import fused_mae_loss  # noqa: E402
 from mlit_kernels.meter import Meter  # noqa: E402
 
 TINY = TransformerConfig("tiny", embed_dim=24, depth=1, hidden_first=12, hidden_last=6, num_heads=4, num_groups=2,

@@ -1,4 +1,4 @@
-"""The mmLiT token shuffles in Triton launches (mlit.models.mae_token_kernels) against the torch
+"""The mmLiT token shuffles in Triton launches (mlit_kernels.mae_tokens) against the torch
 paths they replace: the encoder's input (the kept patches gathered, the dummy appended; one launch
 forward, one backward) and the decoder's input (the mask token cast and scattered, the dummy
 appended, + the positions; one forward, two backward) — values and the gradients of the tokens,
@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():
     pytest.skip("no CUDA and Triton kernels were imported without TRITON_INTERPRET=1", allow_module_level=True)
 
-from mlit.models.mae_token_kernels import fused_decoder_input, fused_encoder_input  # noqa: E402
+from mlit_kernels.mae_tokens.ops import fused_decoder_input, fused_encoder_input  # noqa: E402
 from mlit.models.mae import random_masking  # noqa: E402
 
 

@@ -71,8 +71,13 @@ def load_data(recipe: Recipe):
 def run(recipe: Recipe, out_dir: str | Path, *, device: str | None = None, backend: str = "reference",
         resume: str | Path | None = None, stop_after_epochs: int | None = None, progress: bool = True,
         log=print, save_every_steps: int | None = None, save_every_minutes: float | None = None,
-        max_steps: int | None = None) -> dict[str, Any]:
+        max_steps: int | None = None, clear_kernels: bool = True) -> dict[str, Any]:
     """Train (any task) as the recipe says; returns the last metrics record.
+
+    clear_kernels: on CUDA with backend "auto", first check in child processes every kernel family
+    the run uses that is not cleared on this GPU for its current code, at the run's shapes
+    (:func:`mlit.doctor.clear_for_run`; rank 0, the other ranks wait): "auto" then runs the
+    cleared ones and torch for the rest.
 
     resume: a checkpoint or run directory to continue exactly (recipe, weights, optimizer, scaler,
     schedule, RNG states, position in the epoch and the epoch's sums so far).
@@ -88,7 +93,7 @@ def run(recipe: Recipe, out_dir: str | Path, *, device: str | None = None, backe
         raise RunError(f"save_every_minutes must be > 0, got {save_every_minutes!r}")
     info = D.setup(device)
     try:
-        job = _Job(recipe, Path(out_dir), info, backend, resume, progress, log)
+        job = _Job(recipe, Path(out_dir), info, backend, resume, progress, log, clear_kernels)
         return job.train(stop_after_epochs, max_steps, save_every_steps, save_every_minutes)
     finally:
         D.cleanup()
@@ -98,7 +103,8 @@ class _Job:
     """One invocation of :func:`run`: where training stands (``epoch``, ``step`` = the next step
     of that epoch) and the pieces that move it on, one job each."""
 
-    def __init__(self, recipe: Recipe, out_dir: Path, info: D.DistInfo, backend: str, resume, progress: bool, log):
+    def __init__(self, recipe: Recipe, out_dir: Path, info: D.DistInfo, backend: str, resume, progress: bool, log,
+                 clear_kernels: bool = True):
         self.recipe, self.out_dir, self.info, self.backend = recipe, out_dir, info, backend
         self.progress, self.log = progress, log
         self.ckpt_path = out_dir / ckpt.CHECKPOINT_NAME
@@ -112,6 +118,8 @@ class _Job:
         self.steps_per_epoch = len(train) // recipe.batch_size
         if self.steps_per_epoch < 1:
             raise RunError(f"the training set ({len(train)} images) is smaller than one global batch ({recipe.batch_size})")
+        if clear_kernels and backend == "auto" and info.device.type == "cuda":
+            self._clear_kernels()
         self.trainer = self._build_trainer(state, resume)
         seed_everything(recipe.seed + 1 + 100_003 * info.rank)  # per-rank augmentation, noise, dropout, masking
         # where training stands, and the sums of the epoch so far (a resumed partial epoch)
@@ -134,6 +142,15 @@ class _Job:
         self.epoch_t0 = time.time() - self.carried_seconds
 
     # -- preparing ---------------------------------------------------------------------------------
+
+    def _clear_kernels(self) -> None:
+        """Check the run's uncleared kernel families in child processes (rank 0; the others wait)."""
+        from ..doctor import clear_for_run
+
+        if self.info.rank == 0:
+            clear_for_run(model_config(self.recipe), self.local_batch, self.recipe.task, self.info.device,
+                          self.num_classes or 10)
+        D.barrier(self.info)
 
     def _resume_state(self, resume):
         if resume is None:

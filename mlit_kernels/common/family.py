@@ -33,7 +33,8 @@ class Family:
     """A kernel family.
 
     name: the registry's name ("dense", "attention", ...). module: the descriptor's module
-    (``mlit_kernels.<folder>.family``: what a child process imports to check the family).
+    (``mlit_kernels.<folder>.family``, whose ``FAMILY`` it is; or ``module:NAME``): what a child
+    process imports to check the family.
     summary: one line of what it computes.
     ops: its ``torch.library`` ops ("mlit::fused_moe", ...), the only callers of its kernels.
     sources: the modules whose text decides what it launches (its kernels and launch code, and the

@@ -16,16 +16,19 @@ from .common.family import Family
 NAMES = ("augment", "patch_embed", "attention", "dense", "dispatch", "norm_linear", "loss", "mae_tokens", "mae_loss")
 
 
+_FAMILIES: dict[str, Family] = {name: importlib.import_module(f"{__package__}.{name}.family").FAMILY for name in NAMES}
+
+
 def family(name: str) -> Family:
     """The descriptor of family ``name``."""
-    if name not in NAMES:
+    if name not in _FAMILIES:
         raise ValueError(f"family must be one of {NAMES}, got {name!r}")
-    return importlib.import_module(f"{__package__}.{name}.family").FAMILY
+    return _FAMILIES[name]
 
 
 def families() -> tuple[Family, ...]:
     """Every family's descriptor, in :data:`NAMES`' order."""
-    return tuple(family(name) for name in NAMES)
+    return tuple(_FAMILIES.values())
 
 
 @functools.lru_cache(maxsize=1)

@@ -37,6 +37,7 @@ def machine(tmp_path, monkeypatch):
     monkeypatch.setattr(machine_cache, "capability",
                         lambda device: "9.0" if torch.device(device).type == "cuda" else real(device))
     monkeypatch.setattr(clearance, "_WARNED", set())
+    monkeypatch.setattr(clearance, "_DECIDED", {})
     return tmp_path
 
 
@@ -184,3 +185,20 @@ def test_machine_cache_survives_a_bad_file(machine):
     clearance.record([_verdict(registry.family("loss"))])
     assert json.loads(path.read_text())["format"] == machine_cache.FORMAT
     assert clearance.cleared(registry.family("loss"), "cuda")
+
+
+def test_the_decision_is_a_constant_to_torch_compile():
+    """A compiled model asks on CUDA too: the decision (which reads the machine cache) is taken at
+    trace time, without a graph break."""
+    dense = registry.family("dense")
+
+    def step(x):
+        variant = resolve_variant("auto", 3, device="cuda:0")
+        return x + 1 if clearance.uses_triton(registry.family(variant), "auto", "cuda:0") else x - 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    with pytest.warns(RuntimeWarning, match="'dispatch' Triton kernels are not cleared"):
+        assert torch.equal(compiled(torch.zeros(2)), -torch.ones(2))
+    clearance.record([_verdict(dense)])
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(torch.zeros(2)), torch.ones(2))

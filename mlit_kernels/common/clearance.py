@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import machine_cache
-from .family import Family, source_hash
+from .family import Family, descriptor, source_hash
 
 ENV = "MLIT_UNCLEARED_KERNELS"
 BACKENDS = ("auto", "reference", "triton")
@@ -72,15 +72,22 @@ class Verdict:
 BUILTIN: tuple[Verdict, ...] = ()
 
 
+_PARSED: list = [None, []]  # [the cache contents last parsed, their verdicts]
+
+
 def machine_verdicts() -> list[Verdict]:
-    """The verdicts in this machine's cache (records that do not parse are skipped)."""
-    verdicts = []
-    for record in machine_cache.read()["verdicts"]:
-        try:
-            verdicts.append(Verdict(**record))
-        except (TypeError, ValueError):
-            continue
-    return verdicts
+    """The verdicts in this machine's cache (records that do not parse are skipped); parsed once
+    per version of the file."""
+    contents = machine_cache.read()
+    if _PARSED[0] is not contents:
+        verdicts = []
+        for record in contents["verdicts"]:
+            try:
+                verdicts.append(Verdict(**record))
+            except (TypeError, ValueError):
+                continue
+        _PARSED[:] = [contents, verdicts]
+    return list(_PARSED[1])
 
 
 def verdict(family: Family, device: torch.device | str) -> Verdict | None:
@@ -108,14 +115,32 @@ def uncleared_allowed() -> bool:
     return value == "1"
 
 
+_DECIDED: dict[tuple[str, str, str], bool] = {}  # (family, device, MLIT_UNCLEARED_KERNELS) -> may run
+_WARNED: set[tuple[str, str]] = set()
+
+
 def may_run(family: Family, device: torch.device | str | None) -> bool:
-    """Whether an automatic choice may run ``family``'s kernels on ``device`` (None: not CUDA)."""
+    """Whether an automatic choice may run ``family``'s kernels on ``device`` (None: not CUDA):
+    always off CUDA; on CUDA when cleared there (or ``MLIT_UNCLEARED_KERNELS=1``), decided once a
+    process for each family and device (:func:`record` and :func:`forget` decide again)."""
     if device is None or torch.device(device).type != "cuda":
         return True
-    return uncleared_allowed() or cleared(family, device)
+    return _may_run_on_cuda(family.name, str(torch.device(device)))
 
 
-_WARNED: set[tuple[str, str]] = set()
+@torch.compiler.assume_constant_result
+def _may_run_on_cuda(name: str, device: str) -> bool:
+    """:func:`may_run` on a CUDA device: a constant to torch.compile (it reads the machine cache,
+    which a traced graph cannot)."""
+    key = (name, device, os.environ.get(ENV, "0"))
+    if key not in _DECIDED:
+        _DECIDED[key] = uncleared_allowed() or cleared(descriptor(name), device)
+    return _DECIDED[key]
+
+
+def forget() -> None:
+    """Decide again at the next call (after this machine's cache changed in another process)."""
+    _DECIDED.clear()
 
 
 def uses_triton(family: Family, backend: str, device: torch.device | str) -> bool:
@@ -129,21 +154,28 @@ def uses_triton(family: Family, backend: str, device: torch.device | str) -> boo
     device = torch.device(device)
     if device.type != "cuda":
         return False
-    if may_run(family, device):
-        return True
-    if (family.name, str(device)) not in _WARNED:
-        _WARNED.add((family.name, str(device)))
-        warnings.warn(f"mlit_kernels: the {family.name!r} Triton kernels are not cleared on this GPU "
+    return _auto_on_cuda(family.name, str(device))
+
+
+@torch.compiler.assume_constant_result
+def _auto_on_cuda(name: str, device: str) -> bool:
+    """:func:`uses_triton` with "auto" on a CUDA device (a constant to torch.compile), warning once
+    when the family may not run there."""
+    allowed = _may_run_on_cuda(name, device)
+    if not allowed and (name, device) not in _WARNED:
+        _WARNED.add((name, device))
+        warnings.warn(f"mlit_kernels: the {name!r} Triton kernels are not cleared on this GPU "
                       f"({machine_cache.capability(device)}, Triton {machine_cache.triton_version()}) for their "
                       f"current code; running the torch path. `{CLEAR_COMMAND}` checks them in child processes "
-                      f"({ENV}=1 runs them unchecked)", RuntimeWarning, stacklevel=3)
-    return False
+                      f"({ENV}=1 runs them unchecked)", RuntimeWarning, stacklevel=4)
+    return allowed
 
 
 def record(verdicts: list[Verdict], tuned: dict[str, dict[str, str]] | None = None,
            device: torch.device | str | None = None) -> None:
     """Add ``verdicts`` to the machine cache (replacing older ones for the same family, code and
     device kind) and ``tuned`` {tuner: {key: configuration}} under ``device``'s kind."""
+    forget()
     with machine_cache.update() as contents:
         new = {(v.family, v.source_hash, v.capability, v.triton) for v in verdicts}
         kept = [r for r in contents["verdicts"]
@@ -156,4 +188,4 @@ def record(verdicts: list[Verdict], tuned: dict[str, dict[str, str]] | None = No
 
 
 __all__ = ["ENV", "BACKENDS", "CAUSES", "CLEAR_COMMAND", "Verdict", "BUILTIN", "machine_verdicts", "verdict",
-           "cleared", "may_run", "uses_triton", "uncleared_allowed", "record"]
+           "cleared", "may_run", "uses_triton", "uncleared_allowed", "record", "forget"]

@@ -64,6 +64,15 @@ class Family:
     def __post_init__(self):
         if not self.small_shapes:
             raise ValueError(f"family {self.name!r}: small_shapes must not be empty")
+        _DESCRIPTORS[self.name] = self
+
+
+_DESCRIPTORS: dict[str, Family] = {}  # every descriptor made in this process, by name
+
+
+def descriptor(name: str) -> Family:
+    """The descriptor named ``name`` made in this process (its family module imported)."""
+    return _DESCRIPTORS[name]
 
 
 def source_path(module: str) -> Path:
@@ -95,4 +104,4 @@ def forget_hashes() -> None:
     _HASHES.clear()
 
 
-__all__ = ["Family", "Check", "FlopModel", "source_hash", "source_path", "forget_hashes"]
+__all__ = ["Family", "Check", "FlopModel", "descriptor", "source_hash", "source_path", "forget_hashes"]

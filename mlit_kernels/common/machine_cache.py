@@ -69,11 +69,13 @@ def triton_version() -> str:
 
 
 def capability(device: torch.device | str) -> str:
-    """"major.minor" of a CUDA device's compute capability; "interpreter" for any other device
-    (kernels there run through Triton's CPU interpreter)."""
+    """"major.minor" of a CUDA device's compute capability ("none" without CUDA); "interpreter" for
+    any other device (kernels there run through Triton's CPU interpreter)."""
     device = torch.device(device)
     if device.type != "cuda":
         return "interpreter"
+    if not torch.cuda.is_available():
+        return "none"  # a CUDA device named where there is none: nothing is cleared for it
     major, minor = torch.cuda.get_device_capability(device)
     return f"{major}.{minor}"
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import hashlib
 import importlib
 import math
@@ -218,7 +219,9 @@ def _load_vllm():
     return module
 
 
+@functools.lru_cache(maxsize=None)
 def mlit_version() -> str:
+    """"mlit <commit>" of this checkout, read once (a commit made while the script runs does not show)."""
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -1104,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="markdown tables")
     parser.add_argument("--compile-cpu", action="store_true", help="check the torch.compile rows on a CPU too")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile rows out")
-    parser.add_argument("--exclude", default="", help="comma-separated row names to leave out (e.g. 'mlit dense')")
+    parser.add_argument("--exclude", default="", help="row names to leave out, separated by ';' (e.g. 'mlit dense')")
     parser.add_argument("--check-tokens", type=int, default=None, help="tokens of the correctness check")
     args = parser.parse_args(argv)
     if args.fetch:
@@ -1125,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
         except Unavailable as why:
             print(f"peer skipped: {why}")
     parts = args.parts.split(",")
-    exclude = {name.strip() for name in args.exclude.split(",") if name.strip()}
+    exclude = {name.strip() for name in args.exclude.split(";") if name.strip()}
     if "moe" in parts:
         print("\nMoE layer\n")
         cases = moe_cases(SMOKE_MOE_SHAPES if args.smoke else MOE_SHAPES, n_check)

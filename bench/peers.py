@@ -81,7 +81,7 @@ from torch import Tensor  # noqa: E402
 
 from mlit_kernels.meter import H100, Meter, _kernel_arguments  # noqa: E402
 from mlit_kernels.reference import max_row_error, moe_reference  # noqa: E402
-from mlit_kernels.selfcheck import TOL  # noqa: E402
+from mlit_kernels.common.precision import TOL  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -910,10 +910,10 @@ def _loss_rows() -> list[Row]:
         return Prepared(lambda: (fn(p["logits"], p["labels"]),), [p["logits"]], lambda: {"logits": p["logits"].grad})
 
     def ours(p):
-        from mlit.train.loss import classification_loss
+        from mlit_kernels.loss.ops import fused_classification_loss
 
         aux = torch.zeros((), device=p["logits"].device)
-        return prepared(p, lambda z, y: classification_loss(z, y, aux, SMOOTHING, 0.0, fused=True)[0])
+        return prepared(p, lambda z, y: fused_classification_loss(z, y, aux, SMOOTHING, 0.0)[0])
 
     def liger(p):
         ops = load("liger")

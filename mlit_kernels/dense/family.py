@@ -58,7 +58,7 @@ FAMILY = Family(
              "mlit_kernels.common.tiling", "mlit_kernels.common.precision", "mlit_kernels.common.split_sum",
              "mlit_kernels.common.seed"),
     kernels={"_fused_fwd_kernel": fwd_flops, "_fused_aux_kernel": None, "_fused_bwd_tokens_kernel": bwd_tokens_flops,
-             "_fused_bwd_weights_kernel": bwd_weights_flops, "_split_sum_kernel": None, "noise_kernel": None},
+             "_fused_bwd_weights_kernel": bwd_weights_flops, "_split_sum_kernel": None},
     launches={"forward": 2, "backward": 3, "eval": 1},
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     limits="t ≤ 16 experts, any m and d_h, shared V / W2; the LayerNorm before it and the residual folded in",

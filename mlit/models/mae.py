@@ -113,7 +113,7 @@ class MMLiT(nn.Module):
         if shuffles:
             from .mae_token_kernels import fused_decoder_input, fused_encoder_input  # lazily (Triton's interpreter)
 
-            visible = fused_encoder_input(tokens, keep, mask)
+            visible = fused_encoder_input(tokens, keep)
         else:
             patches, dummy = tokens[:, :-1], tokens[:, -1:]
             visible = torch.cat([torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, m)), dummy], dim=1)
@@ -122,7 +122,7 @@ class MMLiT(nn.Module):
         latent = (self._norm_linear(latent, self.encoder.norm, self.decoder_embed) if fused
                   else self.decoder_embed(latent))
         if shuffles:
-            x = fused_decoder_input(latent, keep, mask, self.mask_token, self.decoder_pos_embed)
+            x = fused_decoder_input(latent, keep, self.mask_token, self.decoder_pos_embed, n - 1)
         else:
             d = latent.shape[-1]
             full = self.mask_token.to(latent.dtype).expand(B, n - 1, d).clone()

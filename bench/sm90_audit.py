@@ -53,6 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = 90
+CACHE = Path.home() / ".cache" / "mlit" / "sm90-audit"  # results by Triton version, kernel source and signature
 NARROW = (16, 32)  # the dot widths of the sm_90 miscompile class
 
 #: Kernel sources a GPU run has cleared although they break the rule: (kernel function name,
@@ -544,6 +545,13 @@ def config_label(signature: dict) -> str:
     return " ".join(shown)
 
 
+def _usage(result: dict) -> str:
+    """"registers/spill bytes/shared KB" of a compiled launch ("-" for a TTGIR-only one)."""
+    if "shared" not in result:
+        return "-"
+    return f"{result['registers']}/{result.get('spill_stores') or 0}/{result['shared'] / 1024:.1f}"
+
+
 def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bool = True) -> tuple[str, int, list]:
     """The audit table (one row per launch, each Triton version's dots / regs / spills / shared
     memory), the number of breaches, and the spilling launches (kernel, version, bytes, default?)."""
@@ -569,7 +577,7 @@ def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bo
             if spill:
                 spills.append((rec.signature.name, v, spill, rec.default, config_label(sig)))
             row += [dot_summary(result["dots"]),
-                    f"{result['registers']}/{spill}/{result['shared'] / 1024:.1f}", "BREACH: " + why if why else "ok"]
+                    _usage(result), "BREACH: " + why if why else "ok"]
         lines.append(row)
     if markdown:
         text = "\n".join(["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -595,8 +603,8 @@ def summary(recorded: list[Recorded], results: dict[str, list[dict]]) -> str:
             any_spill = max(r.get("spill_stores") or 0 for _, r in rows)
             bad = sum(breach(r, name) is not None for _, r in rows)
             lines.append(f"| {name} | {v} | {len(rows)} | {', '.join(wg) or '-'} | {mma} of {len(rows)} | "
-                         f"{max(r['registers'] or 0 for _, r in rows)} | {default_spill} / {any_spill} | "
-                         f"{max(r['shared'] for _, r in rows) / 1024:.1f} | "
+                         f"{max(r.get('registers') or 0 for _, r in rows) or '-'} | {default_spill} / {any_spill} | "
+                         f"{max(r.get('shared', 0) for _, r in rows) / 1024:.1f} | "
                          f"{'ok' if not bad else f'{bad} breach(es)'} |")
     return "\n".join(lines)
 
@@ -608,11 +616,13 @@ def main() -> int:
     parser.add_argument("--no-local", action="store_true", help="do not compile with this process's Triton")
     parser.add_argument("--markdown", metavar="OUT", help="write the markdown report here")
     parser.add_argument("--quick", action="store_true", help="default configurations only, small batches")
+    parser.add_argument("--rule-only", action="store_true",
+                        help="compile up to the MMA choice only: the dots and the rule, no registers / spills")
     parser.add_argument("--only", action="append", default=[], metavar="KERNEL|KEY=VALUE",
                         help="audit only these launches: a kernel name or a constexpr value (repeatable: any)")
     parser.add_argument("-j", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="compile workers")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mlit" / "sm90-audit",
-                        help="results cache (by Triton version, kernel source and signature)")
+    parser.add_argument("--cache", type=Path, default=CACHE,
+                        help=f"results cache (by Triton version, kernel source and signature; default {CACHE})")
     parser.add_argument("--compile-only", nargs=2, metavar=("JOBS", "RESULTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_only:
@@ -624,7 +634,7 @@ def main() -> int:
     kernels = sorted({r.signature.name for r in recorded})
     print(f"recorded {len(recorded)} distinct launches of {len(kernels)} kernels in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
-    jobs = [job_of(r.signature) for r in recorded]
+    jobs = [job_of(r.signature, ttgir_only=args.rule_only) for r in recorded]
     results = {}
     envs = ([] if args.no_local else [None]) + args.triton_env
     for env in envs:
@@ -635,7 +645,7 @@ def main() -> int:
         print(f"compiled with Triton {version} in {time.perf_counter() - start:.0f} s", flush=True)
     text, breaches, spills = table(recorded, results, markdown=True)
     report = ["# sm_90 audit of the launched kernels", "",
-              f"`python bench/sm90_audit.py{' --quick' if args.quick else ''}"
+              f"`python bench/sm90_audit.py{' --quick' if args.quick else ''}{' --rule-only' if args.rule_only else ''}"
               + "".join(f" --only {w}" for w in args.only)
               + "".join(f" --triton-env {e}" for e in args.triton_env) + "` — target sm_90 "
               f"(`GPUTarget(\"cuda\", 90, 32)`, Triton's bundled ptxas), Triton {', '.join(results)}; "

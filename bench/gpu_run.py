@@ -8,6 +8,8 @@ It records the versions (python, torch, triton, CUDA, the device name torch repo
 commit) into DIR, then runs these steps (all of them, in this order, unless --steps names some),
 each as subprocesses with a time limit, their stdout + stderr teed to DIR/<step>.log:
 
+    faults  bench/gpu_faults.py -> faults.md: which hypothesis explains the dense kernels' illegal
+            memory access (each experiment a fresh process with a fresh Triton cache; ~2 min)
     tests   tests/test_gpu_hazards.py first (races, repeatability under tuning, capture on an
             untuned key, augmentation against the torch path), then the kernel, compile, capture
             and meter tests (compiled and run on the GPU with CUDA)
@@ -52,7 +54,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "layer", "step", "train", "bench")
+STEPS = ("faults", "tests", "layer", "step", "train", "bench")
 FASHION_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
@@ -129,7 +131,9 @@ def build_steps(ctx: Context) -> dict[str, Step]:
         Command(pytest + ["tests/test_gpu_hazards.py", "-rA"]),  # then every test that skips on a CPU
         Command(pytest + ["tests/", "-m", "gpu", "-rA", "--deselect", "tests/test_gpu_hazards.py"]
                 + (["--deselect", "tests/test_compile.py::test_trainer_compile_cuda"] if ctx.no_compile else []))]
-    steps = {"tests": Step("tests", first + [Command(pytest + tests)])}
+    steps = {"faults": Step("faults", [Command([py, "bench/gpu_faults.py", str(out / "faults.md")]
+                                               + (["--smoke"] if smoke else []))]),
+             "tests": Step("tests", first + [Command(pytest + tests)])}
 
     report = [py, "bench/gpu_report.py", str(out / "gpu_report.md")] + (["--smoke"] if smoke else []) + (
         ["--no-compile"] if ctx.no_compile else [])
@@ -541,6 +545,8 @@ def write_summary(out: Path, versions: dict, records: dict[str, dict]) -> Path:
         lines.append(f"- exit statuses: {r['exit_status']}; log: {name}.log")
         if r.get("error_tail"):
             lines += ["", "Last lines of the log:", "", "```", r["error_tail"], "```"]
+    if (out / "faults.md").is_file():
+        lines += ["", "## Fault experiments (faults.md)", "", _without_title((out / "faults.md").read_text())]
     if (out / "gpu_report.md").is_file():
         lines += ["", "## Layer: correctness and timings (gpu_report.md)", "",
                   _without_title((out / "gpu_report.md").read_text())]

@@ -22,6 +22,9 @@ is driven by counts that need no GPU: run the code under :class:`Meter` (on the 
 Sections (``with meter.section("moe"):``) attribute what runs inside them to a named part.
 ``dry_run=True`` records Triton launches without running them (their outputs stay
 uninitialised): counts at the paper's sizes in seconds, even through the interpreter.
+Each Triton launch also keeps its :class:`LaunchSignature` (``Launch.signature``): the kernel,
+its constexprs, warps, stages and how Triton's JIT specialises its other arguments — what a GPU
+would compile (``bench/sm90_audit.py`` compiles exactly those for sm_90).
 
     with Meter(dry_run=True) as meter:
         y, aux = layer(x)
@@ -63,10 +66,96 @@ _SYNC = {
 }
 
 
+#: torch dtypes as Triton's signatures name them (pointer arguments: "*" + this).
+TRITON_TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                     torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
+                     torch.bool: "i1"}
+
+
+@dataclass(frozen=True)
+class LaunchSignature:
+    """What a Triton launch compiles: ``kernel`` "module:function"; ``constexprs`` the constexpr
+    parameters' values ((name, value) pairs; a ``tl.dtype`` as its name, e.g. "fp16");
+    ``arguments`` the other parameters as Triton's JIT specialises them, (name, type, divisible):
+    type "*fp16"-style for a tensor, "i32" / "i64" / "fp32" / "u1" for a scalar, or "constexpr"
+    for an integer equal to 1 and for None (then the value is in ``constexprs``); ``divisible``
+    a tensor whose address, or an integer whose value, is a multiple of 16; ``options`` the
+    launch options passed ((name, value) pairs: ``num_warps``, ``num_stages``, ...; one not
+    passed takes the backend's default: 4 warps and 3 stages on CUDA)."""
+
+    kernel: str
+    constexprs: tuple
+    arguments: tuple
+    options: tuple
+
+    @property
+    def name(self) -> str:
+        return self.kernel.rsplit(":", 1)[1]
+
+    @property
+    def num_warps(self) -> int | None:
+        return dict(self.options).get("num_warps")
+
+    @property
+    def num_stages(self) -> int | None:
+        return dict(self.options).get("num_stages")
+
+
+def _argument_type(value) -> tuple[str, bool]:
+    """(type, divisible by 16) of a non-constexpr kernel argument, by the rule of Triton's JIT
+    (``specialize_impl``): an integer 1 becomes a constexpr, an integer or an address that is a
+    multiple of 16 carries ``tt.divisibility = 16``; floats and booleans are not specialised."""
+    if value is None:
+        return "constexpr", False
+    if isinstance(value, bool):
+        return "u1", False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", False
+        kind = "i32" if -2**31 <= value < 2**31 else "i64" if -2**63 <= value < 2**63 else "u64"
+        return kind, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    if isinstance(value, torch.Tensor):
+        return "*" + TRITON_TYPE_NAMES[value.dtype], value.data_ptr() % 16 == 0
+    raise TypeError(f"unsupported Triton kernel argument {type(value).__name__}")
+
+
+def _constexpr_value(value):
+    """A constexpr as the signature keeps it (a ``tl.dtype`` by its name)."""
+    value = getattr(value, "value", value)  # a tl.constexpr wrapper
+    if type(value).__name__ == "dtype" and hasattr(value, "primitive_bitwidth"):
+        return str(value)
+    return value
+
+
+def launch_signature(fn, args, kwargs) -> LaunchSignature:
+    """The :class:`LaunchSignature` of launching Triton kernel ``fn`` (a JIT or interpreted
+    function) with ``args`` / ``kwargs``."""
+    python_fn = getattr(fn, "fn", fn)
+    parameters = inspect.signature(python_fn).parameters
+    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in parameters))
+    bound = inspect.signature(python_fn).bind_partial(*args, **{k: v for k, v in kwargs.items() if k in parameters})
+    bound.apply_defaults()
+    constexprs, arguments = [], []
+    for name, param in parameters.items():
+        value = bound.arguments[name]
+        if "constexpr" in str(param.annotation):
+            constexprs.append((name, _constexpr_value(value)))
+            continue
+        kind, divisible = _argument_type(value)
+        if kind == "constexpr":
+            constexprs.append((name, value))
+        arguments.append((name, kind, divisible))
+    return LaunchSignature(f"{python_fn.__module__}:{python_fn.__name__}", tuple(constexprs), tuple(arguments),
+                           options)
+
+
 @dataclass
 class Launch:
     """One recorded kernel: ``kind`` is "triton" or "aten"; ``bytes`` the modeled HBM traffic;
-    ``flops`` its matmul work (0 for element-wise kernels and unmodelled Triton kernels)."""
+    ``flops`` its matmul work (0 for element-wise kernels and unmodelled Triton kernels);
+    ``signature`` what a Triton launch compiles (None for aten)."""
 
     kind: str
     name: str
@@ -74,6 +163,7 @@ class Launch:
     section: str
     meta: dict = field(default_factory=dict)
     flops: int = 0
+    signature: LaunchSignature | None = None
 
 
 def _tensors(*trees) -> list[torch.Tensor]:
@@ -305,7 +395,8 @@ class Meter(TorchDispatchMode):
         name = getattr(getattr(fn, "fn", None), "__name__", None) or getattr(fn, "__name__", "triton_kernel")
         flops = kernel_flops().get(name)
         launch = Launch("triton", f"triton.{name}", _distinct_bytes(_tensors(args, kwargs)), self._sections[-1], meta,
-                        0 if flops is None else int(flops(_kernel_arguments(fn, args, kwargs))))
+                        0 if flops is None else int(flops(_kernel_arguments(fn, args, kwargs))),
+                        launch_signature(fn, args, kwargs))
         launch.meta["grid"] = grid
         self.records.append(launch)
 
@@ -346,7 +437,7 @@ class Meter(TorchDispatchMode):
             cls.run = run
 
 
-__all__ = ["Meter", "Launch", "DeviceModel", "H100", "saved_for_backward"]
+__all__ = ["Meter", "Launch", "LaunchSignature", "launch_signature", "DeviceModel", "H100", "saved_for_backward"]
 
 
 # ------------------------------------------------------------------------------------------------

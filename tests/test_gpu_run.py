@@ -80,6 +80,45 @@ def test_smoke_run_keeps_every_result(tmp_path):
             "r1/train/metrics.jsonl", "r1/train/accuracy.png"} <= names
 
 
+def test_fault_experiments_run_in_smoke_mode(tmp_path):
+    """--smoke --steps faults: each experiment a fresh process with its own Triton cache; on a CPU
+    those that need CUDA (DISABLE_MMA_V3, num_stages, compute-sanitizer) say so in one line, the
+    others run the dense layer and the pattern kernel through the interpreter (~30 s)."""
+    out = tmp_path / "r0"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--steps", "faults", "--out", str(out),
+                          "--budget", "300"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert json.loads((out / "steps.json").read_text())["faults"]["status"] == "ok"
+    table = (out / "faults.md").read_text()
+    cuda = torch.cuda.is_available()
+    for name in ("dense", "pattern"):
+        assert f"| {name} | - | PASS: " in table, table
+    for name in ("dense-no-mma-v3", "dense-stages-1", "pattern-no-mma-v3", "dense-memcheck", "pattern-memcheck"):
+        assert f"| {name} |" in table and (cuda or "skipped: needs CUDA" in table.split(f"| {name} |")[1].split("\n")[0])
+    assert "TRITON_CACHE_DIR=" in table and table.count("launch _fused_fwd_kernel") >= 1
+    summary = (out / "summary.md").read_text()
+    assert "| faults | ok |" in summary and "## Fault experiments (faults.md)" in summary
+
+
+def test_fault_experiment_verdicts():
+    """A child that ended in a fault is named by the launch that did not finish."""
+    gpu_faults = _faults_module()
+    out = "launch _fused_fwd_kernel\ndone _fused_fwd_kernel\nlaunch _fused_bwd_weights_kernel\nRuntimeError: CUDA " \
+          "error: an illegal memory access was encountered"
+    assert gpu_faults.verdict(out, 1) == ("FAILED (exit 1) in _fused_bwd_weights_kernel (launch 2, 1 finished): "
+                                          "RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert gpu_faults.verdict("launch k\ndone k\nRESULT PASS: fine", 0) == "PASS: fine"
+    assert gpu_faults.verdict("launch k\n", None).startswith("timed out in k")
+
+
+def _faults_module():
+    spec = importlib.util.spec_from_file_location("gpu_faults", REPO / "bench" / "gpu_faults.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_failed_and_timed_out_steps_do_not_stop_the_next(tmp_path):
     ctx = _ctx(tmp_path)
     py = sys.executable

@@ -113,12 +113,12 @@ class MMLiT(nn.Module):
         B, n, m = tokens.shape
         keep, mask = random_masking(B, n - 1, self.num_keep, images.device)
         backend = self.encoder.backend
-        visible = encoder_input(tokens, keep, mask, backend=backend)  # the kept patches' tokens, the dummy last
+        visible = encoder_input(tokens, keep, backend=backend)  # the kept patches' tokens, the dummy last
         fused = self.encoder.uses_triton("norm_linear", images)  # final norms + projections: one launch each
         latent, encoder_loss = self.encoder.encode(visible, final_norm=not fused)
         latent = (self._norm_linear(latent, self.encoder.norm, self.decoder_embed) if fused
                   else self.decoder_embed(latent))
-        x = decoder_input(latent, keep, mask, self.mask_token, self.decoder_pos_embed, backend=backend)
+        x = decoder_input(latent, keep, self.mask_token, self.decoder_pos_embed, n - 1, backend=backend)
         x, decoder_loss = self.decoder(x)
         pred = (self._norm_linear(x, self.decoder_norm, self.decoder_pred) if fused
                 else self.decoder_pred(self.decoder_norm(x)))[:, :-1]

@@ -147,7 +147,10 @@ def _proj_bwd_kernel(dy_ptr, o_ptr, pw_ptr, do_ptr, delta_ptr, part_ptr, N, D, H
     partial dW_proj (D, D), db_proj (D,) fp32 of every split at ``part[split, :D·D + D]`` (rows P
     apart: the caller passes the dW_proj columns of the block's partial-sum buffer).
     Grid: (splits + token tiles,): the first ``splits`` programs sum the weight gradients of their
-    rows, ROWS at a time; the others compute dO and Δ of BLOCK_M tokens, every head."""
+    rows, ROWS at a time; the others compute dO and Δ of BLOCK_M tokens, every head. dW_proj is
+    summed transposed per head, oᵀ dy (HD_PAD, D_PAD): a product HD_PAD (16, 32) rows high stays on
+    mma.sync on sm_90 — as dyᵀ o, D_PAD rows high, it compiled to a wgmma 16 or 32 wide beside the
+    token programs' mma.sync, the pattern Triton 3.6–3.7 miscompile (bench/sm90_audit.py)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, D_PAD)
     cmask = cols < D
@@ -158,7 +161,7 @@ def _proj_bwd_kernel(dy_ptr, o_ptr, pw_ptr, do_ptr, delta_ptr, part_ptr, N, D, H
         r_end = tl.minimum(r0 + rows_per_split, N)
         part = part_ptr + pid * P
         for h in range(H):
-            dw = tl.zeros((D_PAD, HD_PAD), tl.float32)
+            dw_t = tl.zeros((HD_PAD, D_PAD), tl.float32)  # dW_proj[:, head h]ᵀ
             for t0 in range(r0, r_end, ROWS):
                 rows = t0 + tl.arange(0, ROWS)
                 rmask = rows < r_end
@@ -166,8 +169,8 @@ def _proj_bwd_kernel(dy_ptr, o_ptr, pw_ptr, do_ptr, delta_ptr, part_ptr, N, D, H
                              other=0.0).to(DTYPE)
                 o = tl.load(o_ptr + rows[:, None] * D + h * HD + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
                             other=0.0)
-                dw = _mma(tl.trans(dy), o, dw, DOT_F32)
-            tl.store(part + cols[:, None] * D + h * HD + dcols[None, :], dw, mask=cmask[:, None] & dmask[None, :])
+                dw_t = _mma(tl.trans(o), dy, dw_t, DOT_F32)
+            tl.store(part + cols[None, :] * D + h * HD + dcols[:, None], dw_t, mask=dmask[:, None] & cmask[None, :])
         db = tl.zeros((D_PAD,), tl.float32)
         for t0 in range(r0, r_end, ROWS):
             rows = t0 + tl.arange(0, ROWS)

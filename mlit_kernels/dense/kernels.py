@@ -202,15 +202,12 @@ def _load_grad_out(dy_ptr, keep_ptr, rows, row_ok, M, c0: tl.constexpr, W: tl.co
 
 
 @triton.jit
-def _zeros_by_chunk(R: tl.constexpr, WIDTHS: tl.constexpr, TRANSPOSED: tl.constexpr = False):
-    """fp32 accumulators (R, width) per chunk, or (width, R) when TRANSPOSED."""
+def _zeros_by_chunk(R: tl.constexpr, WIDTHS: tl.constexpr):
+    """fp32 accumulators (R, width) per chunk."""
     out = ()
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            if TRANSPOSED:
-                out = out + (tl.zeros((WIDTHS[i], R), dtype=tl.float32),)
-            else:
-                out = out + (tl.zeros((R, WIDTHS[i]), dtype=tl.float32),)
+            out = out + (tl.zeros((R, WIDTHS[i]), dtype=tl.float32),)
     return out
 
 
@@ -540,10 +537,10 @@ def _fused_bwd_tokens_kernel(
 
 
 @triton.jit
-def _store_part(ptr, acc, ld, c0: tl.constexpr, W: tl.constexpr, M, ds, d_ok):
-    """acc (W, DC) into rows [c0, c0+W) (< M), columns ds of a row-major (M, ld) partial."""
+def _store_part_t(ptr, acc_t, ld, c0: tl.constexpr, W: tl.constexpr, M, ds, d_ok):
+    """acc_t (DC, W), transposed, into rows [c0, c0+W) (< M), columns ds of a row-major (M, ld) partial."""
     r = c0 + tl.arange(0, W)
-    tl.store(ptr + r[:, None] * ld + ds[None, :], acc, mask=(r < M)[:, None] & d_ok[None, :])
+    tl.store(ptr + r[None, :] * ld + ds[:, None], acc_t, mask=d_ok[:, None] & (r < M)[None, :])
 
 
 @triton.jit
@@ -557,8 +554,12 @@ def _projection_grad_partial(x_ptr, p_ptr, sel_ptr, e, rows_lo, rows_hi, M, D, d
     (x the layer's input: LayerNorm(x) with NORM, see :func:`_input_cols`).
 
     p is (N, d_h) (V's du), or with PER_PICK da (N, K, d_h) of expert e: p_row = Σ_j [idx_j == e]
-    da[row, j] (the token's pick of expert e, if any)."""
-    acc = _zeros_by_chunk(DC, WIDTHS, True)
+    da[row, j] (the token's pick of expert e, if any).
+
+    Summed transposed, dWᵀ = pᵀ x ((DC, width) per chunk): a product 16 rows high stays on mma.sync
+    on sm_90 — as x_chunkᵀ p, 64 or 128 rows high, it compiled to a wgmma 16 wide beside the
+    kernel's other tensor-core dots, the pattern Triton 3.6–3.7 miscompile (bench/sm90_audit.py)."""
+    acc = _zeros_by_chunk(DC, WIDTHS)
     bias = tl.zeros((DC,), dtype=tl.float32)
     for r0 in range(rows_lo, rows_hi, ROWS):
         rows = r0 + tl.arange(0, ROWS)
@@ -580,11 +581,11 @@ def _projection_grad_partial(x_ptr, p_ptr, sel_ptr, e, rows_lo, rows_hi, M, D, d
             if WIDTHS[i] > 0:
                 xi = _input_cols(x_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], DTYPE, ln_w_ptr, ln_b_ptr, ln_stats_ptr,
                                  N, NORM)
-                updated = updated + (_mma(tl.trans(xi), p, acc[i], DOT_F32),)
+                updated = updated + (_mma(tl.trans(p), xi, acc[i], DOT_F32),)
         acc = updated
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            _store_part(out_ptr, acc[i], D, STARTS[i], WIDTHS[i], M, ds, d_ok)
+            _store_part_t(out_ptr, acc[i], D, STARTS[i], WIDTHS[i], M, ds, d_ok)
     tl.store(bias_ptr + ds, bias, mask=d_ok)
 
 

@@ -407,9 +407,11 @@ def _pair_grads(x_ptr, dy_ptr, keep_ptr, da_ptr, du_ptr, hc_ptr, pair, tok, row_
 def _add_weight_products(acc1, accv, acc2, bias2, x_ptr, dy_ptr, keep_ptr, tok, row_ok, g, da, du, hc, c0, M, drop_p,
                          STARTS: tl.constexpr, WIDTHS: tl.constexpr, DROPOUT: tl.constexpr, DTYPE: tl.constexpr,
                          DOT_F32: tl.constexpr):
-    """A block of pairs added per m chunk [c0 + start, c0 + start + width) of a column group:
-    acc1 + x_chunkᵀ da, accv + x_chunkᵀ du (dW1, dV) and acc2 + (g dy'_chunk)ᵀ hc (dW2ᵀ), all
-    (width, WD), and bias2 + Σ_rows g dy'_chunk (db2)."""
+    """A block of pairs added per m chunk [c0 + start, c0 + start + width) of a column group, each
+    gradient transposed, (WD, width): acc1 + daᵀ x_chunk, accv + duᵀ x_chunk (dW1ᵀ, dVᵀ) and acc2 +
+    hcᵀ (g dy'_chunk) (dW2), and bias2 + Σ_rows g dy'_chunk (db2). Products 16 (WD) rows high stay on
+    mma.sync on sm_90; as x_chunkᵀ da, a chunk's width high, they compiled to wgmma 16 wide beside
+    the kernel's other tensor-core dots, the pattern Triton 3.6–3.7 miscompile (bench/sm90_audit.py)."""
     o1 = ()
     ov = ()
     o2 = ()
@@ -421,9 +423,9 @@ def _add_weight_products(acc1, accv, acc2, bias2, x_ptr, dy_ptr, keep_ptr, tok, 
             xc = tl.load(x_ptr + tok[:, None].to(tl.int64) * M + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                          other=0.0).to(DTYPE)
             gdy = (g[:, None] * _grad_out(dy_ptr, keep_ptr, tok, row_ok, cols, col_ok, M, drop_p, DROPOUT)).to(DTYPE)
-            o1 = o1 + (_mma(tl.trans(xc), da, acc1[i], DOT_F32),)
-            ov = ov + (_mma(tl.trans(xc), du, accv[i], DOT_F32),)
-            o2 = o2 + (_mma(tl.trans(gdy), hc, acc2[i], DOT_F32),)
+            o1 = o1 + (_mma(tl.trans(da), xc, acc1[i], DOT_F32),)
+            ov = ov + (_mma(tl.trans(du), xc, accv[i], DOT_F32),)
+            o2 = o2 + (_mma(tl.trans(hc), gdy, acc2[i], DOT_F32),)
             ob = ob + (bias2[i] + tl.sum(gdy.to(tl.float32), axis=0),)
     return o1, ov, o2, ob
 
@@ -434,8 +436,9 @@ def _store_weight_grads(acc1, bias1, accv, biasv, acc2, bias2, dw1_ptr, db1_ptr,
                         SEP_W1: tl.constexpr, SEP_V: tl.constexpr, SEP_W2: tl.constexpr, WD: tl.constexpr,
                         STARTS: tl.constexpr, WIDTHS: tl.constexpr):
     """The strip's gradients of those projections W1 / V / W2 names (expert e's slice of a per-expert
-    one): dW1, dV (M, D) rows of the column group at c0, columns ds; dW2 (D, M) rows ds, the
-    group's columns; db1, dbV by the strips of the first group, db2 by those of the first d_h chunk."""
+    one), from the (WD, width) accumulators of :func:`_add_weight_products`: dW1, dV (M, D) rows of
+    the column group at c0, columns ds; dW2 (D, M) rows ds, the group's columns; db1, dbV by the
+    strips of the first group, db2 by those of the first d_h chunk."""
     ds = d0 + tl.arange(0, WD)
     d_ok = ds < D
     e64 = tl.cast(e, tl.int64)
@@ -448,15 +451,15 @@ def _store_weight_grads(acc1, bias1, accv, biasv, acc2, bias2, dw1_ptr, db1_ptr,
         if WIDTHS[i] > 0:
             rows = c0 + STARTS[i] + tl.arange(0, WIDTHS[i])
             row_ok = rows < M
-            mask = row_ok[:, None] & d_ok[None, :]
-            offs = rows[:, None] * D + ds[None, :]
+            mask = d_ok[:, None] & row_ok[None, :]
+            offs = rows[None, :] * D + ds[:, None]
             if W1:
                 tl.store(dw1_ptr + SEP_W1 * e64 * M * D + offs, acc1[i].to(dw1_ptr.dtype.element_ty), mask=mask)
             if V:
                 tl.store(dv_ptr + SEP_V * e64 * M * D + offs, accv[i].to(dv_ptr.dtype.element_ty), mask=mask)
             if W2:
                 w2_e = dw2_ptr + SEP_W2 * e64 * D * M
-                tl.store(w2_e + ds[None, :] * M + rows[:, None], acc2[i].to(dw2_ptr.dtype.element_ty), mask=mask)
+                tl.store(w2_e + ds[:, None] * M + rows[None, :], acc2[i].to(dw2_ptr.dtype.element_ty), mask=mask)
                 tl.store(db2_ptr + SEP_W2 * e64 * M + rows, bias2[i].to(db2_ptr.dtype.element_ty),
                          mask=row_ok & ((rows * 0 + d0) == 0))
 
@@ -475,21 +478,21 @@ def _weight_strip(x_ptr, dy_ptr, keep_ptr, gates_ptr, da_ptr, du_ptr, hc_ptr, ro
     dV (M·D), dbV (D), dW2 (D·M), db2 (M)), for :func:`_shared_grads_kernel` to add."""
     ds = d0 + tl.arange(0, WD)
     d_ok = ds < D
-    acc1 = _zeros_by_chunk(WD, WIDTHS, True)
-    accv = _zeros_by_chunk(WD, WIDTHS, True)
-    acc2 = _zeros_by_chunk(WD, WIDTHS, True)
+    acc1 = _zeros_by_chunk(WD, WIDTHS)
+    accv = _zeros_by_chunk(WD, WIDTHS)
+    acc2 = _zeros_by_chunk(WD, WIDTHS)
     bias1 = tl.zeros((WD,), dtype=tl.float32)
     biasv = tl.zeros((WD,), dtype=tl.float32)
     bias2 = _vector_zeros_by_chunk(WIDTHS)
     for e in range(e0, e1):
         if SEP_W1:
-            acc1 = _zeros_by_chunk(WD, WIDTHS, True)
+            acc1 = _zeros_by_chunk(WD, WIDTHS)
             bias1 = tl.zeros((WD,), dtype=tl.float32)
         if SEP_V:
-            accv = _zeros_by_chunk(WD, WIDTHS, True)
+            accv = _zeros_by_chunk(WD, WIDTHS)
             biasv = tl.zeros((WD,), dtype=tl.float32)
         if SEP_W2:
-            acc2 = _zeros_by_chunk(WD, WIDTHS, True)
+            acc2 = _zeros_by_chunk(WD, WIDTHS)
             bias2 = _vector_zeros_by_chunk(WIDTHS)
         w1_e, b1_e, v_e, bv_e, w2_e, _ = _expert_weights(e, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, w2_ptr, M, D,
                                                          SEP_W1, SEP_V, SEP_W2)

@@ -1,0 +1,113 @@
+"""The sm_90 rule, pinned: no launched kernel (tuning candidates included) holds a wgmma dot with a
+16- or 32-wide dimension beside other tensor-core dots — the pattern Triton 3.6–3.7 miscompile on
+Hopper (illegal shared-memory reads, silent corruption) — unless a GPU run cleared that exact
+kernel source on that Triton version (bench/sm90_audit.py, CLEARED_SOURCES).
+
+What the models launch is recorded (mLiT-XXS / XS / S training and evaluation steps, mmLiT
+pre-training, the MoE layer at t = 16 and 64; both MoE variants; every tuning candidate) and
+compiled for sm_90 with the installed Triton up to the pass that picks each dot's MMA kind (wgmma,
+mma.sync or FMA); no GPU needed. bench/sm90_audit.py compiles every launch to a cubin (registers, spills,
+shared memory) with this Triton and the GPU machines' (3.6.0)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import sm90_audit  # noqa: E402
+
+PTXAS = Path(__import__("triton").__file__).parent / "backends" / "nvidia"
+
+
+def test_read_dots_tells_the_mma_kinds_apart():
+    """The TTGIR reader on the three forms: wgmma, mma.sync (an nvidia_mma v2 layout), FMA."""
+    ttgir = "\n".join([
+        "#blocked4 = #ttg.blocked<{sizePerThread = [1, 4], threadsPerWarp = [4, 8]}>",
+        "#mma = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [1, 8], instrShape = [16, 8]}>",
+        "#mma3 = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 2], instrShape = [16, 16, 16]}>",
+        "%a = ttng.warp_group_dot %x, %y, %z {inputPrecision = 0 : i32, isAsync = true} : tensor<128x32xf16, "
+        "#ttg.dot_op<{opIdx = 0, parent = #mma3, kWidth = 2}>> * !ttg.memdesc<32x16xf16, #shared3, #smem> -> "
+        "tensor<128x16xf32, #mma3> loc(#loc1)",
+        "%b:2 = ttng.warp_group_dot_wait %a, %y {pendings = 0 : i32} : tensor<128x16xf32, #mma3>, "
+        "!ttg.memdesc<32x16xf16, #shared3, #smem> loc(#loc1)",
+        "%c = tt.dot %x, %y, %z, inputPrecision = tf32 : tensor<16x32xf16, #ttg.dot_op<{opIdx = 0, parent = #mma, "
+        "kWidth = 2}>> * tensor<32x16xf16, #ttg.dot_op<{opIdx = 1, parent = #mma, kWidth = 2}>> -> "
+        "tensor<16x16xf32, #mma> loc(#loc2)",
+        "%d = tt.dot %x, %y, %z : tensor<128x32xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked4}>> * "
+        "tensor<32x16xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked4}>> -> tensor<128x16xf32, #blocked4> loc(#loc3)",
+    ])
+    dots = sm90_audit.read_dots(ttgir)
+    assert [(d["kind"], d["M"], d["N"], d["K"]) for d in dots] == [("wgmma", 128, 16, 32), ("mma", 16, 16, 32),
+                                                                  ("fma", 128, 16, 32)]
+    result = dict(dots=dots, source_hash="h", triton="3.6.0")
+    assert "wgmma 128x16x32 beside 1 other" in sm90_audit.breach(result, "k")
+    assert sm90_audit.breach(dict(result, dots=dots[:1]), "k") is None  # one dot: no breach
+    assert sm90_audit.breach(dict(result, dots=dots[1:]), "k") is None  # no wgmma
+
+
+def test_signatures_follow_triton_specialisation():
+    """The meter's LaunchSignature specialises arguments as the installed Triton's JIT does."""
+    import torch
+    import triton
+
+    from mlit_kernels.meter import _argument_type
+
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:
+        pytest.skip(f"triton {triton.__version__} has no native_specialize_impl")
+    for value in (1, 0, 16, 17, 48, 2**31, -3, 1.5, True, torch.empty(4, dtype=torch.float16),
+                  torch.empty(5)[1:], torch.empty(3, dtype=torch.uint8), torch.empty(8, dtype=torch.int64)[2:]):
+        kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        assert _argument_type(value) == (kind, attr == "D"), value
+
+
+@pytest.mark.skipif(not (PTXAS / "bin" / "ptxas").exists(), reason="no ptxas bundled with this triton")
+def test_no_launched_kernel_breaks_the_sm90_rule():
+    """Every kernel with a dot, at every tuning candidate and tile shape the models launch
+    (sm90_audit.rule_representatives: one launch per kernel, warps, stages and non-flag
+    constexprs), compiled for sm_90 up to Triton's MMA choice: no breach. About 3 minutes on 2 cores
+    with a cold cache (sm90_audit.CACHE: keyed by Triton version, kernel source and launch)."""
+    start = time.perf_counter()
+    recorded = sm90_audit.record(batch=8, tokens=300)
+    kernels = {r.signature.name for r in recorded}
+    chosen, reasons = sm90_audit.rule_representatives(recorded)
+    assert kernels == {r.signature.name for r in chosen} | {reason.split(":")[0] for reason in reasons}
+    jobs = [sm90_audit.job_of(r.signature, ttgir_only=True) for r in chosen]
+    results = sm90_audit.compile_in(None, jobs, max(1, min(2, os.cpu_count() or 1)), sm90_audit.CACHE)
+    failures = [f"{r.signature.name} ({sm90_audit.config_label(sm90_audit.dataclasses.asdict(r.signature))}, "
+                f"warps {r.signature.num_warps}): {why}" for r, res in zip(chosen, results)
+                if (why := sm90_audit.breach(res, r.signature.name))]
+    assert not failures, "\n".join(failures)
+    tensor_core = {r.signature.name for r, res in zip(chosen, results) if any(d["kind"] != "fma" for d in res["dots"])}
+    assert {"_fused_bwd_weights_kernel", "_weights_dx_kernel", "_proj_bwd_kernel", "_fused_fwd_kernel",
+            "_experts_bwd_kernel"} <= tensor_core  # the reader saw the tensor-core dots
+    print(f"{len(recorded)} launches of {len(kernels)} kernels, {len(chosen)} compiled in "
+          f"{time.perf_counter() - start:.0f} s; not compiled: {'; '.join(reasons)}")
+
+
+@pytest.mark.skipif(not (PTXAS / "bin" / "ptxas").exists(), reason="no ptxas bundled with this triton")
+def test_the_fault_experiments_pattern_breaks_the_rule():
+    """bench/gpu_faults.py's "pattern" experiment must hold the pattern it is to test on a GPU: at
+    its launch (8 warps, x_chunkᵀ p of 128 × 16 over 32 rows beside pᵀ p) a wgmma 16 wide beside
+    an mma.sync, as the dense weight kernel compiled before its products were transposed."""
+    import torch
+
+    import gpu_faults
+    from mlit_kernels.meter import Meter
+
+    with Meter(dry_run=True) as meter:
+        gpu_faults._pattern_kernel[(17,)](torch.empty(5100, 128, dtype=torch.float16),
+                                          torch.empty(5100, 16, dtype=torch.float16), torch.empty(17, 128, 16),
+                                          torch.empty(17, 16, 16), 320, 5100, W=128, DC=16, ROWS=32, num_warps=8)
+    (launch,) = meter.records
+    (result,) = sm90_audit.compile_in(None, [sm90_audit.job_of(launch.signature, ttgir_only=True)], 1, None)
+    assert sm90_audit.breach(result, "_pattern_kernel"), result
+    assert [d["kind"] for d in result["dots"]] == ["wgmma", "mma"]

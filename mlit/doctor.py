@@ -12,6 +12,9 @@
    ``"auto"`` runs the cleared families on this kind of GPU, every process with the same
    configuration (:mod:`mlit_kernels.common.clearance`). ``clear_only``: only the families not yet
    cleared there for their current code.
+   On a GPU the kernels the checks launch (every tuning candidate) are first compiled in parallel
+   child processes, one a CPU core (:func:`mlit_kernels.checks.warm_checks`), so the checks, one
+   family after another on the one GPU, find them in Triton's cache.
 3. With ``timing``: the MoE layer forward + backward and a training step of mLiT-XXS (batch 256,
    fp16 autocast, AdamW) per backend (reference, torch.compile(reference), Triton), CUDA events,
    median of 10 after 3 warm-up runs; without a GPU one run each at small shapes, the wall clock.
@@ -149,8 +152,14 @@ def run(quick: bool = False, timing: bool = True, quiet: bool = False, *, clear_
         if out is not None:
             print(json.dumps(record) if as_json else _table_row(row), file=out, flush=True)
 
+    def compiled(result) -> None:
+        report.lines.append(_compile_line(result))
+        if out is not None and not as_json:
+            print(report.lines[-1], file=out, flush=True)
+
     clear([registry.family(name) for name in names], shapes, device, dtypes=dtypes, report=add,
-          timeout=timeout or DEFAULT_TIMEOUT_S, only_uncleared=clear_only, jobs=1 if cuda else os.cpu_count() or 1)
+          timeout=timeout or DEFAULT_TIMEOUT_S, only_uncleared=clear_only, jobs=1 if cuda else os.cpu_count() or 1,
+          precompile=True, report_compile=compiled)
     if timing and not as_json:
         if out is not None:
             print("\n".join(["", *_table_head(TIMING_HEADER)]), file=out, flush=True)
@@ -179,8 +188,20 @@ def clear_for_run(cfg: TransformerConfig, batch: int, task: str, device: torch.d
             status = "cleared" if verdict.cleared else f"not cleared ({verdict.cause}: {verdict.detail[:200]})"
             print(f"kernels: {verdict.family} {status} in {verdict.seconds:.0f} s", file=log, flush=True)
 
+    def compiled(result) -> None:
+        if log is not None:
+            print(f"kernels: {_compile_line(result)}", file=log, flush=True)
+
     return clear([registry.family(name) for name in names], model_shapes(cfg, batch, task, num_classes), device,
-                 dtypes=(torch.float16,), only_uncleared=True, report=report)
+                 dtypes=(torch.float16,), only_uncleared=True, report=report, precompile=True,
+                 report_compile=compiled)
+
+
+def _compile_line(result) -> str:
+    """One line for a :class:`mlit_kernels.precompile.WarmReport`."""
+    failed = f"; {len(result.failures)} failed ({_cell(result.failures[0])})" if result.failures else ""
+    return (f"compiled {result.signatures} kernel specialisations in {result.wall_s:.0f} s, {result.jobs} "
+            f"processes in parallel{failed}")
 
 
 def _cell(text: str) -> str:

@@ -160,19 +160,23 @@ def check_in_child(family: Family, shapes: Sequence[Mapping], dtypes: Sequence[t
 
 def clear(families: Iterable[Family], shapes: Mapping[str, Sequence[Mapping]], device: torch.device | str, *,
           dtypes: Sequence[torch.dtype] = (torch.float16,), tune: bool = True, timeout: float = DEFAULT_TIMEOUT_S,
-          record: bool = True, only_uncleared: bool = False, jobs: int = 1, report=None) -> list[clearance.Verdict]:
+          record: bool = True, only_uncleared: bool = False, jobs: int = 1, report=None, precompile: bool = False,
+          report_compile=None) -> list[clearance.Verdict]:
     """Check each family in its own child process at ``shapes[name]`` (default: its ``gpu_shapes`` on
     CUDA, ``small_shapes`` elsewhere) in each of ``dtypes`` it takes (else its widest); record each
     verdict and the tuned configurations in the machine cache (``record``). ``only_uncleared``: skip
     families already cleared on this device. ``jobs`` children at a time (1 on a GPU: the tuning
     times candidates). ``report(verdict)`` is called as each one ends; returns the verdicts in the
-    families' order."""
+    families' order. ``precompile`` (on CUDA): first compile, in parallel child processes, every
+    kernel the checks launch (every tuning candidate), so the checks find them in Triton's cache
+    (:func:`warm_checks`; ``report_compile(report)``)."""
     device = torch.device(device)
     todo = [f for f in families if not (only_uncleared and clearance.cleared(f, device))]
+    if precompile and device.type == "cuda" and todo:
+        warm_checks(todo, shapes, device, dtypes, report_compile)
 
     def one(family: Family) -> clearance.Verdict:
-        fam_shapes = shapes.get(family.name) or (family.gpu_shapes if device.type == "cuda" else family.small_shapes)
-        fam_dtypes = [d for d in dtypes if d in family.dtypes] or [family.dtypes[-1]]
+        fam_shapes, fam_dtypes = _shapes_and_dtypes(family, shapes, device, dtypes)
         verdict, tuned = check_in_child(family, fam_shapes, fam_dtypes, device, tune=tune, timeout=timeout)
         if record:
             clearance.record([verdict], tuned, device)
@@ -182,6 +186,36 @@ def clear(families: Iterable[Family], shapes: Mapping[str, Sequence[Mapping]], d
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(one, todo))
+
+
+def _shapes_and_dtypes(family: Family, shapes: Mapping[str, Sequence[Mapping]], device: torch.device,
+                       dtypes: Sequence[torch.dtype]) -> tuple[Sequence[Mapping], list[torch.dtype]]:
+    """The shapes (``shapes[name]``, else the family's GPU or small shapes) and dtypes a check runs."""
+    fam_shapes = shapes.get(family.name) or (family.gpu_shapes if device.type == "cuda" else family.small_shapes)
+    return fam_shapes, [d for d in dtypes if d in family.dtypes] or [family.dtypes[-1]]
+
+
+def warm_checks(families: Sequence[Family], shapes: Mapping[str, Sequence[Mapping]], device: torch.device,
+                dtypes: Sequence[torch.dtype], report=None):
+    """Compile every kernel the checks of ``families`` launch (each tuning candidate too) into
+    Triton's cache, in parallel child processes (:mod:`mlit_kernels.precompile`): the launches are
+    recorded by running the checks under a dry-run meter here, where no Triton kernel runs."""
+    from . import precompile
+
+    signatures: dict = {}
+    for family in families:
+        fam_shapes, fam_dtypes = _shapes_and_dtypes(family, shapes, device, dtypes)
+        for shape in fam_shapes:
+            for dtype in fam_dtypes:
+                try:
+                    found = precompile.record_every_configuration(lambda: family.check(shape, dtype, device))
+                except Exception:  # noqa: BLE001 - a check that cannot even be recorded fails in its child
+                    continue
+                signatures.update(dict.fromkeys(found))
+    result = precompile.warm(list(signatures))
+    if report is not None:
+        report(result)
+    return result
 
 
 def _ratio(error: float, limit: float) -> float:

@@ -121,6 +121,8 @@ class _Job:
         if clear_kernels and backend == "auto" and info.device.type == "cuda":
             self._clear_kernels()
         self.trainer = self._build_trainer(state, resume)
+        if info.device.type == "cuda":
+            self._precompile(train)
         seed_everything(recipe.seed + 1 + 100_003 * info.rank)  # per-rank augmentation, noise, dropout, masking
         # where training stands, and the sums of the epoch so far (a resumed partial epoch)
         self.epoch, self.step = 0, 0
@@ -142,6 +144,22 @@ class _Job:
         self.epoch_t0 = time.time() - self.carried_seconds
 
     # -- preparing ---------------------------------------------------------------------------------
+
+    def _precompile(self, train) -> None:
+        """Compile the Triton kernels of a training step and an evaluation batch in parallel child
+        processes before the first step (:mod:`mlit_kernels.precompile`; rank 0, the others wait)."""
+        from mlit_kernels.precompile import record, warm
+
+        if self.info.rank == 0:
+            images = train.images[:self.local_batch].to(self.info.device)
+            labels = None if self.recipe.task == "pretrain" else train.labels[:self.local_batch].to(self.info.device)
+            signatures = record(lambda: self.trainer.rehearse_launches(images, labels))
+            if signatures:
+                report = warm(signatures)
+                failed = f", {len(report.failures)} failed: {report.failures[0]}" if report.failures else ""
+                self.log(f"kernels: {report.signatures} kernel specialisations compiled in {report.wall_s:.0f} s by "
+                         f"{report.jobs} processes{failed}")
+        D.barrier(self.info)
 
     def _clear_kernels(self) -> None:
         """Check the run's uncleared kernel families in child processes (rank 0; the others wait)."""

@@ -11,6 +11,7 @@ CUDA graph after a warm-up and replayed; evaluation batches are captured too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from typing import Any
@@ -275,6 +276,24 @@ class Trainer:
         logits, aux = model(x)
         return classification_loss(logits, labels, aux, self.recipe.label_smoothing, self.recipe.aux_weight,
                                    backend=self.backend)
+
+    def rehearse_launches(self, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """The kernels of a training step and of an evaluation batch, for a dry-run meter
+        (:func:`mlit_kernels.precompile.record`): the augmentation, forward and backward of a copy of
+        the model (this one, the optimizer and the schedule untouched), and the evaluator's batch
+        (its sums restored)."""
+        model = copy.deepcopy(self.raw_model).train()
+        x = self.augment(images)
+        with self.autocast():
+            loss, _ = self.forward_loss(model, x, labels)
+        loss.backward()  # the scaler's multiply launches no Triton kernel (and is left untouched)
+        sums = self.evaluator._sums.clone()
+        was_training = self.raw_model.training
+        self.raw_model.eval()
+        with torch.no_grad():
+            self.evaluator._add_batch(images, labels)
+        self.raw_model.train(was_training)
+        self.evaluator._sums.copy_(sums)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor | None, update: bool = True) -> torch.Tensor:
         """Everything one step does on the device; returns its (K,) fp32 values.

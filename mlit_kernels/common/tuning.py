@@ -43,6 +43,11 @@ def allow_timing(allowed: bool = True) -> None:
     _TIMING[0] = allowed
 
 
+def tuners() -> list["LaunchTuner"]:
+    """Every tuner defined in this process (by name)."""
+    return sorted(_TUNERS, key=lambda t: t.name)
+
+
 def timed_choices() -> dict[str, dict[str, str]]:
     """{tuner name: {repr(key): repr(configuration)}} of every key timed in this process."""
     return {t.name: dict(t._timed) for t in _TUNERS if t._timed}
@@ -113,4 +118,4 @@ class LaunchTuner(Generic[C]):
         return chosen
 
 
-__all__ = ["LaunchTuner", "allow_timing", "timed_choices"]
+__all__ = ["LaunchTuner", "allow_timing", "timed_choices", "tuners"]

@@ -6,10 +6,11 @@
 (What the kernels compile to for sm_90 without a GPU — dots, registers, spills, shared memory at
 the launched settings — is bench/sm90_audit.py's.)
 
-1. Checks both Triton paths (dense = the fused kernels, dispatch; through ``moe_triton``) against
-   the float64 reference on the device: the worst per-row relative error
-   (:func:`mlit_kernels.reference.max_row_error`) of y, the auxiliary loss and every gradient,
-   fp32, fp16 and bf16.
+1. Checks every kernel family of :mod:`mlit_kernels.registry` against its float64 reference on
+   the device, each in a child process (:func:`mlit_kernels.checks.clear`, nothing recorded): at
+   each family's GPU shapes (its small shapes with ``--smoke``) in fp32, fp16 and bf16, the worst
+   per-row relative error (:func:`mlit_kernels.reference.max_row_error`) of every output and
+   gradient against the per-dtype tolerance (:mod:`mlit_kernels.common.precision`).
 2. Times (triton.testing.do_bench: CUDA events, median, after warm-up; fresh random non-zero
    inputs) the layer in training mode under fp16 autocast — reference eager,
    torch.compile(reference), Triton dispatch, Triton dense — forward and forward + backward, at
@@ -43,17 +44,11 @@ if SMOKE and not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from mlit_kernels import SharedSwiGLUMoE, reference  # noqa: E402
-from mlit_kernels.functional import moe_triton  # noqa: E402
+from mlit_kernels import SharedSwiGLUMoE, registry  # noqa: E402
+from mlit_kernels.checks import clear, verdict_row  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-NAMES = ("w_gate", "w_noise", "w1", "b1", "v", "b_v", "w2", "b2")
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # as tests/test_kernels.py
-# The float64 check at N = 4133 tokens: bf16's dW_g sums a cancelling gradient over them (worst
-# per-row error 6.3e-2 under the CPU interpreter, 7.5e-2 on an H200: bench/RESULTS.md), so bf16
-# gets 1e-1 there; fp32 and fp16 keep the suite's tolerances.
-CHECK_TOL = {**TOL, torch.bfloat16: 1e-1}
 
 
 def shapes(smoke):
@@ -82,37 +77,6 @@ def bench(fn, smoke):
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def check(m, d_h, t, k, n, variant, dtype, train):
-    """Worst per-row relative error over y, aux and every gradient, Triton vs float64 reference."""
-    g = torch.Generator().manual_seed(n + m)
-    p64 = {
-        "w_gate": torch.randn(m, t, generator=g) * 0.5, "w_noise": torch.randn(m, t, generator=g) * 0.5,
-        "w1": torch.randn(t, m, d_h, generator=g) / m**0.5, "b1": torch.randn(t, d_h, generator=g) * 0.1,
-        "v": torch.randn(m, d_h, generator=g) / m**0.5, "b_v": torch.randn(d_h, generator=g) * 0.1,
-        "w2": torch.randn(d_h, m, generator=g) / d_h**0.5, "b2": torch.randn(m, generator=g) * 0.1,
-    }
-    p64 = {name: v.to(torch.float32 if name in ("w_gate", "w_noise") else dtype).to(DEVICE, torch.float64)
-           for name, v in p64.items()}
-    x64 = torch.randn(n, m, generator=g).to(dtype).to(DEVICE, torch.float64)
-    noise = torch.randn(n, t, generator=g).to(DEVICE)
-    dy = torch.randn(n, m, generator=g).to(dtype).to(DEVICE, torch.float64)
-    xt = x64.to(dtype).requires_grad_()
-    pt = {name: v.to(torch.float32 if name in ("w_gate", "w_noise") else dtype).requires_grad_()
-          for name, v in p64.items()}
-    y, aux = moe_triton(xt, *pt.values(), k, train, noise=noise if train else None, variant=variant)
-    torch.autograd.backward((y, aux), (dy.to(dtype), torch.tensor(10.0, device=DEVICE)))
-    xr = x64.clone().requires_grad_()
-    pr = {name: v.clone().requires_grad_() for name, v in p64.items()}
-    yr, auxr = reference.moe_reference(xr, *pr.values(), k, train, noise=noise.double() if train else None)
-    torch.autograd.backward((yr, auxr), (dy, torch.tensor(10.0, dtype=torch.float64, device=DEVICE)))
-    errors = {"y": reference.max_row_error(y, yr), "aux": reference.max_row_error(aux, auxr),
-              "x": reference.max_row_error(xt.grad, xr.grad)}
-    errors.update({name: reference.max_row_error(pt[name].grad, pr[name].grad) for name in NAMES
-                   if pr[name].grad is not None})
-    worst = max(errors, key=errors.get)
-    return errors[worst], worst
 
 
 def device_rates(smoke):
@@ -177,30 +141,21 @@ def main():
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- torch {torch.__version__}, triton {triton.__version__}",
         "",
-        "## Correctness (worst per-row relative error over y, aux and all gradients vs float64)",
+        "## Correctness: every kernel family against its float64 reference (a child process each)",
         "",
-        "| shape | N | variant | dtype | mode | max rel. error | worst |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| family | shapes | dtypes | verdict | worst error / limit | s |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(lines), flush=True)
     failures = 0
-    for name, m, d_h, t, k, token_counts in shapes(smoke):
-        check_n = token_counts[0] if smoke else 4096 + 37
-        for variant in ("dispatch", "dense"):
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                for train in (True, False):
-                    err, worst = check(m, d_h, t, k, check_n, variant, dtype, train)
-                    tol = CHECK_TOL[dtype]
-                    failures += err > tol
-                    row = (f"| {name} | {check_n} | {variant} | {str(dtype)[6:]} | {'train' if train else 'eval'} | "
-                           f"{err:.2e}{'' if err <= tol else ' FAIL'} | {worst} |")
-                    lines.append(row)
-                    print(row, flush=True)
-    for name, m, d_h, t, k, token_counts, _ in many_expert_shapes(smoke):  # fp16 training: the dispatch kernels
-        err, worst = check(m, d_h, t, k, token_counts[0] if smoke else 4096 + 37, "dispatch", torch.float16, True)
-        failures += err > TOL[torch.float16]
-        row = (f"| {name} | {token_counts[0] if smoke else 4096 + 37} | dispatch | float16 | train | "
-               f"{err:.2e}{'' if err <= TOL[torch.float16] else ' FAIL'} | {worst} |")
+    for verdict in clear(registry.families(), {}, DEVICE, dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                         record=False, precompile=True):
+        worst = verdict_row(verdict)["worst"]
+        failures += not verdict.cleared
+        row = (f"| {verdict.family} | {len(verdict.checked)} | {'/'.join(verdict.checked[0]['dtypes'])} | "
+               f"{'ok' if verdict.cleared else 'FAIL: ' + verdict.cause + ': ' + verdict.detail[:120]} | "
+               + (f"{worst['error']:.2e} / {worst['limit']:.1e} ({worst['what']})" if worst else "") +
+               f" | {verdict.seconds:.0f} |")
         lines.append(row)
         print(row, flush=True)
     flops_rate, bandwidth = device_rates(smoke)

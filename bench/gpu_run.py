@@ -10,6 +10,11 @@ each as subprocesses with a time limit, their stdout + stderr teed to DIR/<step>
 
     faults  bench/gpu_faults.py -> faults.md: which hypothesis explains the dense kernels' illegal
             memory access (each experiment a fresh process with a fresh Triton cache; ~2 min)
+    clear   `mlit doctor --clear --json` -> clearance.jsonl: every kernel family checked in a child
+            process at mLiT-XXS's shapes (compiled first in parallel, one process a core); the
+            verdicts land in DIR/cache/clearance.json (the later steps' machine cache: "auto" runs
+            the cleared families) and the cleared ones in DIR/cleared.py, ready for the built-in
+            table (mlit_kernels.common.clearance.BUILTIN)
     tests   tests/test_gpu_hazards.py first (races, repeatability under tuning, capture on an
             untuned key, augmentation against the torch path), then the kernel, compile, capture
             and meter tests (compiled and run on the GPU with CUDA)
@@ -54,7 +59,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("faults", "tests", "layer", "step", "train", "bench")
+STEPS = ("faults", "clear", "tests", "layer", "step", "train", "bench")
 FASHION_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
@@ -131,8 +136,11 @@ def build_steps(ctx: Context) -> dict[str, Step]:
         Command(pytest + ["tests/test_gpu_hazards.py", "-rA"]),  # then every test that skips on a CPU
         Command(pytest + ["tests/", "-m", "gpu", "-rA", "--deselect", "tests/test_gpu_hazards.py"]
                 + (["--deselect", "tests/test_compile.py::test_trainer_compile_cuda"] if ctx.no_compile else []))]
+    clear = [py, "-m", "mlit", "doctor", "--clear", "--json"] + (["--families", "loss,mae_loss"] if smoke else [])
     steps = {"faults": Step("faults", [Command([py, "bench/gpu_faults.py", str(out / "faults.md")]
                                                + (["--smoke"] if smoke else []))]),
+             "clear": Step("clear", [Command(clear, stdout_to=out / "clearance.jsonl")],
+                           review=lambda _: write_cleared(out / "cache" / "clearance.json", out / "cleared.py")),
              "tests": Step("tests", first + [Command(pytest + tests)])}
 
     report = [py, "bench/gpu_report.py", str(out / "gpu_report.md")] + (["--smoke"] if smoke else []) + (
@@ -208,8 +216,21 @@ def failed_modes(path: Path) -> dict:
 # Running a command: tee to the log (and a table file), time limit with SIGTERM then SIGKILL
 
 
+def write_cleared(cache: Path, dest: Path) -> dict:
+    """The cleared GPU verdicts of the machine cache ``cache`` as Python for the built-in table
+    (``Verdict(...)`` lines) in ``dest``; returns what the step record keeps."""
+    if not cache.is_file():
+        return {"cleared": []}
+    verdicts = [v for v in json.loads(cache.read_text())["verdicts"] if v["cleared"] and v["capability"] != "interpreter"]
+    keys = ("family", "source_hash", "triton", "capability", "cleared", "device", "date")
+    lines = [f"    Verdict({', '.join(f'{k}={v[k]!r}' for k in keys)})," for v in verdicts]
+    dest.write_text("# cleared on this GPU: paste into mlit_kernels.common.clearance.BUILTIN\n" + "\n".join(lines) + "\n")
+    return {"cleared": [v["family"] for v in verdicts]}
+
+
 def child_env(ctx: Context) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", MLIT_UNCLEARED_KERNELS="1")
+    # the families the clear step cleared run under "auto" in every later step (this run's machine cache)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", MLIT_CACHE_DIR=str(ctx.out / "cache"))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if not ctx.cuda:
         env.setdefault("TRITON_INTERPRET", "1")  # Triton kernels through the interpreter on the CPU

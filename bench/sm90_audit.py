@@ -27,8 +27,8 @@ memory.
 4. **The rule** (:func:`breach`): on compute capability 9.x no launched kernel holds a wgmma dot
    with a 16- or 32-wide dimension beside other tensor-core dots (Triton 3.6–3.7 miscompile that:
    illegal shared-memory reads or silent corruption, triton-lang/triton #10486, #10573, #11366),
-   unless a GPU run cleared that exact kernel source on that Triton version
-   (:data:`CLEARED_SOURCES`). ``tests/test_sm90_rule.py`` pins it; the default configurations
+   unless a GPU run cleared that exact code on that Triton version (:func:`gpu_cleared`: the
+   family's built-in clearance). ``tests/test_sm90_rule.py`` pins it; the default configurations
    must also spill nothing.
 """
 
@@ -56,11 +56,19 @@ ARCH = 90
 CACHE = Path.home() / ".cache" / "mlit" / "sm90-audit"  # results by Triton version, kernel source and signature
 NARROW = (16, 32)  # the dot widths of the sm_90 miscompile class
 
-#: Kernel sources a GPU run has cleared although they break the rule: (kernel function name,
-#: sha256 of its source as :func:`kernel_source_hash` computes it, Triton version) -> the run
-#: (device, date, what passed). Empty: no GPU run has cleared a source yet (bench/RESULTS.md,
-#: "First GPU run"). mlit_kernels' hash-keyed clearance is to feed this table.
-CLEARED_SOURCES: dict[tuple[str, str, str], str] = {}
+def gpu_cleared(kernel: str, triton_version: str) -> bool:
+    """Whether a GPU run of this project cleared, on compute capability 9.x with ``triton_version``,
+    the current code of a kernel family that launches ``kernel`` (a function name): the built-in
+    table of the hash-keyed clearance (:data:`mlit_kernels.common.clearance.BUILTIN`), whose key
+    covers every source that decides what the family launches. A kernel so cleared may break the
+    rule: a GPU showed that code right."""
+    from mlit_kernels import registry
+    from mlit_kernels.common.clearance import BUILTIN
+    from mlit_kernels.common.family import source_hash
+
+    families = [f for f in registry.families() if kernel in f.kernels]
+    return any(v.cleared and v.capability.startswith("9.") and v.triton == triton_version
+               and v.family == f.name and v.source_hash == source_hash(f) for f in families for v in BUILTIN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,11 +258,6 @@ def kernel_sources(fn) -> list[str]:
     return parts
 
 
-def kernel_source_hash(fn) -> str:
-    """sha256 of :func:`kernel_sources`: the kernel source a GPU run clears."""
-    return hashlib.sha256("\n".join(kernel_sources(fn)).encode()).hexdigest()
-
-
 _DOT = re.compile(r"= (ttng\.warp_group_dot|tt\.dot) .*? : (.*?) \* (.*?) -> (tensor<[^ ]*, (#[\w.]+)(<.*?>)?>)")
 _SHAPE = re.compile(r"<(\d+)x(\d+)x(\w+)")
 _ALIAS = re.compile(r"^(#[\w]+) = (#[\w.]+)<(.*)>\s*$")
@@ -399,7 +402,7 @@ def _job_key(job: dict, triton_version: str) -> str:
 
 def compile_jobs(jobs: list[dict], workers: int = 2, cache: Path | None = None) -> list[dict]:
     """Compile ``jobs`` (signature dicts) with this process's Triton; results in order, each with
-    ``triton`` (the version) and ``source_hash`` (:func:`kernel_source_hash`)."""
+    ``triton`` (the version)."""
     os.environ["TRITON_INTERPRET"] = "0"
     import triton
 
@@ -421,12 +424,8 @@ def compile_jobs(jobs: list[dict], workers: int = 2, cache: Path | None = None) 
                 if cache and "error" not in result:
                     cache.mkdir(parents=True, exist_ok=True)
                     (cache / f"{keys[i]}.json").write_text(json.dumps(result))
-    hashes = {}
-    for job, result in zip(jobs, results):
-        name = job["signature"]["kernel"]
-        if name not in hashes:
-            hashes[name] = kernel_source_hash(_kernel(name))
-        result.update(triton=triton.__version__, source_hash=hashes[name])
+    for result in results:
+        result["triton"] = triton.__version__
     return results
 
 
@@ -511,14 +510,14 @@ def compile_in(env: str | None, jobs: list[dict], workers: int, cache: Path | No
 
 def breach(result: dict, kernel: str) -> str | None:
     """Why a compiled launch breaks the sm_90 rule (None when it does not): a wgmma dot with a 16-
-    or 32-wide dimension beside other tensor-core dots, its source not in :data:`CLEARED_SOURCES`."""
+    or 32-wide dimension beside other tensor-core dots, its code not cleared on a GPU (:func:`gpu_cleared`)."""
     if "error" in result:
         return f"compile failed: {result['error']}"
     tensor_core = [d for d in result["dots"] if d["kind"] in ("wgmma", "mma")]
     narrow = [d for d in tensor_core if d["kind"] == "wgmma" and {d["M"], d["N"], d["K"]} & set(NARROW)]
     if not narrow or len(tensor_core) < 2:
         return None
-    if (kernel, result["source_hash"], result["triton"]) in CLEARED_SOURCES:
+    if gpu_cleared(kernel, result["triton"]):
         return None
     d = narrow[0]
     return f"wgmma {d['M']}x{d['N']}x{d['K']} beside {len(tensor_core) - 1} other tensor-core dot(s)"
@@ -610,6 +609,8 @@ def summary(recorded: list[Recorded], results: dict[str, list[dict]]) -> str:
 
 
 def main() -> int:
+    from mlit_kernels.common.clearance import BUILTIN
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--triton-env", action="append", default=[], metavar="PATH",
                         help="also compile with the Triton of this virtual environment (repeatable)")
@@ -652,7 +653,8 @@ def main() -> int:
               f"{len(recorded)} distinct launches of {len(kernels)} kernels: the training and evaluation steps of "
               f"{', '.join(c[0] for c in STEP_CASES)} at the recipes' batches (both MoE variants), the MoE layer at "
               f"{', '.join(c[0] for c in LAYER_CASES)}; every tuning candidate. Rule: no wgmma dot with a 16- or 32-wide "
-              f"dimension beside other tensor-core dots (unless cleared: {len(CLEARED_SOURCES)} sources). "
+              f"dimension beside other tensor-core dots (unless its family's code was cleared on a GPU: "
+              f"{sum(v.cleared for v in BUILTIN)} built-in verdict(s)). "
               f"Breaches: {breaches}. Spilling launches: {len(spills)} "
               f"({sum(d for *_, d, _ in spills)} of them in a default configuration).", "",
               "## Per kernel", "", summary(recorded, results), "", "## Spills at the launched settings", ""]

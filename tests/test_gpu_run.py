@@ -80,6 +80,24 @@ def test_smoke_run_keeps_every_result(tmp_path):
             "r1/train/metrics.jsonl", "r1/train/accuracy.png"} <= names
 
 
+def test_clear_step_records_the_verdicts_in_the_runs_cache(tmp_path):
+    """--smoke --steps clear: `mlit doctor --clear --json` on two families in child processes; the
+    verdicts land in the run's own machine cache (which the later steps use) and, on a GPU, the
+    cleared ones in cleared.py for the built-in table (none from the interpreter)."""
+    out = tmp_path / "r0"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--steps", "clear", "--out", str(out),
+                          "--budget", "300"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    record = json.loads((out / "steps.json").read_text())["clear"]
+    assert record["status"] == "ok" and record["cleared"] == ([] if not torch.cuda.is_available() else record["cleared"])
+    lines = [json.loads(line) for line in (out / "clearance.jsonl").read_text().splitlines() if line.startswith("{")]
+    assert sorted(r["family"] for r in lines) == ["loss", "mae_loss"] and all(r["verdict"] == "cleared" for r in lines)
+    cache = json.loads((out / "cache" / "clearance.json").read_text())
+    assert sorted(v["family"] for v in cache["verdicts"]) == ["loss", "mae_loss"]
+    assert (out / "cleared.py").read_text().startswith("# cleared on this GPU")
+    assert gpu_run.child_env(_ctx(tmp_path))["MLIT_CACHE_DIR"] == str(tmp_path / "out" / "cache")
+
+
 def test_fault_experiments_run_in_smoke_mode(tmp_path):
     """--smoke --steps faults: each experiment a fresh process with its own Triton cache; on a CPU
     those that need CUDA (DISABLE_MMA_V3, num_stages, compute-sanitizer) say so in one line, the

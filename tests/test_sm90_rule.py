@@ -1,7 +1,8 @@
 """The sm_90 rule, pinned: no launched kernel (tuning candidates included) holds a wgmma dot with a
 16- or 32-wide dimension beside other tensor-core dots — the pattern Triton 3.6–3.7 miscompile on
-Hopper (illegal shared-memory reads, silent corruption) — unless a GPU run cleared that exact
-kernel source on that Triton version (bench/sm90_audit.py, CLEARED_SOURCES).
+Hopper (illegal shared-memory reads, silent corruption) — unless a GPU run cleared the code of the
+kernel's family on that Triton version (the built-in clearance table; bench/sm90_audit.py,
+gpu_cleared).
 
 What the models launch is recorded (mLiT-XXS / XS / S training and evaluation steps, mmLiT
 pre-training, the MoE layer at t = 16 and 64; both MoE variants; every tuning candidate) and
@@ -45,7 +46,7 @@ def test_read_dots_tells_the_mma_kinds_apart():
     dots = sm90_audit.read_dots(ttgir)
     assert [(d["kind"], d["M"], d["N"], d["K"]) for d in dots] == [("wgmma", 128, 16, 32), ("mma", 16, 16, 32),
                                                                   ("fma", 128, 16, 32)]
-    result = dict(dots=dots, source_hash="h", triton="3.6.0")
+    result = dict(dots=dots, triton="3.6.0")
     assert "wgmma 128x16x32 beside 1 other" in sm90_audit.breach(result, "k")
     assert sm90_audit.breach(dict(result, dots=dots[:1]), "k") is None  # one dot: no breach
     assert sm90_audit.breach(dict(result, dots=dots[1:]), "k") is None  # no wgmma

@@ -26,8 +26,8 @@ setup(
     extras_require={
         # `mlit export` (ONNX) and running the exported file; onnxscript is torch.onnx's exporter.
         "deploy": DEPLOY,
-        # timm: the layer tested inside timm's own models (tests/test_timm.py); Liger-Kernel: a peer
-        # measured beside this project's kernels (bench/peers.py, tests/test_peers.py), pinned.
+        # timm: the layer tested inside timm's own models (tests/moe/test_timm.py); Liger-Kernel: a peer
+        # measured beside this project's kernels (bench/peers.py, tests/app/test_peers.py), pinned.
         "test": ["pytest>=7", "pytest-benchmark>=4", "timm>=1.0", "liger-kernel==0.8.5", *DEPLOY],
     },
     entry_points={"console_scripts": ["mlit = mlit.cli:main"]},

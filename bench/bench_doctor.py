@@ -1,5 +1,5 @@
 """How long `mlit doctor` takes (pytest-benchmark): wall time per round, and its CPU time in
-extra_info["cpu_seconds"] — the figure tests/test_doctor.py used to assert (a speed is a benchmark
+extra_info["cpu_seconds"] — the figure tests/app/test_doctor.py used to assert (a speed is a benchmark
 row, never a pass/fail condition).
 
 Run: python -m pytest bench/bench_doctor.py --benchmark-only -q

@@ -15,7 +15,7 @@ each as subprocesses with a time limit, their stdout + stderr teed to DIR/<step>
             verdicts land in DIR/cache/clearance.json (the later steps' machine cache: "auto" runs
             the cleared families) and the cleared ones in DIR/cleared.py, ready for the built-in
             table (mlit_kernels.common.clearance.BUILTIN)
-    tests   tests/test_gpu_hazards.py first (races, repeatability under tuning, capture on an
+    tests   tests/checks/test_gpu_hazards.py first (races, repeatability under tuning, capture on an
             untuned key, augmentation against the torch path), then the kernel, compile, capture
             and meter tests (compiled and run on the GPU with CUDA)
     layer   bench/gpu_report.py -> gpu_report.md (correctness per row, timings, roofline);
@@ -127,15 +127,15 @@ class Context:
 def build_steps(ctx: Context) -> dict[str, Step]:
     """The steps' commands for this run (smoke: tiny sizes everywhere)."""
     py, out, smoke = ctx.python, ctx.out, ctx.smoke
-    tests = ["tests/test_kernels.py", "tests/test_dispatch.py", "tests/test_dense_tuning.py", "tests/test_meter.py"]
+    tests = ["tests/moe/test_kernels.py", "tests/moe/test_dispatch.py", "tests/moe/test_dense_tuning.py", "tests/checks/test_meter.py"]
     if smoke:  # the harness is what a smoke run proves; the full files take ~3 min here (CI runs them)
-        tests = ["tests/test_meter.py", "tests/test_capture.py", "tests/test_kernels.py::test_zero_and_one_token"]
+        tests = ["tests/checks/test_meter.py", "tests/checks/test_capture.py", "tests/moe/test_kernels.py::test_zero_and_one_token"]
     # -v: each test's outcome as it ends (a step stopped at its limit prints no summary)
     pytest = [py, "-m", "pytest", "-q" if smoke else "-v", "-p", "no:cacheprovider"] + pytest_timeout(smoke)
     first = [] if smoke else [  # what only a GPU shows (issue 19), first, with its printed figures (-rA);
-        Command(pytest + ["tests/test_gpu_hazards.py", "-rA"]),  # then every test that skips on a CPU
-        Command(pytest + ["tests/", "-m", "gpu", "-rA", "--deselect", "tests/test_gpu_hazards.py"]
-                + (["--deselect", "tests/test_compile.py::test_trainer_compile_cuda"] if ctx.no_compile else []))]
+        Command(pytest + ["tests/checks/test_gpu_hazards.py", "-rA"]),  # then every test that skips on a CPU
+        Command(pytest + ["tests/", "-m", "gpu", "-rA", "--deselect", "tests/checks/test_gpu_hazards.py"]
+                + (["--deselect", "tests/checks/test_compile.py::test_trainer_compile_cuda"] if ctx.no_compile else []))]
     clear = [py, "-m", "mlit", "doctor", "--clear", "--json"] + (["--families", "loss,mae_loss"] if smoke else [])
     steps = {"faults": Step("faults", [Command([py, "bench/gpu_faults.py", str(out / "faults.md")]
                                                + (["--smoke"] if smoke else []))]),

@@ -10,7 +10,7 @@ Triton backends: kernel launches and host syncs of the training forward + backwa
 forward, modeled HBM traffic against the minimum (inputs read and outputs written once), and the
 padding of the widest Triton tile. The Triton kernels are recorded, not run (``dry_run``), so the
 counts come in seconds; the reference runs for real (tens of seconds).
-Budgets pinned by tests/test_meter.py: Triton training fwd + bwd ≤ 8 launches, eval forward ≤ 2,
+Budgets pinned by tests/checks/test_meter.py: Triton training fwd + bwd ≤ 8 launches, eval forward ≤ 2,
 0 syncs, bytes ≤ 3 × the minimum, padding no more than rounding each width up to 16.
 """
 

@@ -3,7 +3,7 @@ Liger-Kernel, vLLM's fused_moe kernel, torch.compile and eager torch, under this
 
     python bench/peers.py --fetch [--scattermoe-git DIR]   # the peers at their pinned versions
     python bench/peers.py [--markdown] [--parts moe,step]  # every table, from one run
-    python bench/peers.py --smoke                          # tiny shapes, seconds (tests/test_peers.py)
+    python bench/peers.py --smoke                          # tiny shapes, seconds (tests/app/test_peers.py)
 
 ``--fetch`` puts the peers' code where this script loads it, never in the repository: ScatterMoE's
 source at :data:`SCATTERMOE_COMMIT` into the git-ignored ``.peers/scattermoe`` (``git archive`` of

@@ -28,7 +28,7 @@ memory.
    with a 16- or 32-wide dimension beside other tensor-core dots (Triton 3.6–3.7 miscompile that:
    illegal shared-memory reads or silent corruption, triton-lang/triton #10486, #10573, #11366),
    unless a GPU run cleared that exact code on that Triton version (:func:`gpu_cleared`: the
-   family's built-in clearance). ``tests/test_sm90_rule.py`` pins it; the default configurations
+   family's built-in clearance). ``tests/checks/test_sm90_rule.py`` pins it; the default configurations
    must also spill nothing.
 """
 

@@ -69,7 +69,7 @@ def run_checks(family: Family, shapes: Sequence[Mapping], dtypes: Sequence[torch
         label = ",".join(f"{k}={v}" for k, v in shape.items())
         for dtype in dtypes:
             try:
-                found = family.check(shape, dtype, device)
+                found = family.run_check(shape, dtype, device)
             except Exception as err:  # noqa: BLE001 - any failure is the verdict's cause
                 detail = f"{label} {dtype_name(dtype)}: {type(err).__name__}: {str(err).strip()[:400]}"
                 return {"cleared": False, "cause": classify(err), "detail": detail, "errors": errors}
@@ -208,7 +208,7 @@ def warm_checks(families: Sequence[Family], shapes: Mapping[str, Sequence[Mappin
         for shape in fam_shapes:
             for dtype in fam_dtypes:
                 try:
-                    found = precompile.record_every_configuration(lambda: family.check(shape, dtype, device))
+                    found = precompile.record_every_configuration(lambda: family.run_check(shape, dtype, device))
                 except Exception:  # noqa: BLE001 - a check that cannot even be recorded fails in its child
                     continue
                 signatures.update(dict.fromkeys(found))

@@ -81,6 +81,33 @@ def compare(m: int, d_h: int, t: int, k: int, n: int, *, device: torch.device | 
     return errors
 
 
+#: The gate's weights: their gradients sum cancelling terms over every token (precision.TOL_CANCELLING_SUMS).
+GATE_WEIGHTS = ("w_gate", "w_noise")
+
+
+def family_check(variant: str, shape, dtype: torch.dtype, device) -> dict[str, tuple[float, float]]:
+    """A MoE variant's family check (:class:`mlit_kernels.common.family.Family`): :func:`compare` at
+    ``shape`` (m, d_h, t, k, N; with ``norm``: x + MoE(LayerNorm(x)), the mLiT layer's call; with
+    ``per_expert``: separate V / W2) computing in ``dtype`` — fp32 weights under autocast for fp16 /
+    bf16, as the training loop runs it — each error with its per-dtype limit."""
+    autocast = dtype != torch.float32
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=autocast):
+        errors = compare(shape["m"], shape["d_h"], shape["t"], shape["k"], shape["N"], device=device,
+                         dtype=torch.float32, variant=variant, per_expert=shape.get("per_expert", False),
+                         norm=shape.get("norm", False))
+    return {name: (error, tolerance(dtype, cancelling_sum=name in GATE_WEIGHTS)) for name, error in errors.items()}
+
+
+def dense_check(shape, dtype: torch.dtype, device) -> dict[str, tuple[float, float]]:
+    """The dense family's check: :func:`family_check` of the dense variant."""
+    return family_check("dense", shape, dtype, device)
+
+
+def dispatch_check(shape, dtype: torch.dtype, device) -> dict[str, tuple[float, float]]:
+    """The dispatch family's check: :func:`family_check` of the dispatch variant."""
+    return family_check("dispatch", shape, dtype, device)
+
+
 def worst(errors: dict[str, float]) -> tuple[str, float]:
     """The name and value of the largest error (a NaN counts as the worst)."""
     name = max(errors, key=lambda n: float("inf") if errors[n] != errors[n] else errors[n])
@@ -156,5 +183,5 @@ def reset_first_use_checks() -> None:
     _RESULTS.clear()
 
 
-__all__ = ["TOL", "FIRST_USE_SLACK", "CONTEXT_LOST", "compare", "worst", "should_check", "triton_passes",
+__all__ = ["TOL", "FIRST_USE_SLACK", "CONTEXT_LOST", "GATE_WEIGHTS", "compare", "family_check", "dense_check", "dispatch_check", "worst", "should_check", "triton_passes",
            "reset_first_use_checks"]

@@ -33,7 +33,7 @@ import pytest
 _FORCE_GENERATED = os.environ.get("MLIT_TEST_GENERATED") == "1"
 _CANDIDATES = [
     Path(os.environ["MLIT_TEST_DATA"]) if os.environ.get("MLIT_TEST_DATA") else None,
-    Path(__file__).resolve().parents[1] / "shared" / "data",
+    Path(__file__).resolve().parents[2] / "shared" / "data",
     Path(__file__).resolve().parents[2] / "shared" / "data",
 ]
 SHARED_DATA = None if _FORCE_GENERATED else next((d for d in _CANDIDATES if d is not None and d.is_dir()), None)

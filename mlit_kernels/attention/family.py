@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from ..common.checking import forward_backward, row_errors
 from ..common.family import Family
-from ..common.precision import max_row_error, tolerance
+from ..common.precision import tolerance
 
 
 def _pairs(a) -> int:
@@ -39,6 +40,21 @@ def ln_qkv_bwd_flops(a) -> int:
     return 6 * a["N"] * a["D"] * a["E"]
 
 
+def inputs(b: int, n: int, d: int, h: int, groups: int, seed: int = 0) -> tuple:
+    """Random (x (B, n, D), [γ, β, W_qkv, b_qkv, W_proj, b_proj], dy (B, n, D)) of the block at its
+    weights' usual scales, fp32 on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    e = d + 2 * groups * (d // h)
+
+    def r(*size, scale=1.0):
+        return torch.randn(*size, generator=g) * scale
+
+    x = r(b, n, d)
+    weights = [1 + r(d, scale=0.1), r(d, scale=0.1), r(e, d, scale=d ** -0.5), r(e, scale=0.1),
+               r(d, d, scale=d ** -0.5), r(d, scale=0.1)]
+    return x, weights, r(b, n, d)
+
+
 def check(shape, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
     """y = x + proj(GQA(LN(x))) and every gradient (x, γ, β, W_qkv, b_qkv, W_proj, b_proj) of B
     sequences of n tokens, width D, H heads in G groups, computing in ``dtype``, against the float64
@@ -46,25 +62,15 @@ def check(shape, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[fl
     from .ops import attention_block
     from .reference import attention_block_reference
 
-    b, n, d, h, groups = shape["B"], shape["n"], shape["D"], shape["H"], shape["G"]
-    e = d + 2 * groups * (d // h)
-    g = torch.Generator().manual_seed(b * 1000 + n + d)
-    r = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
-    x, dy = r(b, n, d), r(b, n, d)
-    weights = [1 + r(d, scale=0.1), r(d, scale=0.1), r(e, d, scale=d ** -0.5), r(e, scale=0.1),
-               r(d, d, scale=d ** -0.5), r(d, scale=0.1)]
-
-    def run(fn, x, weights, dy):
-        x = x.detach().requires_grad_()
-        weights = [w.detach().clone().requires_grad_() for w in weights]
-        y = fn(x, *weights, h, groups)
-        return [y] + list(torch.autograd.grad(y, [x, *weights], dy))
-
-    got = run(attention_block, x.to(device, dtype), [w.to(device) for w in weights], dy.to(device, dtype))
-    want = run(attention_block_reference, x.to(dtype).double(), [w.to(dtype).double() for w in weights],
-               dy.to(dtype).double())
+    h, groups = shape["H"], shape["G"]
+    x, weights, dy = inputs(shape["B"], shape["n"], shape["D"], h, groups, seed=shape["B"] * 1000 + shape["n"])
+    wrt = range(len(weights) + 1)
+    got = forward_backward(attention_block, [x.to(device, dtype), *(w.to(device) for w in weights), h, groups], wrt,
+                           dy.to(device, dtype))
+    want = forward_backward(attention_block_reference, [x.to(dtype).double(), *(w.to(dtype).double() for w in weights),
+                                                        h, groups], wrt, dy.to(dtype))
     names = ("y", "dx", "dln_w", "dln_b", "dqkv_w", "dqkv_b", "dproj_w", "dproj_b")
-    return {name: (max_row_error(a, w), tolerance(dtype)) for name, a, w in zip(names, got, want)}
+    return row_errors(names, got, want, tolerance(dtype))
 
 
 FAMILY = Family(
@@ -85,5 +91,5 @@ FAMILY = Family(
     gpu_shapes=({"B": 256, "n": 145, "D": 108, "H": 6, "G": 3}, {"B": 256, "n": 145, "D": 144, "H": 8, "G": 4}),
 )
 
-__all__ = ["FAMILY", "check", "ln_qkv_fwd_flops", "ln_qkv_bwd_flops", "attn_fwd_flops", "attn_bwd_flops",
+__all__ = ["FAMILY", "check", "inputs", "ln_qkv_fwd_flops", "ln_qkv_bwd_flops", "attn_fwd_flops", "attn_bwd_flops",
            "proj_bwd_flops"]

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .crop_ratio import EXP_TAYLOR, LOG_RATIO
 
-# Op indices (mlit_kernels.augment.reference.OPS; tests/test_augment.py checks they agree), as constexprs: a
+# Op indices (mlit_kernels.augment.reference.OPS; tests/augment/test_augment.py checks they agree), as constexprs: a
 # compiled kernel may read only constexpr globals.
 _SHEAR_X, _SHEAR_Y, _TRANSLATE_X, _TRANSLATE_Y, _ROTATE = (tl.constexpr(i) for i in range(0, 5))
 _BRIGHTNESS, _COLOR, _CONTRAST, _SHARPNESS = (tl.constexpr(i) for i in range(5, 9))

@@ -12,6 +12,7 @@ report and the parametrised tests read it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ class Family:
     launches: launches of one call of the family's entry: {"forward": n, "backward": n} in
     training, and {"eval": n} for a forward without gradients.
     dtypes: the compute dtypes it takes. limits: the shapes it takes, in words.
-    check: :data:`Check`. small_shapes: shapes its check runs at under Triton's CPU interpreter
+    check: :data:`Check`, or its "module:function" (run it with :meth:`run_check`). small_shapes: shapes its check runs at under Triton's CPU interpreter
     (seconds each); gpu_shapes: at the paper's sizes, where no model gives its own.
     """
 
@@ -57,7 +58,7 @@ class Family:
     launches: Mapping[str, int]
     dtypes: tuple[torch.dtype, ...]
     limits: str
-    check: Check
+    check: Check | str
     small_shapes: tuple[Mapping, ...]
     gpu_shapes: tuple[Mapping, ...] = field(default=())
 
@@ -65,6 +66,15 @@ class Family:
         if not self.small_shapes:
             raise ValueError(f"family {self.name!r}: small_shapes must not be empty")
         _DESCRIPTORS[self.name] = self
+
+    def run_check(self, shape: Mapping, dtype: torch.dtype, device: torch.device) -> Mapping[str, tuple[float, float]]:
+        """The family's :data:`Check` at ``shape`` in ``dtype`` on ``device`` (a ``check`` given as
+        "module:function" is imported here: a descriptor imports nothing above it)."""
+        check = self.check
+        if isinstance(check, str):
+            module, _, name = check.partition(":")
+            check = getattr(importlib.import_module(module), name)
+        return check(shape, dtype, device)
 
 
 _DESCRIPTORS: dict[str, Family] = {}  # every descriptor made in this process, by name

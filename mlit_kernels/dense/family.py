@@ -6,11 +6,6 @@ from __future__ import annotations
 import torch
 
 from ..common.family import Family
-from ..common.precision import tolerance
-
-
-#: The gate's weights: their gradients sum cancelling terms over every token (precision.TOL_CANCELLING_SUMS).
-GATE_WEIGHTS = ("w_gate", "w_noise")
 
 
 def gate_flops(n: int, m: int, t: int, noisy) -> int:
@@ -38,20 +33,6 @@ def bwd_weights_flops(a) -> int:
     return n * 2 * m * d * (k + 2) + gate_flops(n, m, t, a["NOISY"])
 
 
-def check(shape, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
-    """The layer (m, d_h, t experts, top k; with ``norm``: x + MoE(LayerNorm(x)), the mLiT layer's
-    call) at N tokens, training with explicit gate noise, computing in ``dtype`` (fp32 weights under
-    autocast for fp16 / bf16, as the training loop runs it): y, the auxiliary loss and every gradient
-    against the float64 reference (:func:`mlit_kernels.selfcheck.compare`)."""
-    from ..selfcheck import compare
-
-    autocast = dtype != torch.float32
-    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=autocast):
-        errors = compare(shape["m"], shape["d_h"], shape["t"], shape["k"], shape["N"], device=device,
-                         dtype=torch.float32, variant=FAMILY.name, norm=shape.get("norm", False))
-    return {name: (error, tolerance(dtype, cancelling_sum=name in GATE_WEIGHTS)) for name, error in errors.items()}
-
-
 FAMILY = Family(
     name="dense",
     module=__name__,
@@ -66,11 +47,11 @@ FAMILY = Family(
     launches={"forward": 2, "backward": 3, "eval": 1},
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     limits="t ≤ 16 experts, any m and d_h, shared V / W2; the LayerNorm before it and the residual folded in",
-    check=check,
+    check="mlit_kernels.selfcheck:dense_check",  # x + MoE(LayerNorm(x)) (norm) and the layer, vs float64
     small_shapes=({"m": 16, "d_h": 27, "t": 5, "k": 2, "N": 37, "norm": True},),
     gpu_shapes=({"m": 144, "d_h": 144, "t": 3, "k": 2, "N": 4133, "norm": True},
                 {"m": 108, "d_h": 27, "t": 5, "k": 2, "N": 4133, "norm": True},
                 {"m": 144, "d_h": 144, "t": 5, "k": 2, "N": 4133, "norm": False}),
 )
 
-__all__ = ["FAMILY", "check", "gate_flops", "fwd_flops", "bwd_tokens_flops", "bwd_weights_flops"]
+__all__ = ["FAMILY", "gate_flops", "fwd_flops", "bwd_tokens_flops", "bwd_weights_flops"]

@@ -32,7 +32,7 @@ class Config:
 # Candidates for CUDA autotuning (keyed by m, d_h, t, k, dtype); the first is the default. Every
 # BLOCK_N is a multiple of SUM_ROWS, so the forward's partial sums never straddle two programs.
 # No 64-token tile: its products (64 × 16-column d_h chunks) compile to wgmma 16 wide beside other
-# tensor-core dots on sm_90, which Triton 3.6–3.7 miscompile (bench/sm90_audit.py, tests/test_sm90_rule.py).
+# tensor-core dots on sm_90, which Triton 3.6–3.7 miscompile (bench/sm90_audit.py, tests/checks/test_sm90_rule.py).
 CONFIGS = (Config(32, 8), Config(32, 4), Config(16, 4))
 TUNER: LaunchTuner[Config] = LaunchTuner("mlit_kernels.dense", CONFIGS)
 force_config = TUNER.force  # ``with force_config(Config(32, 4)):`` runs the dense kernels with that configuration

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..common.family import Family
-from ..common.precision import tolerance
-from ..dense.family import GATE_WEIGHTS, gate_flops
+from ..dense.family import gate_flops
 
 
 def gate_route_flops(a) -> int:
@@ -35,19 +34,6 @@ def weights_flops(a) -> int:
     return n * a["K"] * (6 + recompute) * m * a["D"] + gate_flops(n, m, a["T"], a["NOISY"])
 
 
-def check(shape, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
-    """The layer (m, d_h, t experts, top k; ``per_expert``: separate V / W2, shared=()) at N tokens,
-    training with explicit gate noise, computing in ``dtype`` (fp32 weights under autocast for fp16 /
-    bf16): y, the auxiliary loss and every gradient against the float64 reference."""
-    from ..selfcheck import compare
-
-    autocast = dtype != torch.float32
-    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=autocast):
-        errors = compare(shape["m"], shape["d_h"], shape["t"], shape["k"], shape["N"], device=device,
-                         dtype=torch.float32, variant=FAMILY.name, per_expert=shape.get("per_expert", False))
-    return {name: (error, tolerance(dtype, cancelling_sum=name in GATE_WEIGHTS)) for name, error in errors.items()}
-
-
 FAMILY = Family(
     name="dispatch",
     module=__name__,
@@ -63,10 +49,10 @@ FAMILY = Family(
     launches={"forward": 3, "backward": 3, "eval": 3},
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     limits="any t and k ≤ t; shared V / W2 or one per expert (shared=()); the LayerNorm runs before it in torch",
-    check=check,
+    check="mlit_kernels.selfcheck:dispatch_check",  # the layer against its float64 reference
     small_shapes=({"m": 16, "d_h": 24, "t": 12, "k": 3, "N": 37},),
     gpu_shapes=({"m": 144, "d_h": 144, "t": 16, "k": 2, "N": 4133}, {"m": 108, "d_h": 27, "t": 64, "k": 2, "N": 4133},
                 {"m": 144, "d_h": 144, "t": 3, "k": 2, "N": 4133}),
 )
 
-__all__ = ["FAMILY", "check", "gate_route_flops", "experts_fwd_flops", "experts_bwd_flops", "weights_flops"]
+__all__ = ["FAMILY", "gate_route_flops", "experts_fwd_flops", "experts_bwd_flops", "weights_flops"]

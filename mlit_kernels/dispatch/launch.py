@@ -36,7 +36,7 @@ WEIGHT_WARPS = 8  # thread at the weight-gradient launch's 8 warps
 STRIP_PROGRAMS = 264  # with shared V / W2, the experts split into slots until there are this many strips (2 an H100 SM)
 SHARED_BLOCK = 1024  # elements a program of the shared V / W2 gradients' sum
 COMBINE_BLOCK_M = 64
-BYTES_BUDGET = 3  # a training step's HBM bytes at most this × the least (tests/test_dispatch.py pins it)
+BYTES_BUDGET = 3  # a training step's HBM bytes at most this × the least (tests/moe/test_dispatch.py pins it)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Config:
 
 
 # No 64-row tile: its products (64 × d_h chunk over 16-wide K chunks) compile to wgmma 16 or 32 wide beside
-# other tensor-core dots on sm_90, which Triton 3.6–3.7 miscompile (bench/sm90_audit.py, tests/test_sm90_rule.py).
+# other tensor-core dots on sm_90, which Triton 3.6–3.7 miscompile (bench/sm90_audit.py, tests/checks/test_sm90_rule.py).
 # The default spills least on sm_90 (bench/results/sm90-audit.md): the experts' backward at most 68 B (Triton
 # 3.9) / 72 B (3.6) at 16 rows and 8 warps, up to 1028 / 1060 B at 32 rows and 4 warps.
 CONFIGS = (Config(16, 8), Config(32, 8), Config(16, 4), Config(32, 4))

@@ -12,7 +12,7 @@ def check(shape, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[fl
     """Both shuffles for B images of P patches, K visible, width D, tokens in ``dtype``: values and
     every gradient (tokens; latent, mask token, position table) against the float64 reference.
     (A keep that repeats an entry is outside the torch path's semantics — ``scatter_``'s gradient
-    reaches an overridden slot — and is tested against its own rule in tests/test_mae_tokens.py.)"""
+    reaches an overridden slot — and is tested against its own rule in tests/mae_tokens/test_mae_tokens.py.)"""
     from .ops import fused_decoder_input, fused_encoder_input
     from .reference import decoder_input_reference, encoder_input_reference
 

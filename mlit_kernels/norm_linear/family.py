@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..attention.family import ln_qkv_bwd_flops, ln_qkv_fwd_flops
+from ..common.checking import forward_backward, row_errors
 from ..common.family import Family
-from ..common.precision import max_row_error, tolerance
+from ..common.precision import tolerance
 
 
 def check(shape, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[float, float]]:
@@ -24,17 +25,12 @@ def check(shape, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[fl
                torch.randn(e, d, generator=g) * d ** -0.5, 0.1 * torch.randn(e, generator=g)]
     dy = torch.randn(b, e, generator=g)
 
-    def run(fn, tokens, weights, dy, **kw):
-        tokens = tokens.detach().requires_grad_()
-        weights = [w.detach().clone().requires_grad_() for w in weights]
-        y = fn(tokens[:, -1], *weights, **kw)
-        return [y] + list(torch.autograd.grad(y, [tokens, *weights], dy))
-
-    got = run(norm_linear, tokens.to(device, dtype), [w.to(device) for w in weights], dy.to(device, dtype), dtype=dtype)
-    want = run(norm_linear_reference, tokens.to(dtype).double(), [w.to(dtype).double() for w in weights],
-               dy.to(dtype).double())
-    names = ("y", "dx", "dln_w", "dln_b", "dw", "db")
-    return {name: (max_row_error(a, w), tolerance(dtype)) for name, a, w in zip(names, got, want)}
+    wrt = range(len(weights) + 1)
+    got = forward_backward(lambda t, *w: norm_linear(t[:, -1], *w, dtype=dtype),
+                           [tokens.to(device, dtype), *(w.to(device) for w in weights)], wrt, dy)
+    want = forward_backward(lambda t, *w: norm_linear_reference(t[:, -1], *w),
+                            [tokens.to(dtype).double(), *(w.to(dtype).double() for w in weights)], wrt, dy.to(dtype))
+    return row_errors(("y", "dx", "dln_w", "dln_b", "dw", "db"), got, want, tolerance(dtype))
 
 
 FAMILY = Family(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..common.checking import forward_backward, row_errors
 from ..common.family import Family
-from ..common.precision import max_row_error, tolerance
+from ..common.precision import tolerance
 
 
 def flops(a) -> int:
@@ -29,14 +30,9 @@ def check(shape, dtype: torch.dtype, device: torch.device) -> dict[str, tuple[fl
     pos = (torch.randn(1, (size // p) ** 2 + 1, m, generator=g) * 0.02).to(dtype)
     grad = torch.randn(b, (size // p) ** 2 + 1, m, generator=g)
 
-    def run(fn, images, weight, pos):
-        weight, pos = weight.detach().clone().requires_grad_(), pos.detach().clone().requires_grad_()
-        out = fn(images, weight, pos, p)
-        return [out] + list(torch.autograd.grad(out, (weight, pos), grad.to(out.device, out.dtype)))
-
-    got = run(fused_patch_embed, images.to(device), weight.to(device), pos.to(device))
-    want = run(patch_embed_reference, images.double(), weight.double(), pos.double())
-    return {name: (max_row_error(a, w), tolerance(dtype)) for name, a, w in zip(("tokens", "dweight", "dpos"), got, want)}
+    got = forward_backward(fused_patch_embed, [images.to(device), weight.to(device), pos.to(device), p], (1, 2), grad)
+    want = forward_backward(patch_embed_reference, [images.double(), weight.double(), pos.double(), p], (1, 2), grad)
+    return row_errors(("tokens", "dweight", "dpos"), got, want, tolerance(dtype))
 
 
 FAMILY = Family(

@@ -289,7 +289,7 @@ def _exact_on_this_device() -> bool:
 def assert_same_images(out: torch.Tensor, ref: torch.Tensor, ops: torch.Tensor | None = None) -> None:
     """Bit for bit where the arithmetic is the torch path's (``_exact_on_this_device``); elsewhere
     CUDA's grid_sample and a twice-rounding interpreter fma round differently in rare ties (a
-    sample rounds to the neighbouring grey level; crop boxes stay exact: tests/test_gpu_hazards.py):
+    sample rounds to the neighbouring grey level; crop boxes stay exact: tests/checks/test_gpu_hazards.py):
     at most 0.2% of the values may differ. ``ops`` (one per image) names the ops of the images that differ in the message."""
     if _exact_on_this_device():
         differ = (out != ref).flatten(1).any(1)

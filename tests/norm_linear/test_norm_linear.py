@@ -18,7 +18,7 @@ from mlit_kernels.norm_linear import norm_linear, norm_linear_reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels through Triton's interpreter
 # fp16 / bf16: the inputs as the kernels see them (rounded) in the reference, so what is left is the
 # rounding of LN(x) and of y to the compute dtype; bf16 under the interpreter truncates (see
-# tests/test_attention_block.py), up to ~4x the rounding error.
+# tests/attention/test_attention_block.py), up to ~4x the rounding error.
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 # (rows M, tokens n a row is taken from (1: contiguous rows), D, E, bias)
 SHAPES = [(37, 5, 108, 10, True), (70, 1, 144, 100, True), (1, 3, 27, 1, False), (33, 1, 108, 27, False)]

@@ -16,12 +16,10 @@ import mlit  # noqa: E402
 from mlit import cli, doctor  # noqa: E402
 from mlit.config import ENCODERS  # noqa: E402
 from mlit_kernels import checks, registry  # noqa: E402
-from mlit_kernels.common import clearance, machine_cache  # noqa: E402
+from mlit_kernels.common import clearance  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def machine(tmp_path, monkeypatch):
-    monkeypatch.setenv(machine_cache.ENV, str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("machine_cache")  # a fresh machine cache for each test (conftest)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run; on a GPU `mlit doctor` checks the device")

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from bounds import checked_kernels  # noqa: E402
-from test_attention_block import _inputs  # noqa: E402  (the block's weights, as its reference test makes them)
+from mlit_kernels.attention.family import inputs  # noqa: E402  (the block's weights, as its check makes them)
 
 from mlit_kernels import SharedSwiGLUMoE  # noqa: E402
 from mlit_kernels.attention import CONFIGS as ATTENTION_CONFIGS  # noqa: E402
@@ -88,7 +88,7 @@ def test_layer_kernels_stay_in_bounds_at_every_configuration(case):
 def test_attention_block_kernels_stay_in_bounds_at_every_configuration(B, n, D, H, G):
     """The block's forward and backward, each backward kernel writing its own columns of the
     weight-gradient partial sums (a strided view of one buffer)."""
-    x0, weights0, dy = _inputs(B, n, D, H, G)
+    x0, weights0, dy = inputs(B, n, D, H, G)
     for config in ATTENTION_CONFIGS:
         x = x0.half().requires_grad_()
         weights = [w.clone().requires_grad_() for w in weights0]

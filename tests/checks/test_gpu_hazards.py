@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: thread races, tuning by timing, CUDA-graph capture "
                                                  "and approximate exp do not exist under Triton's CPU interpreter")
@@ -454,7 +454,7 @@ def test_gpu_run_runs_this_module_first(tmp_path):
     ctx = gpu_run.Context(out=tmp_path, smoke=False, cuda=True, data_dir=tmp_path, cache_dir=tmp_path,
                           train_dir=tmp_path, train_backend="auto")
     first = gpu_run.build_steps(ctx)["tests"].commands[0].argv
-    assert "tests/test_gpu_hazards.py" in first and "-rA" in first
+    assert "tests/checks/test_gpu_hazards.py" in first and "-rA" in first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,7 +462,7 @@ def test_gpu_run_runs_this_module_first(tmp_path):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="a fresh process of tests/test_gpu_hazards.py")
+    parser = argparse.ArgumentParser(description="a fresh process of tests/checks/test_gpu_hazards.py")
     parser.add_argument("what", choices=("step", "capture"))
     parser.add_argument("--shape", required=True, help="a Shape as JSON")
     parser.add_argument("--device", default="cuda")

@@ -28,7 +28,7 @@ from mlit_kernels.common.tuning import LaunchTuner  # noqa: E402
 from mlit_kernels.dense import CONFIGS, force_config  # noqa: E402
 from mlit_kernels.functional import moe_triton  # noqa: E402
 
-TOL_FP16 = 1e-2  # the fp16 per-row tolerance of every kernel test (tests/test_kernels.py)
+TOL_FP16 = 1e-2  # the fp16 per-row tolerance of every kernel test (tests/moe/test_kernels.py)
 
 
 def _forward_backward(n, m, d_h, t, k, dropout, norm=False):
@@ -64,14 +64,14 @@ def test_every_configuration_computes_the_same_layer(norm):
         assert max(errors) < TOL_FP16, f"{config} against {CONFIGS[0]}: {errors} (0 y, 1 aux, 2 dx, 3.. grads)"
 
 
-def test_tuner_uses_the_default_inside_capture(monkeypatch, tmp_path):
+def test_tuner_uses_the_default_inside_capture(monkeypatch, machine_cache):
     """In a process that may time (a clearance child): a key first met during CUDA-graph capture
     gets the default untimed, with one warning; the next eager call tunes it (every candidate timed
     once), and the choice is kept."""
     tuner = LaunchTuner("test", ("a", "b", "c"))
     timed = []
     capturing = [True]
-    monkeypatch.setenv("MLIT_CACHE_DIR", str(tmp_path))  # no configuration kept on this machine
+    # machine_cache (conftest): no configuration kept on this machine
     monkeypatch.setattr(tuning, "interpreting", lambda: False)
     monkeypatch.setattr(tuning, "_TIMING", [True])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])

@@ -15,7 +15,7 @@ from mlit.models import MLiTClassifier, MMLiT
 from mlit.train.checkpoint import CheckpointError, save_checkpoint, save_safetensors
 from mlit_kernels import SharedSwiGLUMoE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _meta(model, task, recipe=None):

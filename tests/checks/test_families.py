@@ -24,7 +24,7 @@ if DEVICE.type == "cpu" and not interpreting():
 def test_family_check_passes_and_names_its_kernels(name):
     family = registry.family(name)
     with Meter() as meter:
-        errors = family.check(family.small_shapes[0], torch.float32, DEVICE)
+        errors = family.run_check(family.small_shapes[0], torch.float32, DEVICE)
     assert errors and all(error <= limit for error, limit in errors.values()), errors
     launched = {r.name.removeprefix("triton.") for r in meter.records if r.kind == "triton"}
     assert launched == set(family.kernels), (launched ^ set(family.kernels))

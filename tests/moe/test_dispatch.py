@@ -1,7 +1,7 @@
 """The many-expert path (:mod:`mlit_kernels.dispatch`) against the float64 reference, per row
 (:func:`mlit_kernels.reference.max_row_error`), under Triton's interpreter on the CPU.
 
-Tolerances (worst row, relative): fp32 1e-4, fp16 1e-2, bf16 5e-2 — as tests/test_kernels.py
+Tolerances (worst row, relative): fp32 1e-4, fp16 1e-2, bf16 5e-2 — as tests/moe/test_kernels.py
 (measured here: fp32 ~1e-6, fp16 ~1.5e-3, bf16 ~1e-2). Shapes are small (the interpreter runs
 each program one at a time); N is awkward (not a multiple of the 32-token gate tile).
 """

@@ -40,7 +40,7 @@ def test_rehearsal_records_a_step_and_leaves_the_trainer_as_it_was():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     import step_meters
 
     trainer, images, labels = step_meters.make_trainer("table6-cifar10", "XXS", 2)
@@ -60,7 +60,7 @@ def test_warm_compiles_for_sm90_in_parallel_children(monkeypatch):
     projection onto more workers never beats the longest compile."""
     from mlit_kernels.loss.family import FAMILY
 
-    signatures = precompile.record(lambda: FAMILY.check(dict(B=37, C=10), torch.float32, torch.device("cpu")))
+    signatures = precompile.record(lambda: FAMILY.run_check(dict(B=37, C=10), torch.float32, torch.device("cpu")))
     assert {s.name for s in signatures} == set(FAMILY.kernels)
     with tempfile.TemporaryDirectory() as cache:
         monkeypatch.setenv("TRITON_CACHE_DIR", cache)

@@ -18,31 +18,28 @@ import torch
 import fake_families as fake
 from mlit_kernels import registry
 from mlit_kernels.checks import check_in_child, clear, verdict_row
-from mlit_kernels.common import clearance, family as family_mod, machine_cache, tuning
+from mlit_kernels.common import clearance, family as family_mod, tuning
+from mlit_kernels.common import machine_cache as cache_mod
 from mlit_kernels.common.family import Family, source_hash
 from mlit_kernels.common.tuning import LaunchTuner
 from mlit_kernels.variants import resolve_variant
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # fake_families.py
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS),
                                                           os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(autouse=True)
-def machine(tmp_path, monkeypatch):
-    """A fresh machine cache, no MLIT_UNCLEARED_KERNELS, and "cuda" devices of capability 9.0."""
-    monkeypatch.setenv(machine_cache.ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(clearance.ENV, raising=False)
-    real = machine_cache.capability
-    monkeypatch.setattr(machine_cache, "capability",
+def machine(machine_cache, monkeypatch):
+    """A fresh machine cache (conftest) whose "cuda" devices have compute capability 9.0."""
+    real = cache_mod.capability
+    monkeypatch.setattr(cache_mod, "capability",
                         lambda device: "9.0" if torch.device(device).type == "cuda" else real(device))
-    monkeypatch.setattr(clearance, "_WARNED", set())
-    monkeypatch.setattr(clearance, "_DECIDED", {})
-    return tmp_path
+    return machine_cache
 
 
 def _verdict(family: Family, cleared: bool = True, **changes) -> clearance.Verdict:
-    fields = dict(family=family.name, source_hash=source_hash(family), triton=machine_cache.triton_version(),
+    fields = dict(family=family.name, source_hash=source_hash(family), triton=cache_mod.triton_version(),
                   capability="9.0", cleared=cleared, cause=None if cleared else "disagreement")
     return clearance.Verdict(**{**fields, **changes})
 
@@ -178,12 +175,12 @@ def test_a_tuned_configuration_is_kept_for_every_process_on_the_machine(monkeypa
 
 
 def test_machine_cache_survives_a_bad_file(machine):
-    path = machine_cache.path()
+    path = cache_mod.path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("{not json")
-    assert machine_cache.read()["verdicts"] == []
+    assert cache_mod.read()["verdicts"] == []
     clearance.record([_verdict(registry.family("loss"))])
-    assert json.loads(path.read_text())["format"] == machine_cache.FORMAT
+    assert json.loads(path.read_text())["format"] == cache_mod.FORMAT
     assert clearance.cleared(registry.family("loss"), "cuda")
 
 

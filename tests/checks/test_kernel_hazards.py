@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("mlit_kernels", "mlit")
 WRITES = {"store"} | {f"atomic_{op}" for op in ("add", "and", "cas", "max", "min", "or", "xchg", "xor")}
 READS = {"load"}

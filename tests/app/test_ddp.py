@@ -30,7 +30,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     cache = tmp_path / "cache"
     assert main(_args(tmp_path / "one", cache)) == 0
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mlit", *_args(tmp_path / "two", cache)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

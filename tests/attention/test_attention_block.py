@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from mlit_kernels.attention import CONFIGS, attention_block, attention_block_reference, force_config
+from mlit_kernels.attention.family import inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels through Triton's interpreter
 
@@ -25,19 +26,6 @@ SHAPES = [
 # rounds to nearest, 1/2 ulp), biased errors that add up in the sums: up to 5.1e-2 at head dim 48
 # on the CPU, 3-4x what torch's own bf16 ops give; fp16 matches torch's fp16 error.
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
-
-
-def _inputs(B, n, D, H, G, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    E = D + 2 * G * (D // H)
-
-    def r(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
-
-    x = r(B, n, D)
-    weights = [1 + r(D, scale=0.1), r(D, scale=0.1), r(E, D, scale=D ** -0.5), r(E, scale=0.1),
-               r(D, D, scale=D ** -0.5), r(D, scale=0.1)]
-    return x, weights, r(B, n, D)
 
 
 def _run(x, weights, dy, H, G, dtype):
@@ -74,7 +62,7 @@ def test_values_and_gradients(shape, dtype):
     if dtype != torch.float32 and shape != SHAPES[0]:
         shape = (1, 37) + shape[2:]  # the half-precision runs at fewer tokens (time under the interpreter)
     B, n, D, H, G = shape
-    x, weights, dy = _inputs(*shape)
+    x, weights, dy = inputs(*shape)
     got = _run(x, weights, dy, H, G, dtype)
     want = _reference(x, weights, dy, H, G, dtype)
     assert got[0].dtype == dtype and got[1].dtype == dtype and all(g.dtype == torch.float32 for g in got[2:])
@@ -86,7 +74,7 @@ def test_every_config_computes_the_same_block():
     """Each tuning candidate (warps) forced: outputs and gradients within the fp16 tolerance of the
     first candidate's, row by row (on a GPU the warps change the layouts, so the order of sums)."""
     B, n, D, H, G = 2, 37, 54, 6, 2
-    x, weights, dy = _inputs(B, n, D, H, G, seed=1)
+    x, weights, dy = inputs(B, n, D, H, G, seed=1)
     results = []
     for config in CONFIGS:
         with force_config(config):
@@ -100,7 +88,7 @@ def test_every_config_computes_the_same_block():
 def test_autocast_compute_dtype():
     """Under autocast the products run in the autocast dtype; x and the output stay fp32."""
     B, n, D, H, G = 1, 37, 36, 2, 1
-    x, weights, dy = _inputs(B, n, D, H, G, seed=2)
+    x, weights, dy = inputs(B, n, D, H, G, seed=2)
     x, weights = x.to(DEVICE), [w.to(DEVICE) for w in weights]
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = attention_block(x, *weights, H, G)
@@ -119,7 +107,7 @@ def test_autocast_compute_dtype():
     (lambda a: a.update(dtype=torch.float64), "dtype"),
 ])
 def test_bad_input_is_named(bad, message):
-    x, (ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b), _ = _inputs(1, 5, 36, 6, 3)
+    x, (ln_w, ln_b, qkv_w, qkv_b, proj_w, proj_b), _ = inputs(1, 5, 36, 6, 3)
     args = dict(x=x, ln_w=ln_w, ln_b=ln_b, qkv_w=qkv_w, qkv_b=qkv_b, proj_w=proj_w, proj_b=proj_b, num_heads=6,
                 num_groups=3)
     bad(args)
@@ -151,7 +139,7 @@ def test_model_half_block_matches_torch():
 
 def test_empty_batch():
     """No sequences: no launch, an empty output, zero weight gradients."""
-    x, weights, _ = _inputs(1, 5, 36, 6, 3)
+    x, weights, _ = inputs(1, 5, 36, 6, 3)
     x = x[:0].to(DEVICE).requires_grad_()
     weights = [w.to(DEVICE).requires_grad_() for w in weights]
     y = attention_block(x, *weights, 6, 3)
@@ -165,7 +153,7 @@ def test_opcheck():
     from mlit_kernels.attention.ops import fused_attention_block, fused_attention_block_backward
 
     B, n, D, H, G = 1, 5, 16, 2, 1
-    x, weights, dy = _inputs(B, n, D, H, G, seed=3)
+    x, weights, dy = inputs(B, n, D, H, G, seed=3)
     x = x.to(DEVICE).requires_grad_()
     weights = [w.to(DEVICE).requires_grad_() for w in weights]
     args = (x, *weights, H, G, 1e-5, torch.float32)

@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH = 90
 CACHE = Path.home() / ".cache" / "mlit" / "sm90-audit"  # results by Triton version, kernel source and signature
 NARROW = (16, 32)  # the dot widths of the sm_90 miscompile class
+RESULT_FORMAT = 2  # what a cached result holds (2: the dots' warps); part of the cache key
 
 def gpu_cleared(kernel: str, triton_version: str) -> bool:
     """Whether a GPU run of this project cleared, on compute capability 9.x with ``triton_version``,
@@ -261,12 +262,14 @@ def kernel_sources(fn) -> list[str]:
 _DOT = re.compile(r"= (ttng\.warp_group_dot|tt\.dot) .*? : (.*?) \* (.*?) -> (tensor<[^ ]*, (#[\w.]+)(<.*?>)?>)")
 _SHAPE = re.compile(r"<(\d+)x(\d+)x(\w+)")
 _ALIAS = re.compile(r"^(#[\w]+) = (#[\w.]+)<(.*)>\s*$")
+_WARPS = re.compile(r"warpsPerCTA = \[(\d+), (\d+)\]")
 _PTXAS = {"registers": r"Used (\d+) registers", "stack": r"(\d+) bytes stack frame",
           "spill_stores": r"(\d+) bytes spill stores", "spill_loads": r"(\d+) bytes spill loads"}
 
 
 def read_dots(ttgir: str) -> list[dict]:
-    """The dots of a TTGIR module: kind ("wgmma", "mma" = mma.sync, "fma"), M, N, K, operand type."""
+    """The dots of a TTGIR module: kind ("wgmma", "mma" = mma.sync, "fma"), M, N, K, operand type,
+    and for an MMA layout its warps along rows and columns (``warps``, else None)."""
     aliases = {}
     for line in ttgir.splitlines():
         match = _ALIAS.match(line)
@@ -287,7 +290,9 @@ def read_dots(ttgir: str) -> list[dict]:
             kind = "wgmma" if "versionMajor = 3" in body else "mma"
         else:
             kind = "fma"
-        dots.append(dict(kind=kind, M=int(m), N=int(n), K=int(k), type=element))
+        warps = _WARPS.search(body)
+        dots.append(dict(kind=kind, M=int(m), N=int(n), K=int(k), type=element,
+                         warps=[int(w) for w in warps.groups()] if warps and kind != "fma" else None))
     return dots
 
 
@@ -396,7 +401,7 @@ def _compile_job(job: dict) -> dict:
 
 def _job_key(job: dict, triton_version: str) -> str:
     fn = _kernel(job["signature"]["kernel"])
-    return hashlib.sha256(json.dumps([triton_version, ARCH, fn.cache_key, job], sort_keys=True,
+    return hashlib.sha256(json.dumps([triton_version, ARCH, fn.cache_key, job, RESULT_FORMAT], sort_keys=True,
                                      default=str).encode()).hexdigest()
 
 
@@ -521,6 +526,21 @@ def breach(result: dict, kernel: str) -> str | None:
         return None
     d = narrow[0]
     return f"wgmma {d['M']}x{d['N']}x{d['K']} beside {len(tensor_core) - 1} other tensor-core dot(s)"
+
+
+def warps_on_thin_rows(result: dict) -> list[str]:
+    """The mma.sync dots of a compiled launch whose warps stand along more rows than the tile has
+    (warps along M × 16 > M) while its columns could hold every warp (N ≥ 8 × warps): each warp
+    then holds the whole row tile, e.g. 16 × 128 at [8, 1] keeps 64 fp32 a thread where [1, 8]
+    keeps 8. Triton gives a chain of dots the layout of its last (see
+    :mod:`mlit_kernels.common.tiling`)."""
+    found = []
+    for d in result.get("dots", []):
+        if d["kind"] == "mma" and d.get("warps"):
+            along_m, along_n = d["warps"]
+            if along_m * 16 > d["M"] and d["N"] >= 8 * along_m * along_n:
+                found.append(f"{d['M']}x{d['N']}x{d['K']} at warps {d['warps']}")
+    return found
 
 
 def dot_summary(dots: list[dict]) -> str:

@@ -37,15 +37,16 @@ in the store) and dx gets dy added.
 Nothing uses float atomics, and every sum over tokens has boundaries fixed by the shape
 (:mod:`mlit_kernels.common.settings`: SUM_ROWS, the splits, ROWS), not by the tuned BLOCK_N: every
 configuration gives the same bits. Widths m are covered by up to four power-of-two chunks
-(:func:`mlit_kernels.common.tiling.width_chunks`: 144 = 128 + 16, no padding) held as a tuple of
+(:func:`mlit_kernels.common.tiling.width_chunks`: 144 = 16 + 128, no padding) held as a tuple of
 register tiles, d_h by a loop of DC-wide chunks. x, the weights and dy are read in the dtype they
 are stored in and converted in registers (fp32 masters under autocast need no cast kernels).
 Expert products run on the activation dtype (fp16/bf16 tensor cores, fp32 accumulation; fp32
 activations use IEEE fp32); the gate is fp32 throughout.
 
-Width chunks: a kernel takes their widths M0 ≥ M1 ≥ M2 ≥ M3 (0 = absent) as constexprs and makes
-``WIDTHS = (M0, M1, M2, M3)`` and ``STARTS`` (their first columns); a helper loops over them with
-``tl.static_range`` and keeps one register tile per present chunk in a tuple.
+Width chunks: a kernel takes their widths M0 ≤ M1 ≤ M2 ≤ M3 (0 = absent, after the present ones)
+as constexprs and makes ``WIDTHS = (M0, M1, M2, M3)`` and ``STARTS`` (their first columns); a
+helper loops over them with ``tl.static_range`` and keeps one register tile per present chunk in a
+tuple.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ class Config:
 
 # No 64-row tile: its products (64 × d_h chunk over 16-wide K chunks) compile to wgmma 16 or 32 wide beside
 # other tensor-core dots on sm_90, which Triton 3.6–3.7 miscompile (bench/sm90_audit.py, tests/checks/test_sm90_rule.py).
-# The default spills least on sm_90 (bench/results/sm90-audit.md): the experts' backward at most 68 B (Triton
-# 3.9) / 72 B (3.6) at 16 rows and 8 warps, up to 1028 / 1060 B at 32 rows and 4 warps.
+# The default spills least on sm_90 (bench/results/sm90-audit.md): the experts' backward at most 48 B (Triton
+# 3.9) / 28 B (3.6) at 16 rows and 8 warps, up to 1268 B at 32 rows and 4 warps.
 CONFIGS = (Config(16, 8), Config(32, 8), Config(16, 4), Config(32, 4))
 ACCUMULATORS_PER_THREAD = 64  # the m-wide fp32 row accumulators a configuration may hold per thread
 

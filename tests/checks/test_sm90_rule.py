@@ -50,6 +50,18 @@ def test_read_dots_tells_the_mma_kinds_apart():
     assert "wgmma 128x16x32 beside 1 other" in sm90_audit.breach(result, "k")
     assert sm90_audit.breach(dict(result, dots=dots[:1]), "k") is None  # one dot: no breach
     assert sm90_audit.breach(dict(result, dots=dots[1:]), "k") is None  # no wgmma
+    assert [d["warps"] for d in dots] == [[4, 2], [1, 8], None]
+
+
+def test_warps_on_thin_rows():
+    """A 16-row mma.sync tile 128 wide with its 8 warps along the rows is flagged, along the
+    columns not; nor is a tile too narrow to hold the warps along its columns."""
+    def dot(m, n, warps):
+        return dict(kind="mma", M=m, N=n, K=16, warps=warps)
+
+    flagged = sm90_audit.warps_on_thin_rows(dict(dots=[dot(16, 128, [8, 1]), dot(16, 128, [1, 8]),
+                                                       dot(32, 16, [8, 1]), dot(128, 128, [8, 1])]))
+    assert flagged == ["16x128x16 at warps [8, 1]"]
 
 
 def test_signatures_follow_triton_specialisation():
@@ -74,8 +86,10 @@ def test_signatures_follow_triton_specialisation():
 def test_no_launched_kernel_breaks_the_sm90_rule():
     """Every kernel with a dot, at every tuning candidate and tile shape the models launch
     (sm90_audit.rule_representatives: one launch per kernel, warps, stages and non-flag
-    constexprs), compiled for sm_90 up to Triton's MMA choice: no breach. About 3 minutes on 2 cores
-    with a cold cache (sm90_audit.CACHE: keyed by Triton version, kernel source and launch)."""
+    constexprs), compiled for sm_90 up to Triton's MMA choice: no breach; and in the kernels over
+    width chunks (M0… / G0…) no mma.sync dot with its warps along rows the tile lacks
+    (sm90_audit.warps_on_thin_rows). About 3 minutes on 2 cores with a cold cache
+    (sm90_audit.CACHE: keyed by Triton version, kernel source and launch)."""
     start = time.perf_counter()
     recorded = sm90_audit.record(batch=8, tokens=300)
     kernels = {r.signature.name for r in recorded}
@@ -87,6 +101,11 @@ def test_no_launched_kernel_breaks_the_sm90_rule():
                 f"warps {r.signature.num_warps}): {why}" for r, res in zip(chosen, results)
                 if (why := sm90_audit.breach(res, r.signature.name))]
     assert not failures, "\n".join(failures)
+    chunked = [f"{r.signature.name} ({sm90_audit.config_label(sm90_audit.dataclasses.asdict(r.signature))}, "
+               f"warps {r.signature.num_warps}): {thin}" for r, res in zip(chosen, results)
+               if {"M0", "G0"} & {name for name, _ in r.signature.constexprs}
+               and (thin := sm90_audit.warps_on_thin_rows(res))]
+    assert not chunked, "warps along rows the tile lacks (width chunks largest last?):\n" + "\n".join(chunked)
     tensor_core = {r.signature.name for r, res in zip(chosen, results) if any(d["kind"] != "fma" for d in res["dots"])}
     assert {"_fused_bwd_weights_kernel", "_weights_dx_kernel", "_proj_bwd_kernel", "_fused_fwd_kernel",
             "_experts_bwd_kernel"} <= tensor_core  # the reader saw the tensor-core dots

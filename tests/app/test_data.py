@@ -19,7 +19,8 @@ from mlit.data.archives import read_idx_gz
 
 from shared_data import CIFAR10_MINI as MINI
 from shared_data import needs_cifar10_mini as needs_mini
-from shared_data import CIFAR10_ARCHIVE, write_cifar10, write_fashion_mnist
+from shared_data import CIFAR10_ARCHIVE as ARCHIVE
+from shared_data import write_cifar10, write_fashion_mnist
 FASHION = D.DEBIAN_FASHION_MNIST
 needs_fashion = pytest.mark.skipif(
     not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
@@ -47,7 +48,7 @@ def _check_imageset(ds, n, size, classes):
     assert 0 <= ds.labels.min() and ds.labels.max() < classes
 
 
-# --- real data: cifar10-mini ------------------------------------------------------------------
+# --- cifar10: the real mini subset (needs_mini), else the official format written by the tests ---
 
 
 @needs_mini
@@ -68,11 +69,10 @@ def test_cifar10_mini_archive(tmp_path):
     assert test.labels.tolist() == raw["labels"]
 
 
-@needs_mini
-def test_cifar10_mini_extracted_folder_equals_archive(tmp_path):
-    with tarfile.open(MINI) as tar:
+def test_cifar10_extracted_folder_equals_archive(tmp_path):
+    with tarfile.open(ARCHIVE) as tar:
         tar.extractall(tmp_path / "data", filter="data")
-    ref = load_split("cifar10", "test", data_dir=MINI, cache_dir=tmp_path / "c1", verify=False)
+    ref = load_split("cifar10", "test", data_dir=ARCHIVE, cache_dir=tmp_path / "c1", verify=False)
     for data_dir in (tmp_path / "data", tmp_path / "data" / "cifar-10-batches-py"):  # parent or the folder itself
         ds = load_split("cifar10", "test", data_dir=data_dir, cache_dir=tmp_path / "c2", verify=False)
         assert torch.equal(ds.images, ref.images) and torch.equal(ds.labels, ref.labels)
@@ -90,9 +90,8 @@ def test_cifar10_mini_verify_names_file_and_md5(tmp_path):
     assert not list(tmp_path.glob("*.pt"))
 
 
-@needs_mini
 def test_cache_is_reused_and_keyed_apart(tmp_path, monkeypatch):
-    first = load_split("cifar10", "test", data_dir=MINI, cache_dir=tmp_path, verify=False)
+    first = load_split("cifar10", "test", data_dir=ARCHIVE, cache_dir=tmp_path, verify=False)
     (cache,) = tmp_path.glob("cifar10-test-*.pt")
     assert "unverified" in cache.name and not list(tmp_path.glob(".*"))  # no temp file left behind
     official = D._cache_path(tmp_path, DATASETS["cifar10"], "test", True,
@@ -100,7 +99,7 @@ def test_cache_is_reused_and_keyed_apart(tmp_path, monkeypatch):
     assert official != cache and "official" in official.name
 
     monkeypatch.setattr(D.CifarInfo, "decode", lambda *a: pytest.fail("decoded again despite the cache"))
-    again = load_split("cifar10", "test", data_dir=MINI, cache_dir=tmp_path, verify=False)
+    again = load_split("cifar10", "test", data_dir=ARCHIVE, cache_dir=tmp_path, verify=False)
     assert torch.equal(again.images, first.images)
 
 
@@ -118,17 +117,15 @@ def test_verified_read_and_cache(tmp_path, monkeypatch):
     assert torch.equal(load_split("cifar10", "test", cache_dir=tmp_path).images, test.images)
 
 
-@needs_mini
 def test_damaged_cache_is_rebuilt(tmp_path):
-    first = load_split("cifar10", "test", data_dir=MINI, cache_dir=tmp_path, verify=False)
+    first = load_split("cifar10", "test", data_dir=ARCHIVE, cache_dir=tmp_path, verify=False)
     (cache,) = tmp_path.glob("*.pt")
     cache.write_bytes(cache.read_bytes()[:1000])  # e.g. a copy cut short
     with pytest.warns(UserWarning, match="ignoring unreadable cache"):
-        again = load_split("cifar10", "test", data_dir=MINI, cache_dir=tmp_path, verify=False)
+        again = load_split("cifar10", "test", data_dir=ARCHIVE, cache_dir=tmp_path, verify=False)
     assert torch.equal(again.images, first.images)
 
 
-@needs_mini
 def test_crash_while_writing_cache_leaves_nothing(tmp_path, monkeypatch):
     def crash(obj, f):
         f.write(b"half a file")
@@ -136,16 +133,16 @@ def test_crash_while_writing_cache_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        load_split("cifar10", "test", data_dir=MINI, cache_dir=tmp_path, verify=False)
+        load_split("cifar10", "test", data_dir=ARCHIVE, cache_dir=tmp_path, verify=False)
     assert list(tmp_path.iterdir()) == []
 
 
-@needs_mini
 def test_env_vars_give_data_and_cache_dirs(tmp_path, monkeypatch):
-    shutil.copy(MINI, tmp_path / "cifar-10-python.tar.gz")  # official file name, unofficial content
+    shutil.copy(ARCHIVE, tmp_path / "cifar-10-python.tar.gz")  # official file name, unofficial content
     monkeypatch.setenv("MLIT_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("MLIT_CACHE_DIR", str(tmp_path / "cache"))
-    assert len(load_split("cifar10", "test", verify=False)) == 1000
+    assert len(load_split("cifar10", "test", verify=False)) == len(
+        load_split("cifar10", "test", data_dir=ARCHIVE, cache_dir=tmp_path / "direct", verify=False))
     assert len(list((tmp_path / "cache").glob("cifar10-test-unverified-*.pt"))) == 1
 
 
@@ -314,10 +311,9 @@ def test_missing_data_dir_and_files(tmp_path):
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message and "download=True" in message
 
 
-@needs_mini
 def test_truncated_archive(tmp_path):
     broken = tmp_path / "cifar-10-python.tar.gz"
-    broken.write_bytes(MINI.read_bytes()[: MINI.stat().st_size // 2])
+    broken.write_bytes(ARCHIVE.read_bytes()[: ARCHIVE.stat().st_size // 2])
     with pytest.raises(DataError, match="truncated or corrupt") as err:
         load_split("cifar10", "test", data_dir=tmp_path, cache_dir=tmp_path / "cache", verify=False)
     assert str(broken) in str(err.value) and err.value.__cause__ is not None
@@ -412,7 +408,7 @@ def test_generated_files_are_in_the_official_formats(tmp_path):
     assert torch.equal(fm.images[:, 0], fm.images[:, 2])  # grey, replicated
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: md5 .*--no-verify"):
         load_split("fashion_mnist", "test", data_dir=folder, cache_dir=tmp_path / "cache")
-    assert CIFAR10_ARCHIVE.is_file()  # the real subset, or a generated archive: never absent
+    assert ARCHIVE.is_file()  # the real subset, or a generated archive: never absent
 
 
 def test_class_names_match_the_classes():

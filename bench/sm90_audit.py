@@ -11,11 +11,12 @@ memory.
    (t = 16, 64), run under ``mlit_kernels.meter.Meter(dry_run=True)`` (Triton launches recorded,
    not run); each Triton launch's :class:`mlit_kernels.meter.LaunchSignature` — constexprs,
    warps, stages, and the arguments as Triton's JIT specialises them (an integer 1 becomes a
-   constexpr; integers and addresses that are multiples of 16 are marked divisible). Both MoE
-   variants (dense: the design the meters count; dispatch: what "auto" runs on CUDA today), and
-   every candidate of every tuner: the dense and attention configurations forced in turn, the
-   dispatch ones a width allows (``configs_for(m)``).
-2. **Compile** (:func:`compile_launch`): each distinct signature with ``triton.compile`` for
+   constexpr; integers and addresses that are multiples of 16 are marked divisible), as a GPU
+   launches it (:func:`as_on_gpu`: bf16 products on tensor cores, not the interpreter's fp32
+   dots). Both MoE variants (dense: the design the meters count; dispatch: what "auto" runs on
+   CUDA today), and every candidate of every tuner: the dense and attention configurations forced
+   in turn, the dispatch ones a width allows (``configs_for(m)``).
+2. **Compile** (:func:`compile_jobs`): each distinct signature with ``triton.compile`` for
    ``GPUTarget("cuda", 90, 32)`` at the launch's own warps and stages (3, Triton's default, where
    the launch names none) — with this process's Triton, and with another environment's
    (``--triton-env``, e.g. Triton 3.6.0, the GPU machines' version) in a child process. Results
@@ -123,11 +124,28 @@ def _forced(variant: str, moe_config, attention_config):
         yield
 
 
+def as_on_gpu(signature):
+    """A signature recorded under Triton's interpreter as a GPU launches it: DOT_F32 is the only
+    constexpr the interpreter changes (:func:`mlit_kernels.common.precision.dot_f32`: bf16 products
+    run as fp32 dots there, on tensor cores on a GPU)."""
+    import torch
+
+    from mlit_kernels.common.precision import dot_f32
+
+    constexprs = dict(signature.constexprs)
+    if "DOT_F32" not in constexprs:
+        return signature
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[constexprs["DTYPE"]]
+    constexprs["DOT_F32"] = dot_f32(dtype, interpreted=False)
+    return dataclasses.replace(signature, constexprs=tuple(constexprs.items()))
+
+
 def _add(found: dict, meter, origin: str, default: bool) -> None:
     for r in meter.records:
         if r.signature is None:
             continue
-        entry = found.setdefault(r.signature, Recorded(r.signature))
+        signature = as_on_gpu(r.signature)
+        entry = found.setdefault(signature, Recorded(signature))
         entry.origins.add(origin)
         entry.default |= default
 

@@ -28,6 +28,11 @@ BLOCK_E = 32  # qkv columns per step of the LayerNorm + qkv kernels
 PROJ_ROWS = 16  # token rows per step of dW_proj's sums (its (D, head dim) gradient tile stays in registers)
 MAX_SPLITS = 64  # weight-gradient partial sums: the long programs of the backward's split kernels
 MAX_DIM = 256  # widths the register tiles hold (D_PAD)
+# Software-pipeline stages of the backward's split kernels (_proj_bwd, _ln_qkv_bwd: long programs
+# summing weight gradients beside per-token tiles). At Triton's default 3 they spill on sm_90
+# (_ln_qkv_bwd: 216 B on Triton 3.6 at 8 warps, 708 B at 4; _proj_bwd: 8 B on 3.9); at 2 neither
+# does at 8 warps, and both take 50 KB of shared memory instead of 82 (bench/results/sm90-audit.md).
+SPLIT_KERNEL_STAGES = 2
 MAX_HEAD_DIM = 64
 
 
@@ -172,14 +177,15 @@ def block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, nu
         w = config.num_warps
         _proj_bwd_kernel[(shape.splits + tiles,)](
             dy2, o, proj_w, d_o, delta, part[:, wp_off:], shape.N, D, num_heads, shape.HD, shape.splits,
-            shape.rows_per_split, shape.grad_numel, **pads, ROWS=PROJ_ROWS, BLOCK_M=BLOCK_M, **consts, num_warps=w)
+            shape.rows_per_split, shape.grad_numel, **pads, ROWS=PROJ_ROWS, BLOCK_M=BLOCK_M, **consts, num_warps=w,
+            num_stages=SPLIT_KERNEL_STAGES)
         _attn_bwd_kernel[(kv_tiles + triton.cdiv(n, BLOCK_M), B)](
             qkv, d_o, lse, delta, dqkv, n, D, shape.E, num_heads, num_groups, shape.HD, 1.0 / shape.HD ** 0.5,
             kv_tiles, HD_PAD=pads["HD_PAD"], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **consts, num_warps=w)
         _ln_qkv_bwd_kernel[(shape.splits + tiles,)](
             x2, dy2, ln_w, ln_b, qkv_w, mean, rstd, dqkv, dx, part[:, :wp_off], shape.N, D, shape.E, shape.splits,
             shape.rows_per_split, shape.grad_numel, D, D_PAD=pads["D_PAD"], BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E,
-            **consts, HAS_RESIDUAL=True, num_warps=w)
+            **consts, HAS_RESIDUAL=True, num_warps=w, num_stages=SPLIT_KERNEL_STAGES)
         split_sum(part, grads)
 
     launch(_config("bwd", shape, dtype, dev, launch))
@@ -187,4 +193,4 @@ def block_backward(dy, x, ln_w, ln_b, qkv_w, proj_w, qkv, o, lse, mean, rstd, nu
 
 
 __all__ = ["block_forward", "block_backward", "split_grads", "weight_splits", "Shape", "Config", "CONFIGS", "TUNER",
-           "force_config", "BLOCK_M", "BLOCK_N", "BLOCK_E", "PROJ_ROWS", "MAX_DIM", "MAX_HEAD_DIM"]
+           "force_config", "BLOCK_M", "BLOCK_N", "BLOCK_E", "PROJ_ROWS", "MAX_DIM", "SPLIT_KERNEL_STAGES", "MAX_HEAD_DIM"]

@@ -62,9 +62,16 @@ def max_row_error(out: torch.Tensor | None, ref: torch.Tensor) -> float:
     return ((out - ref).abs().amax(1) / scale).max().item()
 
 
+def dot_f32(dtype: torch.dtype, interpreted: bool) -> bool:
+    """Whether products of compute dtype ``dtype`` run as IEEE fp32 dots: fp32's always, bf16's
+    under Triton's interpreter (``interpreted``), whose numpy has no bf16; on a GPU bf16 and fp16
+    run on tensor cores."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreted)
+
+
 def dot_precision(dtype: torch.dtype) -> dict:
     """A kernel's product constexprs for a compute dtype: DTYPE (the tl dtype of the operands) and
-    DOT_F32 (IEEE fp32 dots: fp32, and bf16 under Triton's interpreter, whose numpy has no bf16)."""
+    DOT_F32 (:func:`dot_f32` here)."""
     import triton.language as tl
 
     from .tiling import interpreting
@@ -72,7 +79,7 @@ def dot_precision(dtype: torch.dtype) -> dict:
     if dtype not in COMPUTE_DTYPES:
         raise TypeError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
     tl_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
-    return dict(DTYPE=tl_dtype, DOT_F32=dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting()))
+    return dict(DTYPE=tl_dtype, DOT_F32=dot_f32(dtype, interpreting()))
 
 
-__all__ = ["COMPUTE_DTYPES", "TOL", "TOL_CANCELLING_SUMS", "INTERPRETER_BF16_SLACK", "tolerance", "compute_dtype", "max_row_error", "dot_precision"]
+__all__ = ["COMPUTE_DTYPES", "TOL", "TOL_CANCELLING_SUMS", "INTERPRETER_BF16_SLACK", "tolerance", "compute_dtype", "max_row_error", "dot_f32", "dot_precision"]

@@ -121,16 +121,18 @@ def _times_cols_t(p, acc, w_ptr, ld, ds, d_ok, M, c0: tl.constexpr, W: tl.conste
 
 
 @triton.jit
-def _gate_dx(dx, dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, c0: tl.constexpr, W: tl.constexpr,
-             NOISY: tl.constexpr):
-    """dx[:, chunk] += dclean W_g[chunk]ᵀ (+ draw W_noise[chunk]ᵀ), fp32 IEEE."""
+def _gate_dx(dx, dclean, draw, wg_ptr, wn_ptr, M, T, cols, c0: tl.constexpr, W: tl.constexpr, NOISY: tl.constexpr):
+    """dx[:, chunk] += dclean W_g[chunk]ᵀ (+ draw W_noise[chunk]ᵀ) in fp32, as T rank-1 updates (an
+    fp32 tl.dot over K = BLOCK_T gives each thread its rows of dclean whole, and makes 16 products
+    where T = 5 needs 5: as a dot, the token kernel's sm_90 spills were larger)."""
     r = c0 + tl.arange(0, W)
-    mask = col_ok[:, None] & (r < M)[None, :]
-    wg_t = tl.load(wg_ptr + r[None, :] * T + cols[:, None], mask=mask, other=0.0).to(tl.float32)
-    dx = tl.dot(dclean, wg_t, dx, input_precision="ieee")
-    if NOISY:
-        wn_t = tl.load(wn_ptr + r[None, :] * T + cols[:, None], mask=mask, other=0.0).to(tl.float32)
-        dx = tl.dot(draw, wn_t, dx, input_precision="ieee")
+    r_ok = r < M
+    for e in range(T):
+        wg = tl.load(wg_ptr + r * T + e, mask=r_ok, other=0.0).to(tl.float32)
+        dx += _expert_column(dclean, cols, e)[:, None] * wg[None, :]
+        if NOISY:
+            wn = tl.load(wn_ptr + r * T + e, mask=r_ok, other=0.0).to(tl.float32)
+            dx += _expert_column(draw, cols, e)[:, None] * wn[None, :]
     return dx
 
 
@@ -309,7 +311,7 @@ def _store_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, dy_ptr, dx_ptr, rows, ro
     dx's dtype."""
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            grad = _gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, STARTS[i], WIDTHS[i], NOISY)
+            grad = _gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, STARTS[i], WIDTHS[i], NOISY)
             _store_rows(dx_ptr, _plus_residual_grad(grad, dy_ptr, rows, row_ok, M, STARTS[i], WIDTHS[i], RESIDUAL),
                         rows, row_ok, M, STARTS[i], WIDTHS[i])
 
@@ -354,8 +356,7 @@ def _store_norm_input_grad(dx, dclean, draw, wg_ptr, wn_ptr, x_ptr, ln_w_ptr, me
     dxn = ()
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
-            dxn = dxn + (_gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, col_ok, STARTS[i], WIDTHS[i],
-                                  NOISY),)
+            dxn = dxn + (_gate_dx(dx[i], dclean, draw, wg_ptr, wn_ptr, M, T, cols, STARTS[i], WIDTHS[i], NOISY),)
     s_g, s_gx = norm_backward_sums(dxn, x_ptr, ln_w_ptr, rows, row_ok, M, mean, rstd, STARTS, WIDTHS)
     for i in tl.static_range(len(WIDTHS)):
         if WIDTHS[i] > 0:
@@ -453,6 +454,18 @@ def _fused_aux_kernel(part_ptr, stats_ptr, aux_ptr, groups, T, w_importance, w_l
 
 
 @triton.jit
+def _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rows' LayerNorm mean and rstd (BLOCK_N,) from the forward's (2, N) statistics; zeros
+    without NORM."""
+    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rstd = mean
+    if NORM:
+        mean = tl.load(ln_stats_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(ln_stats_ptr + N + rows, mask=row_ok, other=0.0)
+    return mean, rstd
+
+
+@triton.jit
 def _fused_bwd_tokens_kernel(
     dy_ptr, daux_ptr, x_ptr, wg_ptr, wn_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, noise_ptr, seed_ptr,
     idx_ptr, stats_ptr, keep_ptr, ln_w_ptr, ln_b_ptr, ln_stats_ptr,
@@ -468,11 +481,8 @@ def _fused_bwd_tokens_kernel(
     pid = tl.program_id(0)
     rows, row_ok, cols, col_ok, valid, seed = token_tile(pid, seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
                                                           BLOCK_T)
-    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    rstd = mean
-    if NORM:  # the forward's LayerNorm statistics: the input is normalized again where it is read
-        mean = tl.load(ln_stats_ptr + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(ln_stats_ptr + N + rows, mask=row_ok, other=0.0)
+    # the forward's LayerNorm statistics (NORM): the input is normalized again where it is read
+    mean, rstd = _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM, BLOCK_N)
 
     # the gates, recomputed with the forward's selection (recomputed once more after the experts
     # for the gate's own gradient: cheaper than keeping its tiles live through the d_h loop)
@@ -518,7 +528,9 @@ def _fused_bwd_tokens_kernel(
         tl.store(h_ptr + tile, (c * u).to(h_ptr.dtype.element_ty), mask=tile_mask)
         tl.store(du_ptr + tile, du.to(du_ptr.dtype.element_ty), mask=tile_mask)
         dx = _add_product_by_chunk(dx, du.to(DTYPE), v_ptr, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE, DOT_F32)
-    # the gate's part: through Softmax_k, the noise scale and P(x)
+    # the gate's part: through Softmax_k, the noise scale and P(x). The statistics are read again:
+    # held through the d_h loop (in each layout their uses take) they spilled on sm_90
+    mean, rstd = _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM, BLOCK_N)
     clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection_normed(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
         NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)

@@ -33,9 +33,12 @@ class Config:
 # BLOCK_N is a multiple of SUM_ROWS, so the forward's partial sums never straddle two programs.
 # No 64-token tile: its products (64 × 16-column d_h chunks) compile to wgmma 16 wide beside other
 # tensor-core dots on sm_90, which Triton 3.6–3.7 miscompile (bench/sm90_audit.py, tests/checks/test_sm90_rule.py).
-CONFIGS = (Config(32, 8), Config(32, 4), Config(16, 4))
+# The default spills least on sm_90 (bench/results/sm90-audit.md): at 16 tokens and 8 warps no token
+# kernel spills with Triton 3.6 (the GPU machines'), at most 24 B with 3.9; at 32 tokens the
+# backward's spilled 152 / 272 B at mLiT-XXS, at 32 tokens and 4 warps 1.2 KB (dropped).
+CONFIGS = (Config(16, 8), Config(32, 8), Config(16, 4))
 TUNER: LaunchTuner[Config] = LaunchTuner("mlit_kernels.dense", CONFIGS)
-force_config = TUNER.force  # ``with force_config(Config(32, 4)):`` runs the dense kernels with that configuration
+force_config = TUNER.force  # ``with force_config(Config(32, 8)):`` runs the dense kernels with that configuration
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ import triton
 from torch import Tensor
 
 from ..attention.kernels import _ln_qkv_bwd_kernel, _ln_qkv_fwd_kernel
-from ..attention.launch import BLOCK_E, BLOCK_M, MAX_DIM, weight_splits
+from ..attention.launch import BLOCK_E, BLOCK_M, MAX_DIM, SPLIT_KERNEL_STAGES, weight_splits
 from ..common.custom_op import custom_op
 from ..common.precision import COMPUTE_DTYPES, dot_precision
 from ..common.split_sum import split_sum
 
-NUM_WARPS = 8  # sm_90 at 4 warps: the backward spills 556 B (Triton 3.9) / 708 B (3.6); at 8, 0 / 216 B
+NUM_WARPS = 8  # the attention block's default
 
 
 def _norm_linear_backward_fake(dy, x, ln_w, ln_b, w, mean, rstd, dtype):
@@ -51,7 +51,7 @@ def _norm_linear_backward_op(dy: Tensor, x: Tensor, ln_w: Tensor, ln_b: Tensor, 
     _ln_qkv_bwd_kernel[(splits + triton.cdiv(m, BLOCK_M),)](
         x, x, ln_w, ln_b, w, mean, rstd, dy, dx, part, m, d, e, splits, rows_per_split, numel, x.stride(0),
         D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_M=BLOCK_M, BLOCK_E=BLOCK_E, **dot_precision(dtype),
-        HAS_RESIDUAL=False, num_warps=NUM_WARPS)
+        HAS_RESIDUAL=False, num_warps=NUM_WARPS, num_stages=SPLIT_KERNEL_STAGES)
     split_sum(part, grads)
     return dx, grads
 

@@ -64,6 +64,22 @@ def test_warps_on_thin_rows():
     assert flagged == ["16x128x16 at warps [8, 1]"]
 
 
+def test_bf16_launches_are_recorded_as_a_gpu_launches_them():
+    """Recorded under the interpreter, a bf16 launch has DOT_F32 set (its numpy has no bf16); the
+    audit compiles what a GPU launches: bf16 products on tensor cores (DOT_F32 off)."""
+    import torch
+
+    from mlit_kernels.common.precision import dot_f32
+
+    assert dot_f32(torch.bfloat16, interpreted=True) and not dot_f32(torch.bfloat16, interpreted=False)
+    assert dot_f32(torch.float32, interpreted=False) and not dot_f32(torch.float16, interpreted=True)
+    bf16 = [case for case in sm90_audit.LAYER_CASES if case[-1] == "bf16"]
+    recorded = sm90_audit.record(quick=True, steps=(), layers=bf16, tokens=300)
+    flags = {dict(r.signature.constexprs)["DOT_F32"] for r in recorded if "DOT_F32" in dict(r.signature.constexprs)}
+    assert flags == {False}, flags
+    assert {dict(r.signature.constexprs).get("DTYPE") for r in recorded} >= {"bf16"}
+
+
 def test_signatures_follow_triton_specialisation():
     """The meter's LaunchSignature specialises arguments as the installed Triton's JIT does."""
     import torch

@@ -24,7 +24,9 @@ memory.
    included) and signature (``--cache``).
 3. **Read**: every dot of the TTGIR — ``ttng.warp_group_dot`` (wgmma), ``tt.dot`` with an
    ``nvidia_mma`` version 2 layout (mma.sync) or a blocked one (FMA: fp32 IEEE dots) — with its
-   M×N×K; registers and spill stores from ptxas's ``-v`` log; shared memory from the metadata.
+   M×N×K; registers and spill stores from ptxas's ``-v`` log; shared memory from the metadata;
+   from the SASS (Triton's bundled ``nvdisasm``), the local-memory stores and loads inside loops
+   (:func:`local_memory_in_loops`: spills there run every iteration, elsewhere once a program).
 4. **The rule** (:func:`breach`): on compute capability 9.x no launched kernel holds a wgmma dot
    with a 16- or 32-wide dimension beside other tensor-core dots (Triton 3.6–3.7 miscompile that:
    illegal shared-memory reads or silent corruption, triton-lang/triton #10486, #10573, #11366),
@@ -56,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH = 90
 CACHE = Path.home() / ".cache" / "mlit" / "sm90-audit"  # results by Triton version, kernel source and signature
 NARROW = (16, 32)  # the dot widths of the sm_90 miscompile class
-RESULT_FORMAT = 2  # what a cached result holds (2: the dots' warps); part of the cache key
+RESULT_FORMAT = 3  # what a cached result holds (2: the dots' warps, 3: local memory in loops); part of the cache key
 
 def gpu_cleared(kernel: str, triton_version: str) -> bool:
     """Whether a GPU run of this project cleared, on compute capability 9.x with ``triton_version``,
@@ -285,6 +287,36 @@ _PTXAS = {"registers": r"Used (\d+) registers", "stack": r"(\d+) bytes stack fra
           "spill_stores": r"(\d+) bytes spill stores", "spill_loads": r"(\d+) bytes spill loads"}
 
 
+def local_memory_in_loops(sass: str) -> dict:
+    """Bytes of local-memory stores and loads (``STL`` / ``LDL``: spills, and the local arrays of
+    e.g. ``tl.randn``'s sin/cos) in a kernel's SASS (``nvdisasm`` output): in all, and inside a
+    loop — between a backward branch and its target, where they run every iteration; outside,
+    a program runs them once (ptxas's spill count does not tell the two apart)."""
+    lines = []  # (address, instruction) or (None, label)
+    for line in sass.splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            lines.append((None, label.group(1)))
+        elif ins := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line):
+            lines.append((int(ins.group(1), 16), ins.group(2)))
+    at = {}  # label -> address of the instruction after it
+    for i, (address, text) in enumerate(lines):
+        if address is None:
+            at[text] = next((a for a, _ in lines[i + 1:] if a is not None), None)
+    loops = [(at[m.group(1)], address) for address, text in lines if address is not None
+             and (m := re.search(r"\bBRA\b\s*`?\(?(\.L_x_\d+)", text)) and at.get(m.group(1)) is not None
+             and at[m.group(1)] <= address]
+    out = dict(local_stores=0, local_loads=0, local_stores_in_loops=0, local_loads_in_loops=0)
+    for address, text in lines:
+        if address is None or not (m := re.search(r"\b(STL|LDL)((?:\.[A-Z0-9]+)*)", text)):
+            continue
+        size = 16 if ".128" in m.group(2) else 8 if ".64" in m.group(2) else 4
+        kind = "local_stores" if m.group(1) == "STL" else "local_loads"
+        out[kind] += size
+        if any(lo <= address <= hi for lo, hi in loops):
+            out[kind + "_in_loops"] += size
+    return out
+
+
 def read_dots(ttgir: str) -> list[dict]:
     """The dots of a TTGIR module: kind ("wgmma", "mma" = mma.sync, "fma"), M, N, K, operand type,
     and for an MMA layout its warps along rows and columns (``warps``, else None)."""
@@ -412,9 +444,14 @@ def _compile_job(job: dict) -> dict:
         return dict(error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}")
     usage = {key: int(m.group(1)) if (m := re.search(pattern, log.getvalue())) else None
              for key, pattern in _PTXAS.items()}
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
     return dict(dots=read_dots(compiled.asm["ttgir"]), shared=compiled.metadata.shared,
                 num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
-                seconds=round(time.perf_counter() - start, 1), **usage)
+                seconds=round(time.perf_counter() - start, 1), **usage, **local_memory_in_loops(sass))
 
 
 def _job_key(job: dict, triton_version: str) -> str:
@@ -582,20 +619,27 @@ def config_label(signature: dict) -> str:
     return " ".join(shown)
 
 
+def in_loops(result: dict) -> int:
+    """Bytes of local-memory stores and loads inside loops (:func:`local_memory_in_loops`)."""
+    return (result.get("local_stores_in_loops") or 0) + (result.get("local_loads_in_loops") or 0)
+
+
 def _usage(result: dict) -> str:
-    """"registers/spill bytes/shared KB" of a compiled launch ("-" for a TTGIR-only one)."""
+    """"registers/spill bytes/in-loop local bytes/shared KB" of a compiled launch ("-" for a
+    TTGIR-only one)."""
     if "shared" not in result:
         return "-"
-    return f"{result['registers']}/{result.get('spill_stores') or 0}/{result['shared'] / 1024:.1f}"
+    return f"{result['registers']}/{result.get('spill_stores') or 0}/{in_loops(result)}/{result['shared'] / 1024:.1f}"
 
 
 def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bool = True) -> tuple[str, int, list]:
     """The audit table (one row per launch, each Triton version's dots / regs / spills / shared
-    memory), the number of breaches, and the spilling launches (kernel, version, bytes, default?)."""
+    memory), the number of breaches, and the spilling launches (kernel, version, bytes, default?,
+    label, local bytes inside loops)."""
     versions = list(results)
     head = ["kernel", "launched by", "warps/stages", "constexprs"]
     for v in versions:
-        head += [f"dots ({v})", f"regs/spill B/shared KB ({v})", f"rule ({v})"]
+        head += [f"dots ({v})", f"regs/spill B/in loops B/shared KB ({v})", f"rule ({v})"]
     lines, breaches, spills = [], 0, []
     for i, rec in enumerate(recorded):
         sig = dataclasses.asdict(rec.signature)
@@ -612,7 +656,7 @@ def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bo
                 continue
             spill = result.get("spill_stores") or 0
             if spill:
-                spills.append((rec.signature.name, v, spill, rec.default, config_label(sig)))
+                spills.append((rec.signature.name, v, spill, rec.default, config_label(sig), in_loops(result)))
             row += [dot_summary(result["dots"]),
                     _usage(result), "BREACH: " + why if why else "ok"]
         lines.append(row)
@@ -627,7 +671,7 @@ def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bo
 def summary(recorded: list[Recorded], results: dict[str, list[dict]]) -> str:
     """Per kernel and Triton version: launches audited, MMA kinds, worst registers / spills."""
     lines = ["| kernel | Triton | launches | wgmma dots (M×N×K) | mma.sync | max regs | spill B (default / any) | "
-             "max shared KB | rule |", "|" + " --- |" * 9]
+             "in loops B (default / any) | max shared KB | rule |", "|" + " --- |" * 10]
     names = sorted({r.signature.name for r in recorded})
     for v, res in results.items():
         for name in names:
@@ -638,9 +682,12 @@ def summary(recorded: list[Recorded], results: dict[str, list[dict]]) -> str:
             mma = sum(any(d["kind"] == "mma" for d in r["dots"]) for _, r in rows)
             default_spill = max([r.get("spill_stores") or 0 for rec, r in rows if rec.default] or [0])
             any_spill = max(r.get("spill_stores") or 0 for _, r in rows)
+            default_loops = max([in_loops(r) for rec, r in rows if rec.default] or [0])
+            any_loops = max(in_loops(r) for _, r in rows)
             bad = sum(breach(r, name) is not None for _, r in rows)
             lines.append(f"| {name} | {v} | {len(rows)} | {', '.join(wg) or '-'} | {mma} of {len(rows)} | "
                          f"{max(r.get('registers') or 0 for _, r in rows) or '-'} | {default_spill} / {any_spill} | "
+                         f"{default_loops} / {any_loops} | "
                          f"{max(r.get('shared', 0) for _, r in rows) / 1024:.1f} | "
                          f"{'ok' if not bad else f'{bad} breach(es)'} |")
     return "\n".join(lines)
@@ -694,17 +741,22 @@ def main() -> int:
               f"dimension beside other tensor-core dots (unless its family's code was cleared on a GPU: "
               f"{sum(v.cleared for v in BUILTIN)} built-in verdict(s)). "
               f"Breaches: {breaches}. Spilling launches: {len(spills)} "
-              f"({sum(d for *_, d, _ in spills)} of them in a default configuration).", "",
+              f"({sum(d for _, _, _, d, _, _ in spills)} of them in a default configuration); with local-memory "
+              f"stores or loads inside a loop: {sum(loops > 0 for *_, loops in spills)} "
+              f"({sum(d and loops > 0 for _, _, _, d, _, loops in spills)} default). \"In loops\": bytes of the "
+              f"local-memory stores and loads (spills, local arrays) between a backward branch and its target "
+              f"in the SASS (nvdisasm), run every iteration; the others run once a program.", "",
               "## Per kernel", "", summary(recorded, results), "", "## Spills at the launched settings", ""]
-    report += [f"- {name} (Triton {v}): {b} B spill stores{' — DEFAULT configuration' if d else ''} ({label})"
-               for name, v, b, d, label in spills] or ["none"]
+    report += [f"- {name} (Triton {v}): {b} B spill stores, {loops} B of local memory in loops"
+               f"{' — DEFAULT configuration' if d else ''} ({label})"
+               for name, v, b, d, label, loops in spills] or ["none"]
     report += ["", "## Every launch", "", text, ""]
     output = "\n".join(report)
     print(output)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(output)
-    return 1 if breaches or any(d for *_, d, _ in spills) else 0
+    return 1 if breaches or any(d for _, _, _, d, _, _ in spills) else 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,24 @@ def test_read_dots_tells_the_mma_kinds_apart():
     assert [d["warps"] for d in dots] == [[4, 2], [1, 8], None]
 
 
+def test_local_memory_in_loops():
+    """Local stores and loads are told apart by whether a backward branch encloses them; widths
+    from the opcode (STL 4 B, STL.64 8 B, LDL.128 16 B)."""
+    sass = "\n".join([
+        "        /*0000*/                   STL [R1], R2 ;",
+        ".L_x_0:",
+        "        /*0010*/                   STL.64 [R1+0x8], R4 ;",
+        "        /*0020*/                   LDL.128 R8, [R1+0x10] ;",
+        "        /*0030*/               @P0 BRA `(.L_x_0) ;",
+        "        /*0040*/               @P1 BRA `(.L_x_1) ;",
+        "        /*0050*/                   LDL R3, [R1] ;",
+        ".L_x_1:",
+        "        /*0060*/                   EXIT ;",
+    ])
+    assert sm90_audit.local_memory_in_loops(sass) == dict(local_stores=12, local_loads=20, local_stores_in_loops=8,
+                                                          local_loads_in_loops=16)
+
+
 def test_warps_on_thin_rows():
     """A 16-row mma.sync tile 128 wide with its 8 warps along the rows is flagged, along the
     columns not; nor is a tile too narrow to hold the warps along its columns."""

@@ -49,7 +49,7 @@ def _seed(value):
 
 @pytest.mark.parametrize("training,noise_mode,dropout", [(True, "seed", 0.2), (True, "tensor", 0.0), (False, None, 0.0)])
 def test_opcheck_fused(training, noise_mode, dropout):
-    n, m, d_h, t, k = 37, 27, 40, 5, 2
+    n, m, d_h, t, k = 21, 27, 40, 5, 2
     p = _params(m, d_h, t)
     x = torch.randn(n, m, device=DEVICE, requires_grad=True)
     noise = torch.randn(n, t, device=DEVICE) if noise_mode == "tensor" else None
@@ -66,7 +66,7 @@ def test_opcheck_fused(training, noise_mode, dropout):
 
 def test_opcheck_fused_norm():
     """The dense layer with the LayerNorm and the residual add folded in (mlit::fused_norm_moe)."""
-    n, m, d_h, t, k = 37, 27, 40, 5, 2
+    n, m, d_h, t, k = 21, 27, 40, 5, 2
     p = _params(m, d_h, t)
     x = torch.randn(n, m, device=DEVICE, requires_grad=True)
     ln = (torch.ones(m, device=DEVICE, requires_grad=True), torch.zeros(m, device=DEVICE, requires_grad=True))

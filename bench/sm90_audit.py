@@ -53,6 +53,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = 90
@@ -632,10 +633,22 @@ def _usage(result: dict) -> str:
     return f"{result['registers']}/{result.get('spill_stores') or 0}/{in_loops(result)}/{result['shared'] / 1024:.1f}"
 
 
-def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bool = True) -> tuple[str, int, list]:
+class Spill(NamedTuple):
+    """A launch that spills: kernel, Triton version, spill-store bytes, whether a default
+    configuration launched it, its constexprs, local-memory bytes inside loops."""
+
+    kernel: str
+    triton: str
+    stores: int
+    default: bool
+    label: str
+    in_loops: int
+
+
+def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bool = True
+          ) -> tuple[str, int, list[Spill]]:
     """The audit table (one row per launch, each Triton version's dots / regs / spills / shared
-    memory), the number of breaches, and the spilling launches (kernel, version, bytes, default?,
-    label, local bytes inside loops)."""
+    memory), the number of breaches, and the spilling launches."""
     versions = list(results)
     head = ["kernel", "launched by", "warps/stages", "constexprs"]
     for v in versions:
@@ -656,7 +669,7 @@ def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bo
                 continue
             spill = result.get("spill_stores") or 0
             if spill:
-                spills.append((rec.signature.name, v, spill, rec.default, config_label(sig), in_loops(result)))
+                spills.append(Spill(rec.signature.name, v, spill, rec.default, config_label(sig), in_loops(result)))
             row += [dot_summary(result["dots"]),
                     _usage(result), "BREACH: " + why if why else "ok"]
         lines.append(row)
@@ -741,22 +754,21 @@ def main() -> int:
               f"dimension beside other tensor-core dots (unless its family's code was cleared on a GPU: "
               f"{sum(v.cleared for v in BUILTIN)} built-in verdict(s)). "
               f"Breaches: {breaches}. Spilling launches: {len(spills)} "
-              f"({sum(d for _, _, _, d, _, _ in spills)} of them in a default configuration); with local-memory "
-              f"stores or loads inside a loop: {sum(loops > 0 for *_, loops in spills)} "
-              f"({sum(d and loops > 0 for _, _, _, d, _, loops in spills)} default). \"In loops\": bytes of the "
+              f"({sum(s.default for s in spills)} of them in a default configuration); with local-memory "
+              f"stores or loads inside a loop: {sum(s.in_loops > 0 for s in spills)} "
+              f"({sum(s.default and s.in_loops > 0 for s in spills)} default). \"In loops\": bytes of the "
               f"local-memory stores and loads (spills, local arrays) between a backward branch and its target "
               f"in the SASS (nvdisasm), run every iteration; the others run once a program.", "",
               "## Per kernel", "", summary(recorded, results), "", "## Spills at the launched settings", ""]
-    report += [f"- {name} (Triton {v}): {b} B spill stores, {loops} B of local memory in loops"
-               f"{' — DEFAULT configuration' if d else ''} ({label})"
-               for name, v, b, d, label, loops in spills] or ["none"]
+    report += [f"- {s.kernel} (Triton {s.triton}): {s.stores} B spill stores, {s.in_loops} B of local memory in loops"
+               f"{' — DEFAULT configuration' if s.default else ''} ({s.label})" for s in spills] or ["none"]
     report += ["", "## Every launch", "", text, ""]
     output = "\n".join(report)
     print(output)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(output)
-    return 1 if breaches or any(d for _, _, _, d, _, _ in spills) else 0
+    return 1 if breaches or any(s.default for s in spills) else 0
 
 
 if __name__ == "__main__":

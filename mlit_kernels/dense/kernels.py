@@ -232,14 +232,25 @@ def _input_rows_by_chunk(x_ptr, rows, row_ok, M, ln_w_ptr, ln_b_ptr, mean, rstd,
 
 
 @triton.jit
+def _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM: tl.constexpr):
+    """The rows' LayerNorm mean and rstd (fp32, rows' shape) from the forward's (2, N) statistics;
+    zeros without NORM."""
+    mean = tl.zeros(rows.shape, dtype=tl.float32)
+    rstd = mean
+    if NORM:
+        mean = tl.load(ln_stats_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(ln_stats_ptr + N + rows, mask=row_ok, other=0.0)
+    return mean, rstd
+
+
+@triton.jit
 def _input_cols(x_ptr, rows, row_ok, M, c0: tl.constexpr, W: tl.constexpr, DTYPE: tl.constexpr, ln_w_ptr, ln_b_ptr,
                 ln_stats_ptr, N, NORM: tl.constexpr):
     """Columns [c0, c0 + W) of the layer's input rows ``rows`` in DTYPE: x (N, M), or with NORM
     LayerNorm(x) from the forward's mean and rstd (ln_stats (2, N))."""
     if NORM:
         cols = c0 + tl.arange(0, W)
-        mean = tl.load(ln_stats_ptr + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(ln_stats_ptr + N + rows, mask=row_ok, other=0.0)
+        mean, rstd = _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM)
         return normalized_cols(x_ptr, rows, row_ok, cols, cols < M, M, ln_w_ptr, ln_b_ptr, mean, rstd, NORM).to(DTYPE)
     return _load_cols(x_ptr, rows, row_ok, M, c0, W, M, DTYPE)
 
@@ -454,18 +465,6 @@ def _fused_aux_kernel(part_ptr, stats_ptr, aux_ptr, groups, T, w_importance, w_l
 
 
 @triton.jit
-def _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The rows' LayerNorm mean and rstd (BLOCK_N,) from the forward's (2, N) statistics; zeros
-    without NORM."""
-    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    rstd = mean
-    if NORM:
-        mean = tl.load(ln_stats_ptr + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(ln_stats_ptr + N + rows, mask=row_ok, other=0.0)
-    return mean, rstd
-
-
-@triton.jit
 def _fused_bwd_tokens_kernel(
     dy_ptr, daux_ptr, x_ptr, wg_ptr, wn_ptr, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, noise_ptr, seed_ptr,
     idx_ptr, stats_ptr, keep_ptr, ln_w_ptr, ln_b_ptr, ln_stats_ptr,
@@ -482,7 +481,7 @@ def _fused_bwd_tokens_kernel(
     rows, row_ok, cols, col_ok, valid, seed = token_tile(pid, seed_ptr, N, T, NOISE_MODE == 2 or DROPOUT, BLOCK_N,
                                                           BLOCK_T)
     # the forward's LayerNorm statistics (NORM): the input is normalized again where it is read
-    mean, rstd = _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM, BLOCK_N)
+    mean, rstd = _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM)
 
     # the gates, recomputed with the forward's selection (recomputed once more after the experts
     # for the gate's own gradient: cheaper than keeping its tiles live through the d_h loop)
@@ -530,7 +529,7 @@ def _fused_bwd_tokens_kernel(
         dx = _add_product_by_chunk(dx, du.to(DTYPE), v_ptr, ds, d_ok, M, D, STARTS, WIDTHS, True, DTYPE, DOT_F32)
     # the gate's part: through Softmax_k, the noise scale and P(x). The statistics are read again:
     # held through the d_h loop (in each layout their uses take) they spilled on sm_90
-    mean, rstd = _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM, BLOCK_N)
+    mean, rstd = _norm_stats(ln_stats_ptr, rows, row_ok, N, NORM)
     clean, raw, std, eps, h, sel, g, kth, kth_col, nxt, nxt_col = gate_from_selection_normed(
         x_ptr, wg_ptr, wn_ptr, noise_ptr, seed, idx_ptr, rows, row_ok, cols, col_ok, M, T, noise_eps, K, NOISY,
         NOISE_MODE, BLOCK_N, BLOCK_T, ln_w_ptr, ln_b_ptr, mean, rstd, NORM)

@@ -23,12 +23,12 @@ import triton
 from torch import Tensor
 
 from ..attention.kernels import _ln_qkv_bwd_kernel, _ln_qkv_fwd_kernel
-from ..attention.launch import BLOCK_E, BLOCK_M, MAX_DIM, SPLIT_KERNEL_STAGES, weight_splits
+from ..attention.launch import BLOCK_E, BLOCK_M, CONFIGS, MAX_DIM, SPLIT_KERNEL_STAGES, weight_splits
 from ..common.custom_op import custom_op
 from ..common.precision import COMPUTE_DTYPES, dot_precision
 from ..common.split_sum import split_sum
 
-NUM_WARPS = 8  # the attention block's default
+NUM_WARPS = CONFIGS[0].num_warps  # the attention block's default (8): the warps are not tuned here
 
 
 def _norm_linear_backward_fake(dy, x, ln_w, ln_b, w, mean, rstd, dtype):

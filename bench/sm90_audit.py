@@ -59,7 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH = 90
 CACHE = Path.home() / ".cache" / "mlit" / "sm90-audit"  # results by Triton version, kernel source and signature
 NARROW = (16, 32)  # the dot widths of the sm_90 miscompile class
-RESULT_FORMAT = 3  # what a cached result holds (2: the dots' warps, 3: local memory in loops); part of the cache key
+RESULT_FORMAT = 4  # what a cached result holds (2: the dots' warps, 3: local memory in loops, 4: local arrays
+#                    declared in the PTX); part of the cache key
 
 def gpu_cleared(kernel: str, triton_version: str) -> bool:
     """Whether a GPU run of this project cleared, on compute capability 9.x with ``triton_version``,
@@ -286,6 +287,7 @@ _ALIAS = re.compile(r"^(#[\w]+) = (#[\w.]+)<(.*)>\s*$")
 _WARPS = re.compile(r"warpsPerCTA = \[(\d+), (\d+)\]")
 _PTXAS = {"registers": r"Used (\d+) registers", "stack": r"(\d+) bytes stack frame",
           "spill_stores": r"(\d+) bytes spill stores", "spill_loads": r"(\d+) bytes spill loads"}
+_LOCAL_ARRAY = re.compile(r"\.local \.align \d+ \.b8\s+__local_depot\d+\[(\d+)\]")
 
 
 def local_memory_in_loops(sass: str) -> dict:
@@ -450,9 +452,12 @@ def _compile_job(job: dict) -> dict:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         sass = subprocess.run([str(nvdisasm), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    # local arrays the PTX declares (e.g. libdevice's sin/cos argument reduction): ptxas may keep them in registers
+    local_arrays = sum(int(n) for n in _LOCAL_ARRAY.findall(compiled.asm["ptx"]))
     return dict(dots=read_dots(compiled.asm["ttgir"]), shared=compiled.metadata.shared,
                 num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
-                seconds=round(time.perf_counter() - start, 1), **usage, **local_memory_in_loops(sass))
+                seconds=round(time.perf_counter() - start, 1), **usage, ptx_local_arrays=local_arrays,
+                **local_memory_in_loops(sass))
 
 
 def _job_key(job: dict, triton_version: str) -> str:
@@ -633,9 +638,15 @@ def _usage(result: dict) -> str:
     return f"{result['registers']}/{result.get('spill_stores') or 0}/{in_loops(result)}/{result['shared'] / 1024:.1f}"
 
 
+REGISTER_CEILING = 255  # registers a thread may hold on sm_90 (at 8 warps or fewer)
+
+
 class Spill(NamedTuple):
     """A launch that spills: kernel, Triton version, spill-store bytes, whether a default
-    configuration launched it, its constexprs, local-memory bytes inside loops."""
+    configuration launched it, its constexprs, local-memory bytes inside loops, registers a
+    thread. Below REGISTER_CEILING ptxas chose to spill rather than take more registers (at
+    ``maxnreg=255`` every such default launch of Triton 3.9.0 compiles without spills, at more
+    registers and so fewer programs an SM)."""
 
     kernel: str
     triton: str
@@ -643,6 +654,7 @@ class Spill(NamedTuple):
     default: bool
     label: str
     in_loops: int
+    registers: int
 
 
 def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bool = True
@@ -669,7 +681,8 @@ def table(recorded: list[Recorded], results: dict[str, list[dict]], markdown: bo
                 continue
             spill = result.get("spill_stores") or 0
             if spill:
-                spills.append(Spill(rec.signature.name, v, spill, rec.default, config_label(sig), in_loops(result)))
+                spills.append(Spill(rec.signature.name, v, spill, rec.default, config_label(sig), in_loops(result),
+                                    result["registers"]))
             row += [dot_summary(result["dots"]),
                     _usage(result), "BREACH: " + why if why else "ok"]
         lines.append(row)
@@ -756,11 +769,17 @@ def main() -> int:
               f"Breaches: {breaches}. Spilling launches: {len(spills)} "
               f"({sum(s.default for s in spills)} of them in a default configuration); with local-memory "
               f"stores or loads inside a loop: {sum(s.in_loops > 0 for s in spills)} "
-              f"({sum(s.default and s.in_loops > 0 for s in spills)} default). \"In loops\": bytes of the "
+              f"({sum(s.default and s.in_loops > 0 for s in spills)} default); below the {REGISTER_CEILING}-register "
+              f"ceiling (ptxas chose them over more registers): {sum(s.registers < REGISTER_CEILING for s in spills)} "
+              f"({sum(s.default and s.registers < REGISTER_CEILING for s in spills)} default). "
+              "\"In loops\": bytes of the "
               f"local-memory stores and loads (spills, local arrays) between a backward branch and its target "
-              f"in the SASS (nvdisasm), run every iteration; the others run once a program.", "",
+              f"in the SASS (nvdisasm), run every iteration; the others run once a program. Launches whose PTX "
+              f"declares a local array (e.g. libdevice's sin/cos argument reduction): "
+              f"{sum(bool(r.get('ptx_local_arrays')) for res in results.values() for r in res)}.", "",
               "## Per kernel", "", summary(recorded, results), "", "## Spills at the launched settings", ""]
-    report += [f"- {s.kernel} (Triton {s.triton}): {s.stores} B spill stores, {s.in_loops} B of local memory in loops"
+    report += [f"- {s.kernel} (Triton {s.triton}): {s.stores} B spill stores at {s.registers} registers, "
+               f"{s.in_loops} B of local memory in loops"
                f"{' — DEFAULT configuration' if s.default else ''} ({s.label})" for s in spills] or ["none"]
     report += ["", "## Every launch", "", text, ""]
     output = "\n".join(report)

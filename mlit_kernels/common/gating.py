@@ -53,13 +53,41 @@ def gate_logits(x_ptr, wg_ptr, wn_ptr, rows, row_ok, cols, col_ok, M, T, NOISY: 
     return clean, raw
 
 
+# sin x = x (1 + x² (S3 + x² (S5 + …))) on [-π/2, π/2], the Taylor terms to x¹¹ (truncation below 6e-8)
+_SIN_TERMS = tl.constexpr((-1 / 6, 1 / 120, -1 / 5040, 1 / 362880, -1 / 39916800))
+_TWO_PI = tl.constexpr(6.283185307179586)
+
+
+@triton.jit
+def _cos_two_pi(u):
+    """cos(2π u) for u in [0, 1) (fp32, within 3e-7), by symmetry sin(2π z) of z = 1/4 -
+    min(u, 1 - u) in [-1/4, 1/4], a polynomial: no argument reduction, unlike ``tl.cos`` (libdevice
+    ``cosf``), whose slow path for huge arguments declares a local array that sm_90 kernels kept
+    in local memory, inside their loops (bench/RESULTS.md, "sm_90 audit")."""
+    x = _TWO_PI * (0.25 - tl.minimum(u, 1.0 - u))
+    x2 = x * x
+    p = _SIN_TERMS[4]
+    for i in tl.static_range(3, -1, -1):
+        p = _SIN_TERMS[i] + x2 * p
+    return x + x * x2 * p
+
+
+@triton.jit
+def standard_normal(seed, offs):
+    """Philox standard-normal draws (fp32, offs' shape): ``tl.randn``'s Box-Muller on the same two
+    uniforms (equal to it within fp32 rounding of the cosine)."""
+    i1, i2, _, _ = tl.randint4x(seed, offs)
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_two_pi(tl.uint_to_uniform_float(i2))
+
+
 @triton.jit
 def gate_noise_tile(noise_ptr, seed, rows, row_ok, cols, col_ok, T, NOISE_MODE: tl.constexpr):
-    """The standard-normal ε of a tile: loaded (N, T) fp32, or Philox ``randn(seed, row·T + col)``."""
+    """The standard-normal ε of a tile: loaded (N, T) fp32, or :func:`standard_normal` (seed, row·T + col)."""
     offs = rows[:, None] * T + cols[None, :]
     if NOISE_MODE == 1:
         return tl.load(noise_ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    return tl.randn(seed, offs)
+    return standard_normal(seed, offs)
 
 
 @triton.jit
@@ -256,9 +284,9 @@ def cv_value(v, col_ok, T, SQUARED: tl.constexpr, UNBIASED: tl.constexpr):
 
 @triton.jit
 def noise_kernel(out_ptr, seed_ptr, total, BLOCK: tl.constexpr):
-    """out[i] = Philox randn(seed, i) for i < total: the gate noise the kernels draw, as a tensor."""
+    """out[i] = :func:`standard_normal` (seed, i) for i < total: the gate noise the kernels draw, as a tensor."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.randn(tl.load(seed_ptr), offs), mask=offs < total)
+    tl.store(out_ptr + offs, standard_normal(tl.load(seed_ptr), offs), mask=offs < total)
 
 
 def gate_noise(seed: int | torch.Tensor, n_tokens: int, num_experts: int, device="cpu") -> torch.Tensor:
@@ -276,4 +304,5 @@ def gate_noise(seed: int | torch.Tensor, n_tokens: int, num_experts: int, device
 __all__ = ["softplus", "gate_logits", "gate_noise_tile", "gate_tile", "gate_tile_normed", "gate_from_selection_normed",
            "selection_key", "select_top_k", "load_top_k",
            "gate_probs", "load_probability", "gate_grads", "cv_grad", "cv_value", "NOISE_NONE", "NOISE_GIVEN",
-           "NOISE_PHILOX", "token_tile", "gate_from_selection", "pick_next", "noise_kernel", "gate_noise"]
+           "NOISE_PHILOX", "token_tile", "gate_from_selection", "pick_next", "noise_kernel", "gate_noise",
+           "standard_normal"]

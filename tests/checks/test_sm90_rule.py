@@ -165,3 +165,22 @@ def test_the_fault_experiments_pattern_breaks_the_rule():
     (result,) = sm90_audit.compile_in(None, [sm90_audit.job_of(launch.signature, ttgir_only=True)], 1, None)
     assert sm90_audit.breach(result, "_pattern_kernel"), result
     assert [d["kind"] for d in result["dots"]] == ["wgmma", "mma"]
+
+
+@pytest.mark.skipif(not (PTXAS / "bin" / "ptxas").exists(), reason="no ptxas bundled with this triton")
+def test_gate_noise_keeps_no_local_memory():
+    """The gate's Philox normal draws (mlit_kernels.common.gating.standard_normal, in every kernel
+    that draws gate noise) compile for sm_90 without a local array or local memory: tl.randn's
+    libdevice cosine declares a 28-byte array for its slow argument reduction, which ptxas kept
+    in local memory in the larger kernels (16 B a launch inside the gate-routing kernel's loops)."""
+    import torch
+
+    from mlit_kernels.common import gating
+    from mlit_kernels.meter import Meter
+
+    with Meter(dry_run=True) as meter:
+        gating.noise_kernel[(1,)](torch.empty(1000), torch.zeros(1, dtype=torch.int64), 1000, BLOCK=1024)
+    (launch,) = [r for r in meter.records if r.kind == "triton"]
+    (result,) = sm90_audit.compile_in(None, [sm90_audit.job_of(launch.signature)], 1, None)
+    local = (result["ptx_local_arrays"], result["stack"], result["local_stores"], result["local_loads"])
+    assert local == (0, 0, 0, 0), result

@@ -62,6 +62,7 @@ NARROW = (16, 32)  # the dot widths of the sm_90 miscompile class
 RESULT_FORMAT = 4  # what a cached result holds (2: the dots' warps, 3: local memory in loops, 4: local arrays
 #                    declared in the PTX); part of the cache key
 
+
 def gpu_cleared(kernel: str, triton_version: str) -> bool:
     """Whether a GPU run of this project cleared, on compute capability 9.x with ``triton_version``,
     the current code of a kernel family that launches ``kernel`` (a function name): the built-in

@@ -42,6 +42,11 @@ ROUTE_BLOCK_N = 32  # tokens per gate program: the routing tile (not tuned)
 SUPER_TILES = 64  # gate tiles per super-chunk of the grouped kernels (ROUTE_BLOCK_N · SUPER_TILES tokens)
 WEIGHT_BLOCK_R = tl.constexpr(16)  # rows per reduction step of the weight gradients (fixes the summation order)
 BLOCK_K = tl.constexpr(16)  # K chunk of the products over m (not tuned)
+# Software-pipelining depth of the weight strips' recompute loops (a, u, dh over m): at Triton's default of 3
+# the dispatch weight kernel kept spills inside its loops on sm_90 (Triton 3.6: mLiT-S 8 B, 16x192 24 B;
+# bench/results/sm90-audit.md); at 2 one K chunk stays in flight and none of the models' shapes does.
+RECOMPUTE_STAGES = tl.constexpr(2)
+DX_CHUNK = tl.constexpr(32)  # m columns of a dx step of the weight kernel (its fp32 dots; 64 spilled at m = 384)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,10 +98,11 @@ def _expert_weights(e, w1_ptr, b1_ptr, v_ptr, bv_ptr, w2_ptr, b2_ptr, M, D, SEP_
 
 @triton.jit
 def _x_times(x_ptr, tok, row_ok, w_ptr, b_ptr, ds, d_ok, M, D, BR: tl.constexpr, DC: tl.constexpr,
-             DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
-    """x[tok] W[:, ds] + b[ds] (fp32, (BR, DC)) with W (M, D) row-major, over K chunks of m."""
+             DTYPE: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr):
+    """x[tok] W[:, ds] + b[ds] (fp32, (BR, DC)) with W (M, D) row-major, over K chunks of m pipelined
+    STAGES deep (None: the launch's num_stages)."""
     acc = tl.zeros((BR, DC), dtype=tl.float32)
-    for k0 in range(0, M, BLOCK_K):
+    for k0 in tl.range(0, M, BLOCK_K, num_stages=STAGES):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < M
         xa = tl.load(x_ptr + tok[:, None].to(tl.int64) * M + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
@@ -112,8 +118,8 @@ def _preacts(x_ptr, tok, row_ok, w1_ptr, b1_ptr, v_ptr, bv_ptr, d0, M, D, BR: tl
     """The d_h chunk [d0, d0 + DC): its columns, which exist, a = x W1 + b1 and u = x V + bV (fp32)."""
     ds = d0 + tl.arange(0, DC)
     d_ok = ds < D
-    a = _x_times(x_ptr, tok, row_ok, w1_ptr, b1_ptr, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
-    return ds, d_ok, a, _x_times(x_ptr, tok, row_ok, v_ptr, bv_ptr, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32)
+    a = _x_times(x_ptr, tok, row_ok, w1_ptr, b1_ptr, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32, None)
+    return ds, d_ok, a, _x_times(x_ptr, tok, row_ok, v_ptr, bv_ptr, ds, d_ok, M, D, BR, DC, DTYPE, DOT_F32, None)
 
 
 @triton.jit
@@ -130,10 +136,11 @@ def _grad_out(dy_ptr, keep_ptr, tok, row_ok, cols, col_ok, M, drop_p, DROPOUT: t
 
 @triton.jit
 def _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_ptr, ds, d_ok, M, drop_p, BR: tl.constexpr, DC: tl.constexpr,
-                DROPOUT: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
-    """dh = (g dy'[tok]) W2[ds, :]ᵀ (fp32, (BR, DC)), W2 (D, M) row-major, over K chunks of m."""
+                DROPOUT: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr):
+    """dh = (g dy'[tok]) W2[ds, :]ᵀ (fp32, (BR, DC)), W2 (D, M) row-major, over K chunks of m
+    pipelined STAGES deep (None: the launch's num_stages)."""
     acc = tl.zeros((BR, DC), dtype=tl.float32)
-    for k0 in range(0, M, BLOCK_K):
+    for k0 in tl.range(0, M, BLOCK_K, num_stages=STAGES):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < M
         de = (g[:, None] * _grad_out(dy_ptr, keep_ptr, tok, row_ok, ks, k_ok, M, drop_p, DROPOUT)).to(DTYPE)
@@ -353,7 +360,7 @@ def _experts_bwd_kernel(
             for d0 in range(0, D, DC):
                 ds, d_ok, a, u = _preacts(x_ptr, tok, row_ok, w1_e, b1_e, v_e, bv_e, d0, M, D, BR, DC, DTYPE, DOT_F32)
                 dh = _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_e, ds, d_ok, M, drop_p, BR, DC, DROPOUT, DTYPE,
-                                 DOT_F32)
+                                 DOT_F32, None)
                 hc, da, du = _swiglu_grads(a, u, dh)
                 da = da.to(DTYPE)
                 du = du.to(DTYPE)
@@ -390,9 +397,10 @@ def _pair_grads(x_ptr, dy_ptr, keep_ptr, da_ptr, du_ptr, hc_ptr, pair, tok, row_
     when RECOMPUTE (a = x W1_e + b1, u = x V_e + bV, dh = g dy' W2_eᵀ over the whole m), else read
     where the experts' backward stored them."""
     if RECOMPUTE:
-        a = _x_times(x_ptr, tok, row_ok, w1_e, b1_e, ds, d_ok, M, D, R, WD, DTYPE, DOT_F32)
-        u = _x_times(x_ptr, tok, row_ok, v_e, bv_e, ds, d_ok, M, D, R, WD, DTYPE, DOT_F32)
-        dh = _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_e, ds, d_ok, M, drop_p, R, WD, DROPOUT, DTYPE, DOT_F32)
+        a = _x_times(x_ptr, tok, row_ok, w1_e, b1_e, ds, d_ok, M, D, R, WD, DTYPE, DOT_F32, RECOMPUTE_STAGES)
+        u = _x_times(x_ptr, tok, row_ok, v_e, bv_e, ds, d_ok, M, D, R, WD, DTYPE, DOT_F32, RECOMPUTE_STAGES)
+        dh = _dy_times_t(dy_ptr, keep_ptr, tok, row_ok, g, w2_e, ds, d_ok, M, drop_p, R, WD, DROPOUT, DTYPE, DOT_F32,
+                         RECOMPUTE_STAGES)
         hc, da, du = _swiglu_grads(a, u, dh)
     else:
         offs = pair[:, None].to(tl.int64) * D + ds[None, :]
@@ -578,8 +586,8 @@ def _weights_dx_kernel(
         slot = dgate_ptr + rows[:, None].to(tl.int64) * 2 * T + cols[None, :]
         dclean = tl.load(slot, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         draw = tl.load(slot + T, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        for c0 in range(0, M, 64):
-            cm = c0 + tl.arange(0, 64)
+        for c0 in range(0, M, DX_CHUNK):
+            cm = c0 + tl.arange(0, DX_CHUNK)
             mask = row_ok[:, None] & (cm < M)[None, :]
             wmask = col_ok[:, None] & (cm < M)[None, :]
             wg_t = tl.load(wg_ptr + cm[None, :] * T + cols[:, None], mask=wmask, other=0.0).to(tl.float32)

@@ -101,6 +101,10 @@ def _encoder_input_bwd_kernel(dv_ptr, keep_ptr, dtokens_ptr, K, P, D, stride_kee
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
+    # the dummy's row first: copied after the loop, its column offsets stayed live across the loop and
+    # spilled inside it on sm_90 (Triton 3.6.0; bench/results/sm90-audit.md)
+    dummy = tl.load(dv_ptr + (b * (K + 1) + K) * D + cols, mask=cmask, other=0.0)
+    tl.store(dtokens_ptr + (b * (P + 1) + P) * D + cols, dummy, mask=cmask)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         slot, count = _next_slot(keep_ptr, b, stride_keep, ps, tl.full((BLOCK_P,), -1, tl.int32), K, BLOCK_P,
@@ -112,8 +116,6 @@ def _encoder_input_bwd_kernel(dv_ptr, keep_ptr, dtokens_ptr, K, P, D, stride_kee
             slot, _ = _next_slot(keep_ptr, b, stride_keep, ps, slot, K, BLOCK_P, BLOCK_J)
         tl.store(dtokens_ptr + (b * (P + 1) + ps)[:, None] * D + cols[None, :],
                  acc.to(dtokens_ptr.dtype.element_ty), mask=(ps < P)[:, None] & cmask[None, :])
-    dummy = tl.load(dv_ptr + (b * (K + 1) + K) * D + cols, mask=cmask, other=0.0)
-    tl.store(dtokens_ptr + (b * (P + 1) + P) * D + cols, dummy, mask=cmask)
 
 
 @triton.jit

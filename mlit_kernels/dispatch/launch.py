@@ -33,6 +33,11 @@ WEIGHT_TILE = 32  # the m chunk of a dW_g / dW_noise program
 WEIGHT_D_CHUNK = 16  # d_h columns of a weight-gradient strip
 WEIGHT_GROUP_MAX = 384  # m columns of a strip: its three fp32 (columns × 16) accumulators, 72 registers a
 WEIGHT_WARPS = 8  # thread at the weight-gradient launch's 8 warps
+# A group this wide or narrower is one power-of-two chunk (108 columns: 128, not 16 + 32 + 64): on sm_90 the
+# chunks' separate tiles and addresses spilled (Triton 3.6: 72 B at mLiT-XXS; fp32 668 B, 640 B inside
+# loops), one 128-wide chunk spills nothing in fp16, bf16 and fp32 with Triton 3.6, 3.8 and 3.9
+# (bench/results/sm90-audit.md). The padded columns are masked: no bytes, some tensor-core work.
+WEIGHT_SINGLE_CHUNK_MAX = 128
 STRIP_PROGRAMS = 264  # with shared V / W2, the experts split into slots until there are this many strips (2 an H100 SM)
 SHARED_BLOCK = 1024  # elements a program of the shared V / W2 gradients' sum
 COMBINE_BLOCK_M = 64
@@ -73,9 +78,12 @@ def _config(key: tuple, x: torch.Tensor, launch) -> Config:
 
 def weight_groups(m: int) -> tuple[int, tuple[int, int, int, int]]:
     """(groups, chunk widths of one group): the m column groups of the weight-gradient strips, as
-    few as keep a group within WEIGHT_GROUP_MAX columns, of equal width (rounded up to 16)."""
+    few as keep a group within WEIGHT_GROUP_MAX columns, of equal width (rounded up to 16); one
+    power-of-two chunk where that is at most WEIGHT_SINGLE_CHUNK_MAX wide."""
     groups = triton.cdiv(round_up(m, MIN_CHUNK), WEIGHT_GROUP_MAX)
-    chunks = width_chunks(round_up(triton.cdiv(m, groups), MIN_CHUNK))
+    width = round_up(triton.cdiv(m, groups), MIN_CHUNK)
+    single = next_pow2(width)
+    chunks = (single, 0, 0, 0) if single <= WEIGHT_SINGLE_CHUNK_MAX else width_chunks(width)
     return triton.cdiv(m, sum(chunks)), chunks
 
 

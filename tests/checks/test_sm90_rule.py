@@ -184,3 +184,18 @@ def test_gate_noise_keeps_no_local_memory():
     (result,) = sm90_audit.compile_in(None, [sm90_audit.job_of(launch.signature)], 1, None)
     local = (result["ptx_local_arrays"], result["stack"], result["local_stores"], result["local_loads"])
     assert local == (0, 0, 0, 0), result
+
+
+@pytest.mark.skipif(not (PTXAS / "bin" / "ptxas").exists(), reason="no ptxas bundled with this triton")
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_dispatch_weight_strip_fits_its_registers(dtype):
+    """The dispatch weight kernel at mLiT-XXS's width (m = 108: one 128-wide column chunk,
+    dispatch.launch.WEIGHT_SINGLE_CHUNK_MAX) compiles for sm_90 at its default launch without
+    spills: as 16 + 32 + 64 columns it spilled 72 B (fp16, Triton 3.6) and 708 B in fp32 (FMA
+    dots), 792 B of it inside loops (Triton 3.9)."""
+    case = (f"108/27/5 {dtype}", 108, 27, 5, 2, 256 * 145, dtype)
+    recorded = sm90_audit.record(quick=True, steps=(), layers=(case,), tokens=case[5])
+    (launch,) = [r for r in recorded if r.signature.name == "_weights_dx_kernel" and r.default]
+    assert dict(launch.signature.constexprs)["G0"] == 128
+    (result,) = sm90_audit.compile_in(None, [sm90_audit.job_of(launch.signature)], 1, sm90_audit.CACHE)
+    assert (result["spill_stores"], sm90_audit.in_loops(result)) == (0, 0), result

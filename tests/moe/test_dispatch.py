@@ -131,6 +131,24 @@ def test_weight_gradient_strips(monkeypatch, recompute, separate):
     assert max(found.values()) <= TOL[torch.float32], found
 
 
+def test_weight_group_chunks():
+    """A column group at most WEIGHT_SINGLE_CHUNK_MAX wide is one power-of-two chunk (padded, masked);
+    wider ones keep the fewest power-of-two chunks."""
+    assert launch.weight_groups(108) == (1, (128, 0, 0, 0))
+    assert launch.weight_groups(40) == (1, (64, 0, 0, 0))
+    assert launch.weight_groups(144) == (1, (16, 128, 0, 0))
+    assert launch.weight_groups(384) == (1, (128, 256, 0, 0))
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_padded_weight_chunk(monkeypatch, recompute):
+    """m = 40 in one 64-wide chunk: the 24 padded columns neither add to nor land in the gradients."""
+    monkeypatch.setattr(launch, "recompute_intermediates", lambda *args: recompute)
+    x = torch.randn(29, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    found = errors(run_both(x, make_params(40, 16, 3, separate=True, seed=9), 2, True, torch.float32))
+    assert max(found.values()) <= TOL[torch.float32], found
+
+
 def test_recompute_rule():
     """Recomputed where it costs less modelled H100 time (one column group, large N) or where the
     stored intermediates would exceed the least traffic; else stored."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -59,7 +60,17 @@ def setup(device: str | None = None) -> DistInfo:
 
 
 def cleanup() -> None:
+    """Destroy the process group; free every DistributedDataParallel wrapper first
+    (:meth:`mlit.train.step.Trainer.close`).
+
+    A DDP reducer that outlives the group becomes its last owner, and when the reducer is freed it
+    destroys the group holding the GIL: ~ProcessGroupGloo joins gloo's worker threads while one of
+    them may still be freeing a finished collective whose tensors need the GIL — a deadlock
+    (pytorch/pytorch#56297). Freed here through the Python handle, the group is destroyed with the
+    GIL released. ``gc.collect()`` first frees wrappers that only reference cycles keep alive.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

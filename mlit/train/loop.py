@@ -92,10 +92,13 @@ def run(recipe: Recipe, out_dir: str | Path, *, device: str | None = None, backe
     if save_every_minutes is not None and not save_every_minutes > 0:
         raise RunError(f"save_every_minutes must be > 0, got {save_every_minutes!r}")
     info = D.setup(device)
+    job = None
     try:
         job = _Job(recipe, Path(out_dir), info, backend, resume, progress, log, clear_kernels)
         return job.train(stop_after_epochs, max_steps, save_every_steps, save_every_minutes)
     finally:
+        if job is not None:
+            job.trainer.close()  # the DDP reducer goes before the process group does
         D.cleanup()
 
 

@@ -324,6 +324,8 @@ class Trainer:
         return values
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.model is None:
+            raise RuntimeError("Trainer.train_step: this trainer was closed (Trainer.close); build a new one")
         self.model.train()
         if self.capture:
             if self._graph is None:
@@ -372,6 +374,12 @@ class Trainer:
             self._schedule.install(self.global_step)
             self._graph = StepGraph(lambda *batch: self._step(batch[0], batch[1] if len(batch) > 1 else None))
             self._graph.capture(*self._inputs(images, labels))
+
+    def close(self) -> None:
+        """Release the training wrapper: DistributedDataParallel (its gradient reducer) or the
+        compiled module. Call it before the process group is destroyed
+        (:func:`mlit.train.distributed.cleanup` says why). The trainer still evaluates and saves."""
+        self.model = None
 
     # -- evaluation, state ---------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 from shared_data import CIFAR10_ARCHIVE as CIFAR10_MINI  # the real subset, else generated files
 import torch
 
+from mlit.atomic import atomic_write, stale_temporaries
 from mlit.cli import main
 from mlit.config import encoder_config
 from mlit.train import checkpoint as ckpt
@@ -33,6 +34,21 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
         ckpt.atomic_write(path, boom)
     assert os.listdir(path.parent) == ["c.pt"]  # the old file intact, no temp left
     assert torch.equal(ckpt.load_checkpoint(path)["model"]["w"], torch.zeros(2))
+
+
+def test_a_concurrent_writer_keeps_its_temp_file(tmp_path):
+    """Two writers of one target at once (the ranks of a torchrun job filling one data cache): the
+    second must not take the first's temporary file for a killed writer's leftover."""
+    path = tmp_path / "cache.pt"
+
+    def first(f):
+        f.write(b"first")
+        atomic_write(path, lambda g: g.write(b"second"))  # starts and ends inside the first write
+        assert (path.read_bytes(), len(stale_temporaries(path))) == (b"second", 1)
+
+    atomic_write(path, first)
+    assert path.read_bytes() == b"first"  # the last rename wins
+    assert os.listdir(tmp_path) == ["cache.pt"]
 
 
 def test_bad_checkpoints(tmp_path):

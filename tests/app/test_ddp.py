@@ -111,11 +111,20 @@ def test_close_frees_the_reducer_before_the_group_goes(tmp_path):
     assert sorted(proc.stdout.split()) == ["0", "1", "closed", "closed"]
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --standalone --nproc_per_node 2 *args`` on the CPU."""
+def _torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 *args`` on the CPU. Past
+    ``timeout`` the test fails after SIGTERM to the launcher, which ends its ranks (each in a
+    session of its own, out of reach of a plain kill) before it exits: none is left behind."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            out, err = proc.communicate()
+            pytest.fail(f"torchrun did not finish in {timeout:.0f} s:\n{out[-3000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def cifar10_mini_archive() -> Path:

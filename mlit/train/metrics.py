@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -37,11 +39,8 @@ class MetricsLog:
                 not any(r.get("epoch") == epoch for r in keep):
             keep.append(record)
             log(f"{self.path}: epoch {epoch}'s record was missing; restored it from the checkpoint")
-        tmp = self.path.with_suffix(".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r, default=float) + "\n" for r in keep)
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(r, default=float) + "\n" for r in keep)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
         return keep
 
 
